@@ -1,0 +1,111 @@
+# hpc-dfs: the two commands that matter are `make demo` and `make test`.
+# Both run `make setup` first (idempotent: apt OpenMPI if missing, .venv, torch, patched Horovod, the package).
+#
+#   make setup        install everything missing (a second run with nothing to do takes seconds)
+#   make test         unit + distributed (mpirun -np 2 and horovodrun -np 2 --gloo) + live-SLURM tests
+#   make demo         synth CT -> preprocess (2 ranks) -> train (2 ranks) -> predict -> evaluate -> report
+#   make bench        benchmarks in bench/ -> bench/results/*.json
+#
+# Overridable: TORCH_SPEC (e.g. a CUDA build), VENV, NP (ranks for demo/tests), DEMO (output folder).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+NP ?= 2
+export PATH := $(abspath $(BIN)):$(PATH)
+export OMP_NUM_THREADS ?= 1
+export PYTHONUNBUFFERED := 1
+MPIRUN := mpirun --allow-run-as-root --oversubscribe --tag-output -np $(NP) -x PATH -x OMP_NUM_THREADS -x PYTHONUNBUFFERED
+HVDRUN := $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo
+PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
+
+.PHONY: setup test test-unit test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
+        demo demo-clean bench help
+
+help:
+	@sed -n '1,12p' Makefile
+
+setup:
+	@bash .ci/setup.sh
+
+# ------------------------------------------------------------------------------------------ tests
+test: setup
+	@$(MAKE) --no-print-directory test-unit test-dist test-slurm
+	@echo "[make test] all test groups passed: unit, distributed (mpirun -np $(NP), horovodrun -np $(NP) --gloo), slurm"
+
+test-unit:
+	@echo "[make test] unit tests"
+	$(PYTEST) tests/unit -q -m "not distributed and not slurm"
+
+test-dist: test-dist-mpirun test-dist-horovodrun test-dist-launch
+
+# pytest on every rank: a failure on any rank fails the launcher (exit code), output tagged by rank
+test-dist-mpirun:
+	@echo "[make test] distributed SPMD tests under mpirun -np $(NP)"
+	timeout 600 $(MPIRUN) $(PY) -m pytest -p no:cacheprovider --color=no -q tests/distributed/spmd
+	@echo "[make test] distributed (mpirun -np $(NP)): passed"
+
+test-dist-horovodrun:
+	@echo "[make test] distributed SPMD tests under horovodrun -np $(NP) --gloo"
+	timeout 600 $(HVDRUN) $(PY) -m pytest -p no:cacheprovider --color=no -q tests/distributed/spmd
+	@echo "[make test] distributed (horovodrun -np $(NP) --gloo): passed"
+
+# tests that launch whole 2-rank jobs themselves (preprocess, train, predict under both launchers)
+test-dist-launch:
+	@echo "[make test] multi-rank job tests (each launches mpirun / horovodrun itself)"
+	$(PYTEST) tests/distributed -q -m distributed --ignore=tests/distributed/spmd
+	@echo "[make test] distributed job tests: passed"
+
+test-slurm: setup
+	@echo "[make test] live one-node SLURM tests (installs slurm-wlm + munge if missing)"
+	$(PYTEST) tests/slurm -q -m slurm
+
+# ------------------------------------------------------------------------------------------ demo
+# Each step writes its output atomically; a second `make demo` skips steps whose output exists.
+DEMO ?= demo_out
+DEMO_CASES ?= 12
+DEMO_SIZE ?= 96
+DEMO_EPOCHS ?= 6
+DEMO_TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --global-batch-size 16 --set model.base_channels=8 --seed 0
+
+demo: setup $(DEMO)/report.html
+	@echo "[demo] done. Open $(DEMO)/report.html  (evaluation: $(DEMO)/eval.md)"
+	@cat $(DEMO)/eval.md
+
+$(DEMO)/data/kits.json:
+	@echo "[demo] 1/6 synth: $(DEMO_CASES) synthetic KiTS-layout phantoms"
+	$(BIN)/hpc-dfs synth --out $(DEMO)/data --cases $(DEMO_CASES) --seed 0
+
+$(DEMO)/shards/manifest.json: $(DEMO)/data/kits.json
+	@echo "[demo] 2/6 preprocess on $(NP) ranks -> HDF5 shards"
+	$(MPIRUN) $(BIN)/hpc-dfs preprocess --data $(DEMO)/data --out $(DEMO)/shards --slice-size $(DEMO_SIZE) $(DEMO_SIZE)
+
+$(DEMO)/run/checkpoints/last.pt: $(DEMO)/shards/manifest.json
+	@echo "[demo] 3/6 train the DFS fusion model on $(NP) ranks (Horovod ring-allreduce)"
+	$(MPIRUN) $(BIN)/hpc-dfs train --shards $(DEMO)/shards --out $(DEMO)/run $(DEMO_TRAIN_ARGS) \
+	  $(if $(wildcard $(DEMO)/run/checkpoints/last.pt),--resume,)
+
+$(DEMO)/pred/summary.json: $(DEMO)/run/checkpoints/last.pt
+	@echo "[demo] 4/6 predict every case on $(NP) ranks"
+	$(MPIRUN) $(BIN)/hpc-dfs predict --checkpoint $(DEMO)/run/checkpoints/best.pt --input $(DEMO)/data --out $(DEMO)/pred
+
+$(DEMO)/eval.json: $(DEMO)/pred/summary.json
+	@echo "[demo] 5/6 evaluate (KiTS19 Dice, IoU, HD95, surface Dice)"
+	$(BIN)/hpc-dfs evaluate --pred $(DEMO)/pred --gt $(DEMO)/data --out $(DEMO)/eval.json
+
+$(DEMO)/clinical/metrics.json: $(DEMO)/data/kits.json
+	@echo "[demo] clinical: Clinical-GRU k-fold on the phantoms' kits.json"
+	$(BIN)/hpc-dfs clinical --data $(DEMO)/data/kits.json --target malignant --folds 3 --seed 0 --out $(DEMO)/clinical
+
+$(DEMO)/report.html: $(DEMO)/eval.json $(DEMO)/clinical/metrics.json
+	@echo "[demo] 6/6 report"
+	$(BIN)/hpc-dfs report $(DEMO)/run --pred $(DEMO)/pred --eval $(DEMO)/eval.json --clinical $(DEMO)/clinical --out $(DEMO)/report.html
+
+demo-clean:
+	rm -rf $(DEMO)
+
+# ------------------------------------------------------------------------------------------ bench
+bench: setup
+	$(BIN)/hpc-dfs bench --all

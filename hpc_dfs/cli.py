@@ -1,0 +1,81 @@
+"""``hpc-dfs``: one command, one verb per pipeline stage (argument parsing only).
+
+    hpc-dfs synth       write KiTS-layout synthetic CT (full phantoms, or around real label maps)
+    hpc-dfs preprocess  KiTS-layout data -> verified HDF5 shards + manifest (MPI-parallel)
+    hpc-dfs train       train the DFS fusion model with Horovod (1..N ranks)
+    hpc-dfs predict     whole-volume inference back to native geometry (MPI-parallel)
+    hpc-dfs evaluate    KiTS19 metrics of predictions against ground truth
+    hpc-dfs clinical    Clinical-GRU k-fold experiment with baselines and SHAP
+    hpc-dfs models      parameter and FLOP summary of every model
+    hpc-dfs report      one HTML report of a run
+    hpc-dfs bench       run the benchmarks in bench/
+
+Each verb lives in its own module, which provides ``add_arguments(parser)`` and ``main(args) -> int``.
+Only the module of the verb being run is imported, so ``hpc-dfs --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS: dict[str, tuple[str, str]] = {
+    "synth": ("hpc_dfs.data.synth", "write KiTS-layout synthetic CT (phantoms, or around real label maps)"),
+    "preprocess": ("hpc_dfs.data.preprocess", "KiTS-layout data -> HDF5 shards + manifest.json (MPI-parallel)"),
+    "train": ("hpc_dfs.train", "train the DFS fusion model with Horovod ring-allreduce"),
+    "predict": ("hpc_dfs.predict", "segment cases and write prediction_XXXXX.nii.gz (MPI-parallel)"),
+    "evaluate": ("hpc_dfs.evaluate", "KiTS19 Dice, IoU, HD95 and surface Dice of predictions"),
+    "clinical": ("hpc_dfs.clinical", "Clinical-GRU k-fold experiment, sklearn baselines, SHAP"),
+    "models": ("hpc_dfs.models.summary", "parameters and GFLOPs of every model"),
+    "report": ("hpc_dfs.report", "one self-contained HTML report of a run"),
+    "bench": ("hpc_dfs.bench", "run the benchmarks in bench/ and write JSON results"),
+}
+
+EPILOG = """launch examples:
+  hpc-dfs synth --out data/kits --cases 8 --seed 0
+  mpirun -np 2 hpc-dfs preprocess --data data/kits --out data/shards
+  horovodrun -np 2 --gloo hpc-dfs train --shards data/shards --out runs/r1
+  srun --mpi=pmix hpc-dfs train --shards data/shards --out runs/r1   (inside sbatch, see slurm/)
+  hpc-dfs predict --checkpoint runs/r1/checkpoints/best.pt --input data/kits --out runs/r1/pred
+  hpc-dfs evaluate --pred runs/r1/pred --gt data/kits --out runs/r1/eval.json
+"""
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-dfs", description="Distributed Fusion Segmentation of kidney tumours (CT + clinical data).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from hpc_dfs import __version__
+    parser.add_argument("--version", action="version", version=f"hpc-dfs {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter if name != verb else
+                           argparse.RawDescriptionHelpFormatter)
+        if name == verb:
+            mod = importlib.import_module(module)
+            if mod.__doc__:
+                p.description = mod.__doc__.strip().split("\n\n")[0] if not getattr(mod, "CLI_LONG_HELP", False) \
+                    else mod.__doc__
+            mod.add_arguments(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in VERBS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "verb", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Atomic writes: the final name holds either the old or the complete new content, never a partial one."""
+import json
+import os
+
+import pytest
+
+from hpc_dfs.fsutil import TMP_PREFIX, atomic_path, clean_stale_tmp, sha256_file, write_json
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "x.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "partial')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert not list(tmp_path.glob(TMP_PREFIX + "*"))   # the temporary file is gone too
+
+
+def test_temp_name_keeps_double_suffix_and_is_hidden(tmp_path):
+    with atomic_path(tmp_path / "prediction_00001.nii.gz") as tmp:
+        assert tmp.name.startswith(TMP_PREFIX) and tmp.name.endswith(".nii.gz")
+        tmp.write_bytes(b"abc")
+    assert (tmp_path / "prediction_00001.nii.gz").read_bytes() == b"abc"
+    assert sha256_file(tmp_path / "prediction_00001.nii.gz") == \
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_clean_stale_tmp(tmp_path):
+    (tmp_path / (TMP_PREFIX + "a.h5.123")).write_bytes(b"junk")
+    (tmp_path / "keep.h5").write_bytes(b"ok")
+    assert clean_stale_tmp(tmp_path) == 1
+    assert sorted(os.listdir(tmp_path)) == ["keep.h5"]
