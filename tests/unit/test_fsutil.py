@@ -32,3 +32,12 @@ def test_clean_stale_tmp(tmp_path):
     (tmp_path / "keep.h5").write_bytes(b"ok")
     assert clean_stale_tmp(tmp_path) == 1
     assert sorted(os.listdir(tmp_path)) == ["keep.h5"]
+
+
+def test_atomic_files_get_umask_mode_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,528 @@
+"""Whole-volume inference back to the native grid: ``hpc-dfs predict`` (the paper's steps 4 and 5).
+
+    hpc-dfs predict --checkpoint runs/r1/checkpoints/best.pt --input data/kits --out runs/r1/pred
+    mpirun -np 4 hpc-dfs predict --checkpoint f0/best.pt --checkpoint f1/best.pt --weights 0.6,0.4 \\
+        --input data/kits --out pred --tta --save-raw
+
+``--input`` is a KiTS case folder (``case_XXXXX/imaging.nii.gz``), a folder of such cases, or one
+``imaging.nii.gz``. Clinical records come from ``kits.json`` beside the cases or from ``--clinical``.
+
+Per case:
+
+1. the CT is transformed exactly as in training, with the ``preprocessing`` parameters stored in the
+   checkpoint (:func:`hpc_dfs.data.geometry.prepare_image`): reorientation, resampling, crop/pad,
+   intensity normalisation;
+2. the slices go through every checkpoint in batches (``torch.inference_mode``), optionally with
+   flip test-time augmentation (identity, H flip, W flip, both; softmax probabilities averaged);
+   several checkpoints (e.g. k-fold replicas) are combined by the weighted average of their
+   probabilities -- the paper's "aggregate the predictions of each model replica";
+3. the probabilities are resampled back to the native grid
+   (:func:`hpc_dfs.data.geometry.restore_volume`) and the argmax is the label map, with exactly the
+   input's shape and affine (its NIfTI header is copied, so qform/sform are the input's);
+4. the label map is post-processed (:mod:`hpc_dfs.postprocess`, switch off with ``--no-postprocess``);
+5. the case-level risk is the mean of ``sigmoid(risk_logit)`` over the slices (as in training
+   validation), weighted-averaged over checkpoints.
+
+Outputs in ``--out`` (CONTRACTS.md section 4): ``prediction_XXXXX.nii.gz`` (uint8), optionally
+``probabilities_XXXXX.nii.gz`` (float32, classes on the last axis) and ``raw/prediction_XXXXX.nii.gz``
+(before post-processing), ``overlay_XXXXX.png``, and, from rank 0, ``risk.csv`` and ``summary.json``
+(per-case timing, status and errors).
+
+Distributed: under ``mpirun``/``srun``/``horovodrun`` the cases are split over ranks, balanced by
+voxel count; each rank writes its own cases and rank 0 gathers the summary. A case's outputs depend
+only on the case and the checkpoints -- batches never mix cases, the CPU thread count is fixed
+(``--threads``, default 1), cuDNN runs deterministically, and NIfTI files are gzipped with
+``mtime=0`` -- so they are byte-identical whatever the number of ranks.
+
+Bad inputs (an unreadable file, a shape the model cannot take, a malformed clinical record) get one
+error line naming the case and are skipped; the exit code is 1 when any case failed. A case without
+a clinical record runs image-only: a fusion model gets the pipeline's imputed all-missing vector,
+and ``risk.csv`` says ``clinical_used=0``. A checkpoint without preprocessing parameters, or
+checkpoints that disagree on them, stop the run before any case (exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import inspect
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpc_dfs import __version__, dist, fsutil
+from hpc_dfs import config as cfgmod
+from hpc_dfs.config.predict import PredictConfig
+
+CLI_LONG_HELP = True  # `hpc-dfs predict --help` shows this module's whole docstring
+
+log = dist.get_logger("hpc_dfs.predict")
+
+CASE_RE = re.compile(r"^case_(\d+)$")
+IMAGE_NAME = "imaging.nii.gz"
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))  # dims of [B, 1, H, W]
+
+
+class PredictError(RuntimeError):
+    """A run-level problem (checkpoints, input path); stops the run with one clear message."""
+
+
+class CaseFailure(RuntimeError):
+    """A problem with one case; the case is skipped and the run goes on."""
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class CaseInput:
+    """One image to segment: its case id, image path and the id used in output names."""
+
+    case_id: str
+    image_path: Path
+
+    @property
+    def suffix(self) -> str:
+        """``case_00012`` -> ``00012`` (KiTS naming); any other id is used as it is."""
+        m = CASE_RE.match(self.case_id)
+        return m.group(1) if m else self.case_id
+
+
+def discover_inputs(path: str | Path) -> tuple[list[CaseInput], Path]:
+    """Cases under ``path`` (sorted by id) and the folder where ``kits.json`` would be.
+
+    ``path`` may be one ``imaging.nii.gz`` (or any ``.nii``/``.nii.gz``), a case folder holding
+    ``imaging.nii.gz``, or a folder of ``case_XXXXX`` folders.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise PredictError(f"--input {p} does not exist")
+    if p.is_file():
+        if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")):
+            raise PredictError(f"--input {p} is a file but not a NIfTI image (.nii or .nii.gz)")
+        cid = p.parent.name if CASE_RE.match(p.parent.name) else re.sub(r"\.nii(\.gz)?$", "", p.name)
+        return [CaseInput(cid, p)], (p.parent.parent if CASE_RE.match(p.parent.name) else p.parent)
+    if (p / IMAGE_NAME).exists():
+        return [CaseInput(p.name, p / IMAGE_NAME)], p.parent
+    cases = [CaseInput(d.name, d / IMAGE_NAME) for d in sorted(p.iterdir()) if d.is_dir() and CASE_RE.match(d.name)]
+    if not cases:
+        raise PredictError(f"--input {p} holds no case_XXXXX/ folders and no {IMAGE_NAME}")
+    return cases, p
+
+
+def voxel_count(image_path: Path) -> int:
+    """Voxels of an image from its header only (used to balance ranks); 0 when unreadable."""
+    import nibabel as nib
+    try:
+        return int(np.prod(nib.load(str(image_path)).shape))
+    except Exception:  # the case will fail later with a proper message
+        return 0
+
+
+def partition(cases: list[CaseInput], rank: int, world: int) -> list[CaseInput]:
+    """This rank's cases, balanced by voxel count (hpc_dfs.data.reader.partition_balanced)."""
+    from hpc_dfs.data.reader import partition_balanced
+    items = [(c, voxel_count(c.image_path)) for c in cases]
+    mine = partition_balanced(items, rank, world)
+    return sorted(mine, key=lambda c: c.case_id)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@dataclass
+class Replica:
+    """One loaded checkpoint: the network and what it needs to run on a new case."""
+
+    path: Path
+    weight: float
+    model: Any
+    preprocessing: dict
+    classes: list[str]
+    takes_clinical: bool          # forward(image, clinical)
+    needs_clinical: bool          # the clinical input is used (not an image-only fusion)
+    clinical_pipeline: Any = None
+    n_clinical: int = 0
+    model_name: str = ""
+    info: dict = field(default_factory=dict)
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def load_replica(path: str | Path, weight: float, device) -> Replica:
+    """Load a checkpoint (``weights_only=True``) and build its model in eval mode."""
+    import torch
+
+    from hpc_dfs.models import build_model
+    path = Path(path)
+    if not path.is_file():
+        raise PredictError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PredictError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): "
+                           f"{type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise PredictError(f"checkpoint {path} holds a {type(ckpt).__name__}, not an hpc-dfs checkpoint dict")
+    for key in ("model", "model_config"):
+        if key not in ckpt:
+            raise PredictError(f"checkpoint {path} has no '{key}': not written by `hpc-dfs train`")
+    pre = ckpt.get("preprocessing")
+    if not isinstance(pre, dict) or not pre:
+        raise PredictError(f"checkpoint {path} has no preprocessing parameters ('preprocessing'), so a new case "
+                           f"cannot be transformed as in training; retrain with a current `hpc-dfs train`")
+    missing = [k for k in ("slice_size", "intensity") if k not in pre]
+    if missing:
+        raise PredictError(f"checkpoint {path}: preprocessing parameters lack {missing}")
+    classes = list(ckpt.get("classes") or pre.get("classes") or [])
+    if not classes:
+        raise PredictError(f"checkpoint {path} does not say its classes ('classes')")
+    mcfg = dict(ckpt["model_config"])
+    try:
+        model = build_model(**mcfg)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        raise PredictError(f"checkpoint {path}: cannot rebuild model {mcfg.get('name')!r} from model_config "
+                           f"({type(e).__name__}: {e})") from None
+    model.eval().to(device)
+    takes = "clinical" in inspect.signature(model.forward).parameters
+    needs = takes and getattr(model, "clinical_encoder", None) is not None
+    rep = Replica(path, float(weight), model, pre, classes, takes, needs, model_name=str(mcfg.get("name", "")),
+                  info={"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics")})
+    if needs:
+        from hpc_dfs.data.clinical import ClinicalPipeline
+        clin = ckpt.get("clinical") or {}
+        if not clin.get("pipeline"):
+            raise PredictError(f"checkpoint {path}: model '{rep.model_name}' uses clinical features but the "
+                               f"checkpoint has no clinical pipeline ('clinical.pipeline')")
+        rep.clinical_pipeline = ClinicalPipeline.from_json(clin["pipeline"])
+        rep.n_clinical = rep.clinical_pipeline.n_features
+        if getattr(model, "n_clinical", rep.n_clinical) != rep.n_clinical:
+            raise PredictError(f"checkpoint {path}: the clinical pipeline gives {rep.n_clinical} features but the "
+                               f"model expects {model.n_clinical}")
+    return rep
+
+
+def load_replicas(paths: list[str], weights: list[float], device) -> list[Replica]:
+    """Load every checkpoint; they must agree on preprocessing and classes. Weights are normalised."""
+    if not paths:
+        raise PredictError("give at least one --checkpoint")
+    ws = np.asarray(weights if weights else [1.0] * len(paths), dtype=np.float64)
+    ws = ws / ws.sum()
+    reps = [load_replica(p, w, device) for p, w in zip(paths, ws)]
+    ref = reps[0]
+    for r in reps[1:]:
+        if _canonical(r.preprocessing) != _canonical(ref.preprocessing):
+            diff = sorted(k for k in set(r.preprocessing) | set(ref.preprocessing)
+                          if _canonical(r.preprocessing.get(k)) != _canonical(ref.preprocessing.get(k)))
+            raise PredictError(f"checkpoints {ref.path} and {r.path} were trained with different preprocessing "
+                               f"(differing keys: {', '.join(diff)}); their probabilities cannot be averaged")
+        if r.classes != ref.classes:
+            raise PredictError(f"checkpoints {ref.path} and {r.path} have different classes "
+                               f"({ref.classes} vs {r.classes})")
+    return reps
+
+
+# ----------------------------------------------------------------------------- clinical records
+def load_records(cfg: PredictConfig, data_root: Path) -> tuple[dict[str, dict], Path | None]:
+    """Clinical records by case id, from ``--clinical`` or kits.json beside the cases (may be none)."""
+    from hpc_dfs.data.clinical import find_clinical_file, load_kits_records
+    path = Path(cfg.clinical) if cfg.clinical else find_clinical_file(data_root)
+    if path is None:
+        return {}, None
+    try:
+        records = load_kits_records(path)
+    except (OSError, ValueError) as e:
+        raise PredictError(f"clinical records {path}: {e}") from None
+    return {str(r["case_id"]): r for r in records}, path
+
+
+def clinical_vector(rep: Replica, case_id: str, record: dict | None) -> np.ndarray:
+    """Features ``(F,)`` of ``record`` with the replica's pipeline; all-missing (imputed) when None."""
+    from hpc_dfs.data.clinical import ClinicalError, preop_frame
+    try:
+        frame = preop_frame([record if record is not None else {"case_id": case_id}])
+    except ClinicalError as e:
+        raise CaseFailure(f"malformed clinical record: {e.problem}") from None
+    return rep.clinical_pipeline.transform(frame)[0].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- inference
+def _forward(rep: Replica, x, clin):
+    """Segmentation logits and risk logits (or None) of one batch."""
+    out = rep.model(x, clinical=clin) if rep.takes_clinical else rep.model(x)
+    if isinstance(out, dict):
+        return out["seg_logits"], out.get("risk_logit")
+    return out, None
+
+
+def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndarray | None], batch_size: int,
+                 tta: bool, device) -> tuple[np.ndarray, float | None]:
+    """Weighted-average softmax probabilities ``(C, n, H, W)`` of all replicas, and the case risk.
+
+    Args:
+        reps: loaded checkpoints (weights summing to 1).
+        slices: normalised slices ``(n, H, W)`` from ``prepare_image``.
+        clinical: per replica its feature vector, or None for models that take no clinical input.
+        batch_size: slices per forward pass.
+        tta: average over the four flips of each batch.
+        device: torch device.
+    """
+    import torch
+    n = slices.shape[0]
+    c = len(reps[0].classes)
+    probs = np.zeros((c, n, *slices.shape[1:]), dtype=np.float32)
+    risk_sum, risk_w = 0.0, 0.0
+    flips = TTA_FLIPS if tta else TTA_FLIPS[:1]
+    with torch.inference_mode():
+        for rep, vec in zip(reps, clinical):
+            rep_risk = 0.0
+            has_risk = False
+            for b0 in range(0, n, batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(slices[b0:b0 + batch_size]))[:, None].to(device)
+                clin = None
+                if vec is not None:
+                    clin = torch.from_numpy(vec)[None].expand(x.shape[0], -1).contiguous().to(device)
+                acc = None
+                risk_acc = None
+                for dims in flips:
+                    xi = torch.flip(x, dims) if dims else x
+                    seg, risk = _forward(rep, xi, clin)
+                    if seg.shape[1] != c:
+                        raise CaseFailure(f"{rep.path.name} gives {seg.shape[1]} classes, expected {c}")
+                    if seg.shape[2:] != x.shape[2:]:
+                        raise CaseFailure(f"{rep.path.name} gives {tuple(seg.shape[2:])} logits for "
+                                          f"{tuple(x.shape[2:])} slices")
+                    p = torch.softmax(seg.float(), dim=1)
+                    p = torch.flip(p, dims) if dims else p
+                    acc = p if acc is None else acc + p
+                    if risk is not None:
+                        r = torch.sigmoid(risk.float())
+                        risk_acc = r if risk_acc is None else risk_acc + r
+                acc = acc / len(flips)
+                probs[:, b0:b0 + x.shape[0]] += (rep.weight * acc).permute(1, 0, 2, 3).cpu().numpy()
+                if risk_acc is not None:
+                    has_risk = True
+                    rep_risk += float((risk_acc / len(flips)).double().sum())
+            if has_risk:
+                risk_sum += rep.weight * rep_risk / n
+                risk_w += rep.weight
+    return probs, (risk_sum / risk_w if risk_w > 0 else None)
+
+
+# ----------------------------------------------------------------------------- writing NIfTI
+def nifti_gz_bytes(array: np.ndarray, ref_img, level: int = 6) -> bytes:
+    """Gzipped NIfTI-1 bytes of ``array`` with ``ref_img``'s header (affine, qform/sform codes, zooms).
+
+    Written by hand (nibabel serialises, :mod:`gzip` compresses with ``mtime=0`` and no file name)
+    so that the same array gives the same bytes on every rank and every run.
+    """
+    import nibabel as nib
+    hdr = ref_img.header.copy()
+    img = nib.Nifti1Image(array, ref_img.affine, header=hdr)
+    img.set_data_dtype(array.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    raw = img.to_bytes()
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=level, mtime=0) as gz:
+        gz.write(raw)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- one case
+def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, records: dict[str, dict],
+                 clinical_source: Path | None, out_dir: Path, device) -> dict[str, Any]:
+    """Segment one case and write its outputs; returns its summary row (raises CaseFailure)."""
+    import nibabel as nib
+
+    from hpc_dfs.data.geometry import prepare_image, restore_volume
+    from hpc_dfs.data.kits_io import CaseError, load_nifti
+    from hpc_dfs.postprocess import postprocess
+    from hpc_dfs.visualize import save_overlay
+    t = {"start": time.perf_counter()}
+    row: dict[str, Any] = {"case_id": case.case_id, "image": str(case.image_path)}
+    try:
+        image, affine, _ = load_nifti(case.image_path, case.case_id)  # checks: present, decodable, 3-D
+        img = nib.load(str(case.image_path))  # header only: the outputs copy it
+    except CaseError as e:
+        raise CaseFailure(e.problem if case.image_path.name in e.problem else f"{case.image_path}: {e.problem}") \
+            from None
+    if min(image.shape) < 1:
+        raise CaseFailure(f"{case.image_path.name} has an empty axis, shape {image.shape}")
+    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+        raise CaseFailure(f"{case.image_path.name} holds NaN or infinite voxels")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise CaseFailure(f"{case.image_path.name} has a degenerate affine; its orientation cannot be read")
+    row["shape"] = [int(s) for s in image.shape]
+    t["load"] = time.perf_counter()
+
+    record = records.get(case.case_id)
+    clin = []
+    row["clinical_used"] = any(r.needs_clinical for r in reps) and record is not None
+    for rep in reps:
+        clin.append(clinical_vector(rep, case.case_id, record) if rep.needs_clinical else None)
+    if any(r.needs_clinical for r in reps) and record is None:
+        where = clinical_source if clinical_source else "no clinical file (kits.json) found"
+        log.warning("%s: no clinical record (%s); running image-only with the imputed all-missing clinical vector",
+                    case.case_id, where)
+
+    try:
+        slices, geometry = prepare_image(image.astype(np.float32, copy=False), affine, reps[0].preprocessing)
+    except Exception as e:
+        raise CaseFailure(f"cannot transform {case.image_path.name} (shape {image.shape}, orientation "
+                          f"{''.join(nib.aff2axcodes(affine))}) as in training: {type(e).__name__}: {e}") from None
+    t["preprocess"] = time.perf_counter()
+    probs, risk = infer_slices(reps, slices, clin, cfg.batch_size, cfg.tta, device)
+    t["inference"] = time.perf_counter()
+    native = restore_volume(probs, geometry)
+    del probs
+    label = np.argmax(native, axis=0).astype(np.uint8)
+    if label.shape != image.shape:  # restore_volume guarantees it; this guards the contract
+        raise CaseFailure(f"restored shape {label.shape} differs from the input's {image.shape}")
+    t["restore"] = time.perf_counter()
+    clean, pp_info = postprocess(label, affine, cfg.postprocess, reps[0].classes, image=image)
+    t["postprocess"] = time.perf_counter()
+
+    sfx = case.suffix
+    files = {"prediction": out_dir / f"prediction_{sfx}.nii.gz"}
+    fsutil.write_bytes(files["prediction"], nifti_gz_bytes(clean, img, cfg.compress_level))
+    if cfg.save_raw:
+        files["raw"] = out_dir / "raw" / f"prediction_{sfx}.nii.gz"
+        fsutil.write_bytes(files["raw"], nifti_gz_bytes(label, img, cfg.compress_level))
+    if cfg.save_probabilities:
+        files["probabilities"] = out_dir / f"probabilities_{sfx}.nii.gz"
+        fsutil.write_bytes(files["probabilities"],
+                           nifti_gz_bytes(np.ascontiguousarray(np.moveaxis(native, 0, -1)), img, cfg.compress_level))
+    del native
+    if cfg.overlays:
+        files["overlay"] = out_dir / f"overlay_{sfx}.png"
+        save_overlay(files["overlay"], image, clean, affine, title=case.case_id)
+    t["write"] = time.perf_counter()
+
+    voxel_ml = float(np.prod(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))) / 1000.0
+    row.update({
+        "status": "ok", "risk_prob": risk, "orientation": "".join(nib.aff2axcodes(affine)),
+        "n_slices_model": int(slices.shape[0]),
+        "volumes_ml": {name: int(np.count_nonzero(clean == i)) * voxel_ml
+                       for i, name in enumerate(reps[0].classes) if i > 0},
+        "postprocess": pp_info, "files": {k: v.name if k != "raw" else f"raw/{v.name}" for k, v in files.items()},
+        "seconds": {k: round(t[k] - t[prev], 4) for prev, k in zip(
+            ["start", "load", "preprocess", "inference", "restore", "postprocess"],
+            ["load", "preprocess", "inference", "restore", "postprocess", "write"])},
+    })
+    row["seconds"]["total"] = round(t["write"] - t["start"], 4)
+    return row
+
+
+# ----------------------------------------------------------------------------- summary
+def risk_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case_id", "risk_prob", "clinical_used"])
+    for r in rows:
+        if r.get("status") == "ok":
+            w.writerow([r["case_id"], "" if r["risk_prob"] is None else repr(float(r["risk_prob"])),
+                        int(bool(r["clinical_used"]))])
+    return buf.getvalue()
+
+
+def run(cfg: PredictConfig) -> int:
+    """Predict every case of ``cfg.input`` on this rank's share; returns the exit code (same on all ranks)."""
+    import torch
+    dist.init()
+    rank, world = dist.rank(), dist.size()
+    threads = dist.configure_threads(cfg.threads if cfg.threads > 0 else None)
+    if cfg.device == "cpu":
+        device = torch.device("cpu")
+    else:
+        device = dist.device()
+        if cfg.device == "cuda" and device.type != "cuda":
+            raise PredictError("--device cuda asked for but CUDA is not available")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.out)
+    setup_error = None
+    try:
+        cases, data_root = discover_inputs(cfg.input)
+        reps = load_replicas(cfg.checkpoints, cfg.weights, device)
+        records, clinical_source = load_records(cfg, data_root)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except PredictError as e:
+        setup_error = str(e)
+    errors = [e for e in dist.allgather_object(setup_error) if e]
+    if errors:
+        if rank == 0 or setup_error:
+            log.error("%s", setup_error or errors[0])
+        return 2
+    if rank == 0:
+        log.info("%d cases on %d rank(s), %d checkpoint(s) [%s], TTA %s, post-processing %s, %d thread(s)/rank, %s",
+                 len(cases), world, len(reps), ", ".join(f"{r.path.name}:{r.weight:.3g}" for r in reps),
+                 "on" if cfg.tta else "off", "on" if cfg.postprocess.enabled else "off", threads, device)
+        if any(r.needs_clinical for r in reps):
+            log.info("clinical records: %s", clinical_source or "none found (all cases run image-only)")
+    mine = partition(cases, rank, world) if world > 1 else cases
+    rows = []
+    for i, case in enumerate(mine):
+        try:
+            row = predict_case(case, reps, cfg, records, clinical_source, out_dir, device)
+            log.info("[%d/%d] %s done in %.2f s%s", i + 1, len(mine), case.case_id, row["seconds"]["total"],
+                     "" if row["risk_prob"] is None else f", risk {row['risk_prob']:.3f}")
+        except CaseFailure as e:
+            log.error("%s: %s -- skipped", case.case_id, e)
+            row = {"case_id": case.case_id, "status": "failed", "error": str(e), "image": str(case.image_path)}
+        except Exception as e:  # an unexpected failure of one case must not stop the others
+            log.error("%s: %s: %s -- skipped", case.case_id, type(e).__name__, e)
+            row = {"case_id": case.case_id, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                   "image": str(case.image_path)}
+        row["rank"] = rank
+        rows.append(row)
+    gathered = [r for part in dist.allgather_object(rows) for r in part]
+    gathered.sort(key=lambda r: r["case_id"])
+    failed = [r for r in gathered if r["status"] != "ok"]
+    if rank == 0:
+        fsutil.write_text(out_dir / "risk.csv", risk_csv(gathered))
+        summary = {
+            "hpc_dfs_version": __version__, "world_size": world, "threads_per_rank": threads, "device": str(device),
+            "checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, **r.info} for r in reps],
+            "classes": reps[0].classes, "preprocessing": reps[0].preprocessing,
+            "clinical_source": str(clinical_source) if clinical_source else None,
+            "config": cfgmod.to_dict(cfg), "n_cases": len(gathered), "n_ok": len(gathered) - len(failed),
+            "n_failed": len(failed), "wall_seconds": round(time.perf_counter() - t0, 3), "cases": gathered,
+        }
+        fsutil.write_json(out_dir / "summary.json", summary)
+        log.info("%d of %d cases written to %s in %.1f s", len(gathered) - len(failed), len(gathered), out_dir,
+                 summary["wall_seconds"])
+        if failed:
+            log.error("%d of %d cases failed (%s); their errors are above and in %s", len(failed), len(gathered),
+                      ", ".join(r["case_id"] for r in failed), out_dir / "summary.json")
+    dist.barrier()
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", dest="cfg__checkpoints", action="append", default=None, metavar="CKPT",
+                        help="checkpoint (.pt) written by `hpc-dfs train`; repeat to average several replicas")
+    parser.add_argument("--weights", dest="cfg__weights", default=None, metavar="W1,W2,...",
+                        type=lambda s: [float(v) for v in s.split(",") if v.strip()],
+                        help="one weight per --checkpoint for the weighted average of probabilities (default equal)")
+    parser.add_argument("--postprocess", dest="cfg__postprocess.enabled", action=argparse.BooleanOptionalAction,
+                        default=None, help="connected-component post-processing (default on; "
+                                           "fine-tune with --set postprocess.<key>=...)")
+    cfgmod.add_arguments(parser, PredictConfig, skip=("checkpoints", "weights"))
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = cfgmod.from_args(PredictConfig, args)
+        if not cfg.input or not cfg.out:
+            raise cfgmod.ConfigError("--input and --out are required")
+        return run(cfg)
+    except (cfgmod.ConfigError, PredictError, dist.DistError) as e:
+        log.error("%s", e)
+        return 2

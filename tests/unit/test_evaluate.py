@@ -1,0 +1,165 @@
+"""``hpc_dfs.evaluate``: KiTS metrics against MONAI, an independent surface-distance computation, and by hand."""
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from hpc_dfs import evaluate as ev
+from hpc_dfs.config.predict import KITS21_NSD_TOLERANCES_MM, EvaluateConfig
+
+
+def _blob_masks(seed: int, shape=(12, 24, 20)):
+    """Two overlapping random blobs (smoothed noise thresholded): realistic, irregular masks."""
+    rng = np.random.default_rng(seed)
+    a = ndimage.gaussian_filter(rng.normal(size=shape), 2.0) > 0.05
+    b = ndimage.gaussian_filter(rng.normal(size=shape), 2.0) > 0.05
+    b |= a & (rng.random(shape) < 0.7)
+    return a, b
+
+
+def _onehot(mask):
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return torch.cat([1 - m, m], dim=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dice_and_iou_match_monai(seed):
+    from monai.metrics import DiceMetric, MeanIoU
+    a, b = _blob_masks(seed)
+    assert a.any() and b.any()
+    dm = DiceMetric(include_background=False)
+    dm(_onehot(a), _onehot(b))
+    im = MeanIoU(include_background=False)
+    im(_onehot(a), _onehot(b))
+    assert ev.dice(a, b) == pytest.approx(float(dm.aggregate()), abs=1e-6)
+    assert ev.iou(a, b) == pytest.approx(float(im.aggregate()), abs=1e-6)
+
+
+def _surface(mask):
+    return np.argwhere(mask & ~ndimage.binary_erosion(mask))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_hd95_matches_independent_kdtree(seed):
+    """MONAI's definition: max of the two directed 95th percentiles of surface-voxel distances (mm)."""
+    a, b = _blob_masks(seed)
+    spacing = (2.5, 0.8, 0.7)
+    pa, pb = _surface(a) * spacing, _surface(b) * spacing
+    d_ab, _ = cKDTree(pb).query(pa)
+    d_ba, _ = cKDTree(pa).query(pb)
+    expected = max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))
+    assert ev.hausdorff(a, b, spacing) == pytest.approx(expected, rel=1e-5)
+
+
+def test_hd95_by_hand_single_voxels():
+    a = np.zeros((10, 10, 10), bool)
+    b = np.zeros_like(a)
+    a[2, 3, 3] = b[5, 3, 7] = True
+    # 3 slices at 2.5 mm and 4 columns at 0.5 mm apart
+    assert ev.hausdorff(a, b, (2.5, 1.0, 0.5)) == pytest.approx(np.hypot(7.5, 2.0))
+
+
+def test_surface_dice_by_hand():
+    gt = np.zeros((20, 20, 20), bool)
+    gt[5:15, 5:15, 5:15] = True
+    shifted = np.roll(gt, 1, axis=2)
+    far = np.zeros_like(gt)
+    far[0:2, 5:15, 5:15] = True  # a slab whose nearest surface is 4 mm from the cube's
+    sp = (1.0, 1.0, 1.0)
+    assert ev.surface_dice(gt, gt, sp, 1.0) == pytest.approx(1.0)
+    # every surface point moves by 1 mm: all within a 1.5 mm tolerance; within 0.5 mm only the 4 faces parallel to
+    # the shift, i.e. 4 of 6 equal faces (sub-voxel surfels at the cube's edges make it 0.666, not exactly 2/3)
+    assert ev.surface_dice(shifted, gt, sp, 1.5) == pytest.approx(1.0)
+    assert ev.surface_dice(shifted, gt, sp, 0.5) == pytest.approx(4 / 6, abs=2e-3)
+    # 3 mm slices: a shift of one slice moves the two z faces (area 10x10 mm^2 each) by 3 mm, beyond the KiTS21
+    # tumour tolerance, while the 4 side faces (10x30 mm^2 each) stay: 1200 / 1400 of the surface area
+    z1 = np.roll(gt, 1, axis=0)
+    assert ev.surface_dice(z1, gt, (3.0, 1.0, 1.0), KITS21_NSD_TOLERANCES_MM["tumor"]) == pytest.approx(6 / 7, abs=2e-3)
+    assert ev.surface_dice(z1, gt, (3.0, 1.0, 1.0), 3.1) == pytest.approx(1.0)
+    assert ev.surface_dice(far, gt, sp, 2.0) == pytest.approx(0.0)
+
+
+def test_empty_conventions():
+    e = np.zeros((6, 6, 6), bool)
+    m = e.copy()
+    m[2:4, 2:4, 2:4] = True
+    assert (ev.dice(e, e), ev.iou(e, e), ev.surface_dice(e, e, (1, 1, 1), 1.0), ev.hausdorff(e, e, (1, 1, 1))) == \
+        (1.0, 1.0, 1.0, 0.0)
+    for p, g in ((m, e), (e, m)):
+        assert ev.dice(p, g) == 0.0 and ev.iou(p, g) == 0.0
+        assert ev.surface_dice(p, g, (1, 1, 1), 1.0) == 0.0
+        assert ev.hausdorff(p, g, (1, 1, 1)) is None
+
+
+def test_kits_regions_by_hand():
+    gt = np.zeros((4, 10, 10), np.uint8)
+    gt[1:3, 2:8, 2:8] = 1          # 72 voxels of kidney+tumour
+    gt[1:3, 2:4, 2:4] = 2          # 8 of them tumour
+    pred = gt.copy()
+    pred[1:3, 2:4, 2:4] = 1        # tumour called kidney: kidney (label>0) perfect, tumour missed
+    pred[0, 0, 0] = 2              # plus a false tumour voxel (also counts as kidney)
+    m = ev.evaluate_arrays(pred, gt, (1.0, 1.0, 1.0), EvaluateConfig(surface_metrics=False))
+    assert m["kidney_dice"] == pytest.approx(2 * 72 / (73 + 72))
+    assert m["tumor_dice"] == 0.0
+    assert m["kits_score"] == pytest.approx((m["kidney_dice"] + 0.0) / 2)
+    assert m["kidney_iou"] == pytest.approx(72 / 73)
+    assert m["tumor_ml_gt"] == pytest.approx(0.008)
+    with pytest.raises(ev.EvaluationError, match="shape"):
+        ev.evaluate_arrays(pred[:3], gt, (1, 1, 1))
+
+
+def _save(path, arr, affine):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+
+
+def test_cli_end_to_end(tmp_path):
+    """Files matched by KiTS naming; JSON/CSV/markdown written; missing GT and shape mismatch are named errors."""
+    from hpc_dfs.cli import main
+    aff = np.diag([-0.8, -0.8, 2.5, 1.0])[[2, 1, 0, 3]]
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        g = np.zeros((8, 20, 16), np.uint8)
+        g[2:6, 4:14, 3:9] = 1
+        g[3:5, 5:8, 4:7] = 2
+        _save(gt_dir / f"case_{i:05d}" / "segmentation.nii.gz", g, aff)
+        p = g.copy()
+        p[rng.random(g.shape) < 0.02] = 1
+        _save(pred_dir / f"prediction_{i:05d}.nii.gz", p, aff)
+        raw = p.copy()
+        raw[0, 0, 0] = 2
+        _save(pred_dir / "raw" / f"prediction_{i:05d}.nii.gz", raw, aff)
+    _save(gt_dir / "case_00009" / "segmentation.nii.gz", np.zeros((8, 20, 16), np.uint8), aff)  # no prediction
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [c["case_id"] for c in res["cases"]] == ["case_00000", "case_00001", "case_00002"]
+    for c in res["cases"]:
+        assert {"kidney_dice", "tumor_dice", "kits_score", "mean_iou", "kidney_hd95", "tumor_surface_dice"} <= set(c)
+        assert c["tumor_dice"] == 1.0 and 0.8 < c["kidney_dice"] < 1.0
+        assert c["tumor_dice_raw"] < 1.0  # the raw map has a false tumour voxel
+    assert res["mean"]["kidney_dice"] == pytest.approx(np.mean([c["kidney_dice"] for c in res["cases"]]))
+    assert res["postprocessing"]["delta"]["tumor_dice"] > 0
+    assert res["missing_predictions"] == ["case_00009"]
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert rows[-1]["case_id"] == "mean" and float(rows[0]["kidney_dice"]) == res["cases"][0]["kidney_dice"]
+    md = out.with_suffix(".md").read_text()
+    assert "| case_00001 |" in md and "Effect of post-processing" in md
+
+    # a prediction without ground truth and one on the wrong grid: named, skipped, exit code 1
+    _save(pred_dir / "prediction_00042.nii.gz", np.zeros((8, 20, 16), np.uint8), aff)
+    _save(pred_dir / "prediction_00009.nii.gz", np.zeros((8, 20, 15), np.uint8), aff)
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out),
+                 "--pred-raw", str(pred_dir / "raw"), "--no-surface-metrics"]) == 1
+    res = json.loads(out.read_text())
+    errs = {e["case_id"]: e["error"] for e in res["errors"]}
+    assert "no ground truth" in errs["case_00042"] and "shape (8, 20, 15)" in errs["case_00009"]
+    assert len(res["cases"]) == 3
