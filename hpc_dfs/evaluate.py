@@ -391,7 +391,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    dist.init()
+    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     try:
         cfg = cfgmod.from_args(EvaluateConfig, args)
         for name in ("pred", "gt", "out"):

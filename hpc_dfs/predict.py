@@ -433,7 +433,7 @@ def risk_csv(rows: list[dict]) -> str:
 def run(cfg: PredictConfig) -> int:
     """Predict every case of ``cfg.input`` on this rank's share; returns the exit code (same on all ranks)."""
     import torch
-    dist.init()
+    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     rank, world = dist.rank(), dist.size()
     threads = dist.configure_threads(cfg.threads if cfg.threads > 0 else None)
     if cfg.device == "cpu":

@@ -206,9 +206,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Itera
             group.add_argument(flag, dest=f"cfg__{f.name}", action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
         else:
-            kwargs: dict = {"dest": f"cfg__{f.name}", "default": None, "help": help_text}
+            kwargs: dict = {"dest": f"cfg__{f.name}", "default": None, "help": help_text,
+                            "metavar": f.name.upper()}
             if typing.get_origin(tp) is typing.Literal:
                 kwargs["choices"] = list(typing.get_args(tp))
+                del kwargs["metavar"]
             elif tp in (int, float):
                 kwargs["type"] = tp
             else:

@@ -1,0 +1,548 @@
+"""Synthetic KiTS data: CT volumes in the exact KiTS layout, so the real code path runs without the real CT.
+
+    hpc-dfs synth --out DATA --cases 8 --seed 0                       # full phantoms + phantom kits.json
+    hpc-dfs synth --out DATA --from-labels ../shared/data/kits19/labels \\
+                  --kits-json ../shared/data/kits19/kits.json --cases case_00002,case_00004
+
+Two renderers share one CT painter (:func:`render_ct`):
+
+- **phantoms**: a torso with subcutaneous fat, abdominal wall muscle, mesenteric fat/soft-tissue
+  texture, bowel (gas, fluid, oral contrast), liver, spleen, spine (cortical and cancellous bone,
+  canal), psoas muscles, aorta and IVC, two bean-shaped kidneys with cortex and medulla, and one
+  tumour of varied size on one kidney. The clinical record is drawn first and drives the image:
+  the tumour diameter *is* the ``radiographic_size``, BMI sets the fat thickness, and
+  ``malignant`` (drawn from size, age and sex by a logistic model) sets the histologic subtype,
+  whose enhancement pattern the tumour shows (clear cell: hyper-enhancing with necrosis;
+  papillary: hypo-enhancing; oncocytoma: central scar; angiomyolipoma: fat).
+- **from labels**: the same painter around a real KiTS19 label map (kidney 1, tumour 2); the body,
+  spine and organs are placed around the real kidneys, the tumour follows the case's real
+  histologic subtype, and the real clinical record is attached. The segmentation file is copied
+  byte for byte and the image gets its exact affine.
+
+Every case varies: contrast phase (non-contrast, corticomedullary, nephrographic, excretory),
+global HU offset and gain, noise level, partial-volume blur, organ sizes and positions. Output
+is deterministic for a seed (each case has its own seeded generator, so case 7 does not change
+when more cases are asked for). Files are written atomically; a rerun keeps valid existing cases.
+Under ``mpirun`` the cases are split across ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["phantom_case", "render_ct", "phantom_record", "run_synth", "add_arguments", "main"]
+
+CLI_LONG_HELP = True
+_SLAB = 48
+_MARGIN = 3
+
+#: HU of tissues before the per-case offset/gain
+_HU = {"air": -1000.0, "fat": -100.0, "muscle": 50.0, "soft": 30.0, "liver": 60.0, "spleen": 50.0,
+       "cancellous": 250.0, "cortical": 800.0, "gas": -950.0, "fluid": 15.0, "oral_contrast": 280.0}
+#: contrast phases: enhancement (HU added) of blood, kidney cortex, medulla, liver, spleen
+_PHASES = {
+    "noncontrast": dict(blood=40, cortex=0, medulla=0, liver=0, spleen=0, tumor=0),
+    "corticomedullary": dict(blood=300, cortex=170, medulla=60, liver=25, spleen=60, tumor=1.0),
+    "nephrographic": dict(blood=170, cortex=150, medulla=140, liver=50, spleen=60, tumor=0.8),
+    "excretory": dict(blood=120, cortex=110, medulla=130, liver=40, spleen=45, tumor=0.6),
+}
+
+
+# ----------------------------------------------------------------------------- clinical records
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def phantom_record(case_id: str, rng: np.random.Generator) -> dict:
+    """A KiTS19-schema record whose pre-operative fields carry signal about ``malignant``.
+
+    Larger tumours, older age and male sex raise the probability of malignancy (as in the KiTS
+    cohort, where benign masses are mostly small); post-operative fields are filled consistently.
+    """
+    age = int(np.clip(rng.normal(60, 12), 22, 90))
+    male = bool(rng.random() < 0.6)
+    bmi = float(np.round(np.clip(rng.normal(29.5, 6.0), 17, 55), 2))
+    size = float(np.clip(rng.lognormal(math.log(3.6), 0.55), 1.0, 12.0))
+    p_malig = _sigmoid(1.2 + 0.9 * (size - 3.6) + 0.05 * (age - 60) + 0.6 * (male - 0.5))
+    malignant = bool(rng.random() < p_malig)
+    if malignant:
+        subtype = str(rng.choice(["clear_cell_rcc", "papillary", "chromophobe", "clear_cell_papillary_rcc"],
+                                 p=[0.68, 0.17, 0.1, 0.05]))
+        grade = int(np.clip(round(1.5 + 0.35 * size + rng.normal(0, 0.7)), 1, 4)) if subtype != "chromophobe" else None
+        t_stage = "1" if size <= 7 else ("2" if size <= 10 else "3")
+    else:
+        subtype = str(rng.choice(["oncocytoma", "angiomyolipoma"], p=[0.6, 0.4]))
+        grade, t_stage = None, "0"
+    smoking = str(rng.choice(["never_smoked", "previous_smoker", "current_smoker"], p=[0.48, 0.36, 0.16]))
+    pack = 0 if smoking == "never_smoked" else (str(int(rng.integers(5, 60))) if rng.random() < 0.7 else None)
+    quit_age = "not_applicable" if smoking != "previous_smoker" else (str(int(age - rng.integers(1, 30)))
+                                                                         if rng.random() < 0.8 else None)
+    egfr_v = float(np.round(np.clip(rng.normal(95 - 0.6 * (age - 40), 15), 15, 130)))
+    egfr = {"value": ">=90" if egfr_v >= 90 and rng.random() < 0.5 else (egfr_v if rng.random() < 0.75 else None),
+            "days_before_nephrectomy": int(rng.integers(1, 90))}
+    comorb_p = {"myocardial_infarction": 0.06, "congestive_heart_failure": 0.04, "peripheral_vascular_disease": 0.04,
+                "cerebrovascular_disease": 0.05, "dementia": 0.01, "copd": 0.08, "connective_tissue_disease": 0.03,
+                "peptic_ulcer_disease": 0.03, "uncomplicated_diabetes_mellitus": 0.18,
+                "diabetes_mellitus_with_end_organ_damage": 0.03, "chronic_kidney_disease": 0.08,
+                "hemiplegia_from_stroke": 0.01, "leukemia": 0.01, "malignant_lymphoma": 0.01,
+                "localized_solid_tumor": 0.15, "metastatic_solid_tumor": 0.03, "mild_liver_disease": 0.03,
+                "moderate_to_severe_liver_disease": 0.005, "aids": 0.003}
+    radical = size > 7 or (size > 4 and rng.random() < 0.3)
+    return {
+        "case_id": case_id,
+        "age_at_nephrectomy": age,
+        "gender": "male" if male else "female",
+        "body_mass_index": bmi,
+        "comorbidities": {k: bool(rng.random() < p * (1 + (age - 60) / 60)) for k, p in comorb_p.items()},
+        "smoking_history": smoking,
+        "age_when_quit_smoking": quit_age,
+        "pack_years": pack,
+        "chewing_tobacco_use": "never_or_not_in_last_3mo",
+        "alcohol_use": str(rng.choice(["never_or_not_in_last_3mo", "two_or_less_daily", "more_than_two_daily"],
+                                      p=[0.45, 0.48, 0.07])),
+        "intraoperative_complications": {"blood_transfusion": bool(rng.random() < 0.05),
+                                         "injury_to_surrounding_organ": bool(rng.random() < 0.02),
+                                         "cardiac_event": bool(rng.random() < 0.01)},
+        "hospitalization": int(rng.integers(1, 8)),
+        "ischemia_time": None if radical else int(rng.integers(10, 40)),
+        "radiographic_size": round(size, 1),
+        "pathologic_size": round(max(0.5, size + rng.normal(0, 0.4)), 1),
+        "malignant": malignant,
+        "pathology_t_stage": t_stage,
+        "pathology_n_stage": "0",
+        "pathology_m_stage": "0",
+        "tumor_histologic_subtype": subtype,
+        "tumor_necrosis": bool(malignant and size > 4 and rng.random() < 0.6),
+        "tumor_isup_grade": grade,
+        "clavien_surgical_complications": str(rng.choice(["0", "1", "2", "3a"], p=[0.8, 0.1, 0.07, 0.03])),
+        "er_visit": bool(rng.random() < 0.1),
+        "readmission": bool(rng.random() < 0.06),
+        "estimated_blood_loss": int(rng.integers(20, 800)),
+        "surgery_type": str(rng.choice(["robotic", "open", "laparoscopic"], p=[0.58, 0.29, 0.13])),
+        "surgical_procedure": "radical_nephrectomy" if radical else "partial_nephrectomy",
+        "surgical_approach": str(rng.choice(["Transperitoneal", "Retroperitoneal"], p=[0.8, 0.2])),
+        "operative_time": int(rng.integers(90, 400)),
+        "cytoreductive": False,
+        "positive_resection_margins": bool(rng.random() < 0.04),
+        "last_preop_egfr": egfr,
+        "first_postop_egfr": {"value": float(np.round(egfr_v * rng.uniform(0.7, 1.0))),
+                              "days_before_nephrectomy": int(rng.integers(1, 60))},
+        "last_postop_egfr": {"value": float(np.round(egfr_v * rng.uniform(0.7, 1.0))),
+                             "days_before_nephrectomy": int(rng.integers(60, 1500))},
+        "vital_status": "censored" if rng.random() < 0.9 else "deceased",
+        "vital_days_after_surgery": int(rng.integers(30, 2000)),
+    }
+
+
+# ----------------------------------------------------------------------------- shapes
+def _ellipsoid(Z, Y, X, c, r) -> np.ndarray:
+    """Mask of an axis-aligned ellipsoid on a broadcast grid (Z (k,1,1), Y (1,H,1), X (1,1,W))."""
+    return ((Z - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((X - c[2]) / r[2]) ** 2 <= 1.0
+
+
+def _ellipse(Y, X, c, r) -> np.ndarray:
+    return ((Y - c[0]) / r[0]) ** 2 + ((X - c[1]) / r[1]) ** 2 <= 1.0
+
+
+def _anatomy(rng: np.random.Generator, fov_y: float, fov_x: float, z_extent: float, bmi: float,
+             kidney_centres: Optional[list] = None, kidney_box: Optional[tuple] = None) -> dict:
+    """Random body and organ placement in mm (origin: FOV centre in-plane, top slice in z)."""
+    fat = float(np.clip(8 + 1.6 * (bmi - 22) + rng.normal(0, 4), 4, 60))
+    ax = fov_x * rng.uniform(0.40, 0.46)
+    ay = min(fov_y * rng.uniform(0.30, 0.38), ax * rng.uniform(0.62, 0.8))
+    wall = rng.uniform(7, 14)
+    cy_body = rng.uniform(-0.03, 0.03) * fov_y
+    if kidney_box is not None:  # make sure the real kidneys lie inside the cavity
+        (y0, y1), (x0, x1) = kidney_box
+        need_y = max(abs(y0 - cy_body), abs(y1 - cy_body)) + fat + wall + 15
+        need_x = max(abs(x0), abs(x1)) + fat + wall + 15
+        scale = max(1.0, max(need_y / ay, need_x / ax) * 0.85)
+        ay, ax = min(ay * scale, 0.49 * fov_y), min(ax * scale, 0.49 * fov_x)
+    if kidney_centres:
+        kx = float(np.mean([k[2] for k in kidney_centres]))
+        spine_y = max(k[1] for k in kidney_centres) + rng.uniform(0, 12)
+        kz = float(np.mean([k[0] for k in kidney_centres]))
+    else:
+        kx, spine_y, kz = 0.0, cy_body + ay * rng.uniform(0.45, 0.55), z_extent * rng.uniform(0.45, 0.6)
+    spine_r = rng.uniform(15, 21)
+    return {
+        "body": (cy_body, ay, ax), "fat": fat, "wall": wall, "z_extent": z_extent,
+        "spine": (spine_y, kx, spine_r), "kidney_z": kz,
+        "aorta": (spine_y - spine_r - rng.uniform(6, 14), kx + rng.uniform(8, 20), rng.uniform(8, 13)),
+        "ivc": (spine_y - spine_r - rng.uniform(4, 12), kx - rng.uniform(18, 30), rng.uniform(8, 12)),
+        "psoas": rng.uniform(0.5, 1.0),
+        "liver": ((kz - rng.uniform(40, 80)), cy_body - rng.uniform(0, 20), kx - ax * rng.uniform(0.35, 0.5),
+                  rng.uniform(70, 110), ay * rng.uniform(0.6, 0.8), ax * rng.uniform(0.35, 0.5)),
+        "spleen": ((kz - rng.uniform(40, 70)), spine_y - rng.uniform(10, 30), kx + ax * rng.uniform(0.45, 0.6),
+                   rng.uniform(35, 55), rng.uniform(25, 40), rng.uniform(20, 30)),
+        "bowel": [((rng.uniform(0, z_extent)), cy_body - ay * rng.uniform(0.0, 0.6), rng.uniform(-0.6, 0.6) * ax,
+                   rng.uniform(12, 35), rng.uniform(8, 20), rng.uniform(8, 25),
+                   str(rng.choice(["gas", "fluid", "oral_contrast", "soft"], p=[0.35, 0.3, 0.2, 0.15])))
+                  for _ in range(int(rng.integers(6, 16)))],
+    }
+
+
+def phantom_case(case_num: int, cfg, seed: int, render: bool = True):
+    """(CT int16, labels uint8, affine, record) of phantom ``case_num``; axes (slices, rows, cols), codes I,P,L.
+
+    With ``render=False`` only the record is made (same random draws, no arrays): ``(None, None, None, record)``.
+    """
+    from hpc_dfs.data.kits_io import kits_affine
+
+    case_id = f"case_{case_num:05d}"
+    rng = np.random.default_rng([seed, case_num])
+    record = phantom_record(case_id, rng)
+    n = int(rng.integers(cfg.min_slices, cfg.max_slices + 1))
+    size = int(cfg.size)
+    sz = float(rng.choice([2.5, 3.0, 4.0, 5.0]))
+    z_extent = n * sz
+    fov = rng.uniform(320, 440)
+    sy = sx = round(fov / size, 4)
+    record["voxel_spacing"] = {"x_spacing": sx, "y_spacing": sy, "z_spacing": sz}
+    anat = _anatomy(rng, size * sy, size * sx, z_extent, record["body_mass_index"])
+    # kidneys: bean-shaped ellipsoids posterior-lateral to the spine, right one a little lower
+    Z = (np.arange(n) * sz)[:, None, None]
+    Y = ((np.arange(size) - size / 2 + 0.5) * sy)[None, :, None]
+    X = ((np.arange(size) - size / 2 + 0.5) * sx)[None, None, :]
+    spine_y, spine_x, _ = anat["spine"]
+    lab = np.zeros((n, size, size), dtype=np.uint8) if render else None
+    kidneys = []
+    kz_semi = min(rng.uniform(45, 60), 0.42 * z_extent)
+    for side in (-1, 1):  # -1: patient's right (low column index), +1: left
+        c = (anat["kidney_z"] + (12 if side < 0 else 0) * rng.uniform(0.3, 1.0),
+             spine_y - rng.uniform(5, 15), spine_x + side * rng.uniform(55, 75))
+        r = (kz_semi, rng.uniform(24, 32), rng.uniform(22, 30))
+        if render:
+            k = _ellipsoid(Z, Y, X, c, r)
+            hilum = _ellipsoid(Z, Y, X, (c[0], c[1] - 0.2 * r[1], c[2] - side * 0.95 * r[2]),
+                               (0.35 * r[0], 0.45 * r[1], 0.5 * r[2]))
+            lab[k & ~hilum] = 1
+        kidneys.append((c, r))
+    # tumour on one kidney: its diameter is the record's radiographic size
+    (c, r) = kidneys[int(rng.integers(0, 2))]
+    rad = min(record["radiographic_size"] * 10 / 2, 0.45 * z_extent, 0.12 * size * sx)
+    record["radiographic_size"] = round(2 * rad / 10, 1)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    depth = rng.uniform(0.35, 0.9)  # 0: centred on the kidney surface; >0 pushed inside (endophytic)
+    centre = [c[i] + direction[i] * r[i] * (1 - depth * min(1.0, rad / r[i])) for i in range(3)]
+    centre[0] = float(np.clip(centre[0], rad * 0.5, z_extent - rad * 0.5))
+    if not render:
+        return None, None, None, record
+    lab[_ellipsoid(Z, Y, X, centre, (rad, rad, rad))] = 2
+    affine = kits_affine((sz, sy, sx))
+    ct = render_ct(lab, (sz, sy, sx), anat, record, np.random.default_rng([seed, case_num, 1]))
+    return ct, lab, affine, record
+
+
+# ----------------------------------------------------------------------------- the CT painter
+def _coarse_field(rng: np.random.Generator, nz: int, step_z: int = 6, n_xy: int = 12) -> np.ndarray:
+    """Random smooth field (values ~N(0,1)) on a coarse grid covering the volume."""
+    return rng.standard_normal((max(2, nz // step_z + 2), n_xy, n_xy)).astype(np.float32)
+
+
+def _sample_field(field: np.ndarray, z_pos: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
+    """The coarse field linearly interpolated at slices ``z_pos`` of an ``n``-slice volume, size (k, h, w)."""
+    nzc = field.shape[0]
+    t = z_pos / max(1, n - 1) * (nzc - 1)
+    i0 = np.clip(np.floor(t).astype(int), 0, nzc - 2)
+    a = (t - i0)[:, None, None].astype(np.float32)
+    sl = (1 - a) * field[i0] + a * field[i0 + 1]
+    out = F.interpolate(torch.from_numpy(sl)[:, None], size=(h, w), mode="bicubic", align_corners=True)[:, 0]
+    return out.numpy()
+
+
+def _kidney_layers(label: np.ndarray, spacing, cortex_mm: float, fat_mm: float):
+    """Distance (mm) inside the kidney to its surface and outside to it, on the kidney bounding box.
+
+    Returns (box slices, inside distance, outside distance) or None without kidney.
+    """
+    from scipy import ndimage
+
+    parenchyma = label > 0
+    if not parenchyma.any():
+        return None
+    zz, yy, xx = (np.flatnonzero(parenchyma.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    pad = [int(math.ceil(fat_mm / s)) + 1 for s in spacing]
+    box = tuple(slice(max(0, a[0] - p), min(dim, a[-1] + p + 1)) for a, p, dim in zip((zz, yy, xx), pad, label.shape))
+    m = parenchyma[box]
+    inside = ndimage.distance_transform_edt(m, sampling=spacing).astype(np.float32)
+    outside = ndimage.distance_transform_edt(~m, sampling=spacing).astype(np.float32)
+    return box, inside, outside
+
+
+def render_ct(label: np.ndarray, spacing, anat: dict, record: Optional[dict], rng: np.random.Generator) -> np.ndarray:
+    """Paint CT (int16 HU) around a class map (1 kidney, 2 tumour) in KiTS orientation (slices, rows, cols).
+
+    The body and organs come from ``anat`` (see :func:`_anatomy`); kidney cortex/medulla come from
+    the distance to the kidney surface; the tumour pattern follows ``record``'s histologic subtype.
+    Rendering runs in slabs of slices with a margin, so memory stays bounded on 600-slice volumes.
+    """
+    from scipy import ndimage
+
+    n, h, w = label.shape
+    sz, sy, sx = spacing
+    phase_name = str(rng.choice(list(_PHASES), p=[0.1, 0.35, 0.4, 0.15]))
+    ph = _PHASES[phase_name]
+    offset, gain = rng.normal(0, 12), rng.uniform(0.92, 1.08)
+    noise_sd = rng.uniform(6, 28)
+    blur = (rng.uniform(0.2, 0.6), rng.uniform(0.4, 1.1), rng.uniform(0.4, 1.1))  # voxels (z, y, x)
+    subtype = (record or {}).get("tumor_histologic_subtype") or "clear_cell_rcc"
+    fields = [_coarse_field(rng, n) for _ in range(3)]
+    t_base = {"clear_cell_rcc": 40 + 130 * ph["tumor"], "papillary": 35 + 35 * ph["tumor"],
+              "chromophobe": 40 + 80 * ph["tumor"], "clear_cell_papillary_rcc": 40 + 90 * ph["tumor"],
+              "oncocytoma": 40 + 100 * ph["tumor"], "angiomyolipoma": 20 + 40 * ph["tumor"]}.get(
+        subtype, 40 + 90 * ph["tumor"])
+    t_base += rng.normal(0, 10)
+    layers = _kidney_layers(label, (sz, sy, sx), cortex_mm=5.0, fat_mm=12.0)
+    tum_dist = None
+    if (label == 2).any() and layers is not None:
+        box = layers[0]
+        tum_dist = ndimage.distance_transform_edt(label[box] == 2, sampling=(sz, sy, sx)).astype(np.float32)
+    cortex_mm = rng.uniform(4, 8)
+    perirenal_mm = rng.uniform(5, 14)
+    cy, ay, ax = anat["body"]
+    fat, wall = anat["fat"], anat["wall"]
+    Y = ((np.arange(h) - h / 2 + 0.5) * sy)[None, :, None]
+    X = ((np.arange(w) - w / 2 + 0.5) * sx)[None, None, :]
+    out = np.empty((n, h, w), dtype=np.int16)
+    noise_rng = np.random.default_rng(rng.integers(0, 2 ** 63))
+    for z0 in range(0, n, _SLAB):
+        a, b = max(0, z0 - _MARGIN), min(n, z0 + _SLAB + _MARGIN)
+        zi = np.arange(a, b)
+        Z = (zi * sz)[:, None, None].astype(np.float64)
+        k = b - a
+        t0, t1, t2 = (_sample_field(f, zi.astype(np.float64), n, h, w) for f in fields)
+        wob = 1 + 0.03 * np.sin(Z / 40.0)  # the torso changes a little along z
+        hu = np.full((k, h, w), _HU["air"], dtype=np.float32)
+        body = _ellipse(Y, X, (cy, 0), (ay * wob, ax * wob))
+        hu[np.broadcast_to(body, hu.shape)] = _HU["fat"] + 8 * t0[np.broadcast_to(body, hu.shape)]
+        muscle = _ellipse(Y, X, (cy, 0), (ay * wob - fat, ax * wob - fat))
+        hu[np.broadcast_to(muscle, hu.shape)] = _HU["muscle"]
+        cav = np.broadcast_to(_ellipse(Y, X, (cy, 0), (ay * wob - fat - wall, ax * wob - fat - wall)), hu.shape)
+        mix = 1 / (1 + np.exp(-1.8 * t1))  # mesentery: fat/soft tissue texture
+        hu[cav] = (-90 + 125 * mix[cav])
+        for (bz, by, bx, rz, ry, rx, kind) in anat["bowel"]:
+            m = _ellipsoid(Z, Y, X, (bz, by, bx), (rz, ry, rx)) & cav
+            hu[m] = _HU[kind] + (ph["blood"] * 0.1 if kind == "soft" else 0)
+            wallm = _ellipsoid(Z, Y, X, (bz, by, bx), (rz + 2, ry + 2, rx + 2)) & cav & ~m
+            hu[wallm] = 40 + 0.3 * ph["liver"]
+        lz, ly, lx, lrz, lry, lrx = anat["liver"]
+        m = _ellipsoid(Z, Y, X, (lz, ly, lx), (lrz, lry, lrx)) & cav
+        hu[m] = _HU["liver"] + ph["liver"] + 6 * t2[m]
+        szc, syc, sxc, srz, sry, srx = anat["spleen"]
+        m = _ellipsoid(Z, Y, X, (szc, syc, sxc), (srz, sry, srx)) & cav
+        hu[m] = _HU["spleen"] + ph["spleen"] + 15 * t2[m] * (phase_name == "corticomedullary")
+        spy, spx, spr = anat["spine"]
+        for side in (-1, 1):  # psoas grows towards the pelvis
+            pr = (spr * 0.6 + anat["psoas"] * Z / 6.0).clip(max=2.2 * spr)
+            m = np.broadcast_to(((Y - spy) / (0.9 * pr)) ** 2 + ((X - spx - side * (spr + pr * 0.8)) / pr) ** 2 <= 1,
+                                hu.shape)
+            hu[m] = _HU["muscle"] + 5 * t0[m]
+        vert = np.broadcast_to(_ellipse(Y, X, (spy, spx), (spr, spr * 1.1)), hu.shape)
+        hu[vert] = _HU["cortical"]
+        inner = np.broadcast_to(_ellipse(Y, X, (spy, spx), (spr - 2.5, spr * 1.1 - 2.5)), hu.shape)
+        hu[inner] = _HU["cancellous"] + 40 * t1[inner]
+        canal = np.broadcast_to(_ellipse(Y, X, (spy + spr + 9, spx), (7, 8)), hu.shape)
+        post = np.broadcast_to(_ellipse(Y, X, (spy + spr + 10, spx), (13, 16)), hu.shape)
+        hu[post & ~canal] = _HU["cortical"] * 0.7
+        hu[canal] = 20
+        for (vy, vx, vr), enh in ((anat["aorta"][:3], 1.0), (anat["ivc"][:3], 0.8 if phase_name != "corticomedullary" else 0.3)):
+            m = np.broadcast_to(_ellipse(Y, X, (vy, vx), (vr, vr)), hu.shape)
+            hu[m] = 40 + enh * ph["blood"]
+        # kidneys and tumour from the label map
+        if layers is not None:
+            box, inside, outside = layers
+            bz0, bz1 = max(a, box[0].start), min(b, box[0].stop)
+            if bz0 < bz1:
+                sl_out = (slice(bz0 - a, bz1 - a), box[1], box[2])
+                sl_box = slice(bz0 - box[0].start, bz1 - box[0].start)
+                lab = label[bz0:bz1, box[1], box[2]]
+                sub = hu[sl_out]
+                d_in, d_out = inside[sl_box], outside[sl_box]
+                tx = t2[sl_out]
+                peri = (d_out > 0) & (d_out <= perirenal_mm) & (sub > -200) & (sub < 150)
+                sub[peri] = -95 + 10 * tx[peri]
+                kid = lab == 1
+                cortex = kid & (d_in <= cortex_mm)
+                sub[kid] = 30 + ph["medulla"] + 8 * tx[kid]
+                sub[cortex] = 30 + ph["cortex"] + 8 * tx[cortex]
+                tum = lab == 2
+                if tum.any():
+                    td = tum_dist[sl_box]
+                    val = t_base + 25 * tx
+                    if subtype == "clear_cell_rcc" or (record or {}).get("tumor_necrosis"):
+                        core = td > max(4.0, 0.55 * float(tum_dist.max()))
+                        val = np.where(core, 20 + 8 * tx, val)  # necrosis: low, non-enhancing centre
+                    elif subtype == "oncocytoma":
+                        val = np.where(td > 0.75 * float(tum_dist.max()), t_base - 50, val)  # central scar
+                    elif subtype == "angiomyolipoma":
+                        val = np.where(tx > 0.2, -60 + 20 * tx, val)  # macroscopic fat
+                    sub[tum] = val[tum]
+                hu[sl_out] = sub
+        # partial volume, scanner calibration, noise
+        hu = ndimage.gaussian_filter(hu, sigma=blur, mode="nearest")
+        hu = hu * gain + offset
+        hu += noise_rng.normal(0, noise_sd, size=hu.shape).astype(np.float32)
+        keep = slice(z0 - a, z0 - a + min(_SLAB, n - z0))
+        out[z0:z0 + _SLAB] = np.clip(np.rint(hu[keep]), -1024, 3071).astype(np.int16)
+    return out
+
+
+def render_from_labels(label_path: Path, record: Optional[dict], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(CT int16, raw labels, affine) around a real KiTS label map (any orientation; painted in I,P,L)."""
+    import nibabel as nib
+    from hpc_dfs.data.geometry import canonical_transform, voxel_spacing
+
+    case_id = label_path.parent.name
+    img = nib.load(str(label_path))
+    raw = np.asanyarray(img.dataobj)
+    ornt = canonical_transform(img.affine)
+    lab = nib.orientations.apply_orientation(raw, ornt).astype(np.uint8)
+    sp_native = voxel_spacing(img.affine)
+    spacing = [0.0, 0.0, 0.0]
+    for i, (axis, _) in enumerate(ornt):
+        spacing[int(axis)] = float(sp_native[i])
+    n, h, w = lab.shape
+    sz, sy, sx = spacing
+    rng = np.random.default_rng([seed, zlib.crc32(case_id.encode())])
+    # kidney centres (mm) from a coarse grid, to put the spine and organs around the real kidneys
+    step = max(1, h // 128)
+    coarse = lab[:, ::step, ::step] > 0
+    zz, yy, xx = np.nonzero(coarse)
+    centres, box = [], None
+    if zz.size:
+        Zm, Ym, Xm = zz * sz, (yy * step - h / 2 + 0.5) * sy, (xx * step - w / 2 + 0.5) * sx
+        for side in (Xm < np.median(Xm), Xm >= np.median(Xm)) if np.ptp(Xm) > 80 else (np.ones_like(Xm, bool),):
+            centres.append((float(Zm[side].mean()), float(Ym[side].mean()), float(Xm[side].mean())))
+        box = ((float(Ym.min()), float(Ym.max())), (float(Xm.min()), float(Xm.max())))
+    bmi = float((record or {}).get("body_mass_index") or (record or {}).get("bmi") or 28.0)
+    anat = _anatomy(rng, h * sy, w * sx, n * sz, bmi, kidney_centres=centres or None, kidney_box=box)
+    ct_can = render_ct(lab, (sz, sy, sx), anat, record, rng)
+    inv = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("I", "P", "L")),
+                                          nib.orientations.io_orientation(img.affine))
+    ct = np.ascontiguousarray(nib.orientations.apply_orientation(ct_can, inv))
+    return ct, raw, img.affine
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hpc_dfs.config import add_arguments as add_cfg
+    from hpc_dfs.config.data import SynthConfig
+
+    parser.add_argument("--out", required=True, type=Path, help="output folder (KiTS layout)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="tqdm progress bar on rank 0 (default: when stderr is a terminal)")
+    add_cfg(parser, SynthConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from hpc_dfs.config import ConfigError, from_args
+    from hpc_dfs.config.data import SynthConfig
+
+    try:
+        cfg = from_args(SynthConfig, args)
+    except ConfigError as e:
+        print(f"hpc-dfs synth: {e}", file=sys.stderr)
+        return 2
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    return run_synth(args.out, cfg, progress=progress)
+
+
+def _case_is_valid(case_dir: Path) -> bool:
+    """Both files present (they are only ever renamed into place complete) with matching headers."""
+    import nibabel as nib
+    try:
+        a = nib.load(str(case_dir / "imaging.nii.gz"))
+        b = nib.load(str(case_dir / "segmentation.nii.gz"))
+        return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
+    except Exception:
+        return False
+
+
+def run_synth(out: str | Path, cfg, progress: bool = False) -> int:
+    """Write the synthetic data set; returns the exit status."""
+    from hpc_dfs import dist
+    from hpc_dfs.data.clinical import load_kits_records
+    from hpc_dfs.data.kits_io import save_nifti_atomic
+    from hpc_dfs.fsutil import write_bytes, write_json
+
+    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    rank, world = dist.rank(), dist.size()
+    log = dist.get_logger("hpc_dfs.synth")
+    out = Path(out)
+    jobs: list[tuple[str, Optional[Path]]] = []
+    records: dict[str, dict] = {}
+    if cfg.from_labels:
+        labels_dir = Path(cfg.from_labels)
+        if not labels_dir.is_dir():
+            log.error("--from-labels %s is not a folder", labels_dir)
+            return 2
+        available = sorted(p.parent.name for p in labels_dir.glob("case_*/segmentation.nii.gz"))
+        if not available:
+            log.error("no case_XXXXX/segmentation.nii.gz under %s", labels_dir)
+            return 2
+        spec = cfg.cases.strip()
+        wanted = available[:int(spec)] if spec.isdigit() else [c.strip() for c in spec.split(",") if c.strip()]
+        missing = [c for c in wanted if c not in available]
+        if missing:
+            log.error("no label map for %s under %s", ", ".join(missing), labels_dir)
+            return 2
+        if cfg.kits_json:
+            try:
+                recs = {r["case_id"]: r for r in load_kits_records(cfg.kits_json)}
+            except (FileNotFoundError, ValueError) as e:
+                log.error("%s", e)
+                return 2
+            absent = [c for c in wanted if c not in recs]
+            if absent:
+                log.warning("no clinical record in %s for %s", cfg.kits_json, ", ".join(absent))
+            records = {c: recs[c] for c in wanted if c in recs}
+        jobs = [(c, labels_dir / c / "segmentation.nii.gz") for c in wanted]
+    else:
+        jobs = [(f"case_{i:05d}", None) for i in range(cfg.first_case, cfg.first_case + int(cfg.cases))]
+    mine = jobs[rank::world]
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc="synth", unit="case", file=sys.stderr)
+    made = {}
+    n_kept = 0
+    for cid, lab_path in mine:
+        case_dir = out / cid
+        if _case_is_valid(case_dir):
+            n_kept += 1
+            if lab_path is None:  # the record is re-derived from the seed, without rendering
+                made[cid] = phantom_case(int(cid[5:]), cfg, cfg.seed, render=False)[3]
+        else:
+            if lab_path is not None:
+                ct, _raw, affine = render_from_labels(lab_path, records.get(cid), cfg.seed)
+                save_nifti_atomic(ct, affine, case_dir / "imaging.nii.gz", dtype=np.int16)
+                write_bytes(case_dir / "segmentation.nii.gz", lab_path.read_bytes())  # the real file, as is
+            else:
+                ct, lab, affine, record = phantom_case(int(cid[5:]), cfg, cfg.seed)
+                save_nifti_atomic(lab, affine, case_dir / "segmentation.nii.gz", dtype=np.uint8)
+                save_nifti_atomic(ct, affine, case_dir / "imaging.nii.gz", dtype=np.int16)
+                made[cid] = record
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    gathered = dist.allgather_object(made, name="synth.records")
+    if rank == 0:
+        if not cfg.from_labels:
+            for part in gathered:
+                records.update(part)
+        write_json(out / "kits.json", [records[c] for c, _ in jobs if c in records])
+        log.info("wrote %d case(s) to %s (%d already there and kept), kits.json with %d record(s)",
+                 len(jobs) - n_kept, out, n_kept, len(records))
+    dist.barrier()
+    return 0
