@@ -52,7 +52,7 @@ torch_have=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/
 if [ -z "$torch_have" ] || { [ -n "$torch_want" ] && [ "$torch_want" != "$TORCH_SPEC" ] && [ "$torch_have" != "$torch_want" ]; }; then
   [ "$TORCH_SPEC" = installed ] && { log "TORCH_SPEC=installed but torch is not importable in $VENV"; exit 1; }
   log "pip install $TORCH_SPEC"
-  "$PY" -m pip install -q "$TORCH_SPEC"
+  "$PY" -m pip install -q "$TORCH_SPEC" numpy
   torch_have=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 fi
 

@@ -1,17 +1,24 @@
+import os
+
 import pytest
 
 from tests.launch import KITS19, UCI_CKD
 
 
+def _need(path, what):
+    if not path.exists():
+        msg = f"{what} ({path}) is not beside this checkout"
+        if os.environ.get("CI"):
+            pytest.fail(msg + ": CI must provide ../shared")
+        pytest.skip(msg)
+    return path
+
+
 @pytest.fixture(scope="session")
 def kits19_dir():
-    if not (KITS19 / "kits.json").exists():
-        pytest.skip("../shared/data/kits19 is not beside this checkout")
-    return KITS19
+    return _need(KITS19 / "kits.json", "../shared/data/kits19").parent
 
 
 @pytest.fixture(scope="session")
 def uci_ckd_dir():
-    if not UCI_CKD.exists():
-        pytest.skip("../shared/data/uci_ckd is not beside this checkout")
-    return UCI_CKD
+    return _need(UCI_CKD, "../shared/data/uci_ckd")

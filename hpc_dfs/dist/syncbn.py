@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -25,9 +24,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from hpc_dfs import dist
-        if not (self.training or not self.track_running_stats) or dist.size() == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+        if not self.training or dist.size() == 1:
+            return super().forward(x)  # plain batch norm: eval, or one rank holds the whole batch
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         xf = x.float()
