@@ -67,8 +67,8 @@ test-slurm: setup
 DEMO ?= demo_out
 DEMO_CASES ?= 12
 DEMO_SIZE ?= 96
-DEMO_EPOCHS ?= 6
-DEMO_TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --global-batch-size 16 --set model.base_channels=8 --seed 0
+DEMO_EPOCHS ?= 25
+DEMO_TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --batch-size 8 --lr 0.002 --num-workers 0 --set model.base_channels=8 --set model.norm=instance --seed 0
 
 demo: setup $(DEMO)/report.html
 	@echo "[demo] done. Open $(DEMO)/report.html  (evaluation: $(DEMO)/eval.md)"
@@ -80,7 +80,7 @@ $(DEMO)/data/kits.json:
 
 $(DEMO)/shards/manifest.json: $(DEMO)/data/kits.json
 	@echo "[demo] 2/6 preprocess on $(NP) ranks -> HDF5 shards"
-	$(MPIRUN) $(BIN)/hpc-dfs preprocess --data $(DEMO)/data --out $(DEMO)/shards --slice-size $(DEMO_SIZE) $(DEMO_SIZE)
+	$(MPIRUN) $(BIN)/hpc-dfs preprocess --data $(DEMO)/data --out $(DEMO)/shards --slice-size $(DEMO_SIZE),$(DEMO_SIZE)
 
 $(DEMO)/run/checkpoints/last.pt: $(DEMO)/shards/manifest.json
 	@echo "[demo] 3/6 train the DFS fusion model on $(NP) ranks (Horovod ring-allreduce)"
