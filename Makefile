@@ -65,7 +65,8 @@ test-slurm: setup
 # ------------------------------------------------------------------------------------------ demo
 # Each step writes its output atomically; a second `make demo` skips steps whose output exists.
 DEMO ?= demo_out
-DEMO_CASES ?= 12
+DEMO_CASES ?= 16
+DEMO_TEST_CASES ?= 4
 DEMO_SIZE ?= 96
 DEMO_EPOCHS ?= 25
 DEMO_TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --batch-size 8 --lr 0.002 --num-workers 0 --set model.base_channels=8 --set model.norm=instance --seed 0
@@ -75,8 +76,13 @@ demo: setup $(DEMO)/report.html
 	@cat $(DEMO)/eval.md
 
 $(DEMO)/data/kits.json:
-	@echo "[demo] 1/6 synth: $(DEMO_CASES) synthetic KiTS-layout phantoms"
+	@echo "[demo] 1/6 synth: $(DEMO_CASES) training phantoms in the KiTS19 layout"
 	$(BIN)/hpc-dfs synth --out $(DEMO)/data --cases $(DEMO_CASES) --seed 0
+
+# held-out test cases: another seed, another image size and other case ids than the training data
+$(DEMO)/test/kits.json:
+	@echo "[demo] 1/6 synth: $(DEMO_TEST_CASES) held-out test phantoms"
+	$(BIN)/hpc-dfs synth --out $(DEMO)/test --cases $(DEMO_TEST_CASES) --seed 1 --first-case 100 --size 112
 
 $(DEMO)/shards/manifest.json: $(DEMO)/data/kits.json
 	@echo "[demo] 2/6 preprocess on $(NP) ranks -> HDF5 shards"
@@ -87,13 +93,13 @@ $(DEMO)/run/checkpoints/last.pt: $(DEMO)/shards/manifest.json
 	$(MPIRUN) $(BIN)/hpc-dfs train --shards $(DEMO)/shards --out $(DEMO)/run $(DEMO_TRAIN_ARGS) \
 	  $(if $(wildcard $(DEMO)/run/checkpoints/last.pt),--resume,)
 
-$(DEMO)/pred/summary.json: $(DEMO)/run/checkpoints/last.pt
-	@echo "[demo] 4/6 predict every case on $(NP) ranks"
-	$(MPIRUN) $(BIN)/hpc-dfs predict --checkpoint $(DEMO)/run/checkpoints/best.pt --input $(DEMO)/data --out $(DEMO)/pred
+$(DEMO)/pred/summary.json: $(DEMO)/run/checkpoints/last.pt $(DEMO)/test/kits.json
+	@echo "[demo] 4/6 predict the held-out cases on $(NP) ranks"
+	$(MPIRUN) $(BIN)/hpc-dfs predict --checkpoint $(DEMO)/run/checkpoints/best.pt --input $(DEMO)/test --out $(DEMO)/pred --save-raw
 
 $(DEMO)/eval.json: $(DEMO)/pred/summary.json
 	@echo "[demo] 5/6 evaluate (KiTS19 Dice, IoU, HD95, surface Dice)"
-	$(BIN)/hpc-dfs evaluate --pred $(DEMO)/pred --gt $(DEMO)/data --out $(DEMO)/eval.json
+	$(BIN)/hpc-dfs evaluate --pred $(DEMO)/pred --gt $(DEMO)/test --out $(DEMO)/eval.json
 
 $(DEMO)/clinical/metrics.json: $(DEMO)/data/kits.json
 	@echo "[demo] clinical: Clinical-GRU k-fold on the phantoms' kits.json"
