@@ -1,6 +1,6 @@
 """Preprocessing throughput at 1 and 2 MPI ranks (input MB/s, s/case); goal: np=2 >= 1.8x np=1.
 
-    .venv/bin/python bench/bench_preprocess.py [--cases 8] [--size 256] [--slice-size 128] [--out bench/results]
+    .venv/bin/python bench/bench_preprocess.py [--cases 24] [--size 384] [--slice-size 128] [--out bench/results]
 
 Synthesises phantoms once (``hpc-dfs synth``), then times ``hpc-dfs preprocess`` into a fresh
 folder at each rank count, launched with ``mpirun`` (np=1 also through mpirun, so both pay the
@@ -48,8 +48,8 @@ def run(np_: int, data: Path, out: Path, slice_size: int, yield_idle: bool = Fal
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", type=int, default=12)
-    ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--cases", type=int, default=24)
+    ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--slice-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
