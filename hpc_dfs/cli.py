@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
+    from hpc_dfs.config import ConfigError
     try:
         return int(args._main(args) or 0)
+    except ConfigError as e:  # a bad setting anywhere: one line naming it, exit 2 (as argparse does)
+        print(f"hpc-dfs {args.verb}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

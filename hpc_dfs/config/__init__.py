@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Itera
     skip = set(skip)
     parser.add_argument("--config", type=Path, default=None, help="TOML file with settings for this stage")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any setting, nested ones too (e.g. --set optim.lr=0.01); repeatable")
+                        help="override any setting, nested ones too (e.g. --set model.base_channels=16); repeatable")
     hints = typing.get_type_hints(cls)
     defaults = cls()
     group = parser.add_argument_group(f"{cls.__name__} settings (defaults shown; also settable in --config)")
