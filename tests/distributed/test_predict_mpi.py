@@ -8,7 +8,6 @@ evaluate`` then splits the cases over the ranks and writes the same JSON, CSV an
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -24,8 +23,6 @@ def _outputs(d):
 
 
 def test_two_rank_predict_is_byte_identical(tmp_path):
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed")
     s = make_setup(tmp_path)
     args = ["predict", "--checkpoint", s["ckpts"][0], "--checkpoint", s["ckpts"][1], "--weights", "0.7,0.3",
             "--input", s["data"], "--batch-size", "4", "--tta", "--save-probabilities", "--save-raw"]

@@ -240,8 +240,7 @@ def test_preempted_mid_epoch_resume_equals_uninterrupted(shards, tmp_path):
     _wait_for(part / "checkpoints" / "epoch_0001.pt", proc)
     os.kill(proc.pid, signal.SIGUSR1)
     code, log, _ = _finish(proc, 120)
-    if code == 0:
-        pytest.skip("the run finished before the signal arrived (machine too fast for this timing)")
+    assert code != 0, "the run finished before the signal arrived: give the partial run more epochs on this machine"
     assert code == EXIT_PREEMPTED, log
     res = train(shards, part, "--epochs", 4, "--resume", np=2, launcher="mpirun")
     assert res.returncode == 0, res.output
