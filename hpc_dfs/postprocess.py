@@ -72,28 +72,23 @@ def _foreground_box(label: np.ndarray, pad: Sequence[int]) -> tuple[slice, ...] 
     return tuple(box)
 
 
+def _small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Boolean mask of the connected components of ``mask`` smaller than ``min_voxels``."""
+    comps, n = ndimage.label(mask)
+    if not n:
+        return np.zeros(mask.shape, bool)
+    small = np.bincount(comps.ravel(), minlength=n + 1) < min_voxels
+    small[0] = False
+    return small[comps]
+
+
 def remove_small_components(label: np.ndarray, min_voxels: int, kidney: int, masses: Sequence[int]) -> int:
     """In place: drop foreground components and turn mass components under ``min_voxels`` into kidney."""
-    changed = 0
-    fg = label > 0
-    comps, n = ndimage.label(fg)
-    if n:
-        sizes = np.bincount(comps.ravel(), minlength=n + 1)
-        small = sizes < min_voxels
-        small[0] = False
-        drop = small[comps]
-        changed += int(drop.sum())
-        label[drop] = 0
-    mass = np.isin(label, masses)
-    comps, n = ndimage.label(mass)
-    if n:
-        sizes = np.bincount(comps.ravel(), minlength=n + 1)
-        small = sizes < min_voxels
-        small[0] = False
-        relabel = small[comps]
-        changed += int(relabel.sum())
-        label[relabel] = kidney
-    return changed
+    drop = _small_components(label > 0, min_voxels)
+    label[drop] = 0
+    relabel = _small_components(np.isin(label, masses), min_voxels)
+    label[relabel] = kidney
+    return int(drop.sum()) + int(relabel.sum())
 
 
 def keep_largest_per_side(label: np.ndarray, affine: np.ndarray, mid_x: float,

@@ -67,14 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpc_dfs.config import ConfigError, from_args
+    from hpc_dfs.config import from_args
     from hpc_dfs.config.data import PreprocessConfig
 
-    try:
-        cfg = from_args(PreprocessConfig, args)
-    except ConfigError as e:
-        print(f"hpc-dfs preprocess: {e}", file=sys.stderr)
-        return 2
+    cfg = from_args(PreprocessConfig, args)  # a ConfigError is reported by hpc_dfs.cli (one line, exit 2)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     return run_preprocess(args.data, args.out, cfg, fail_fast=args.fail_fast, progress=progress)
 

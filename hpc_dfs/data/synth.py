@@ -445,14 +445,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpc_dfs.config import ConfigError, from_args
+    from hpc_dfs.config import from_args
     from hpc_dfs.config.data import SynthConfig
 
-    try:
-        cfg = from_args(SynthConfig, args)
-    except ConfigError as e:
-        print(f"hpc-dfs synth: {e}", file=sys.stderr)
-        return 2
+    cfg = from_args(SynthConfig, args)  # a ConfigError is reported by hpc_dfs.cli (one line, exit 2)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     return run_synth(args.out, cfg, progress=progress)
 
