@@ -21,7 +21,7 @@ MPIRUN := mpirun --allow-run-as-root --oversubscribe --tag-output -np $(NP) -x P
 HVDRUN := $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo
 PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 
-.PHONY: setup test test-unit test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
+.PHONY: setup lint test test-unit test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
         demo demo-clean bench help
 
 help:
@@ -32,8 +32,12 @@ setup:
 
 # ------------------------------------------------------------------------------------------ tests
 test: setup
-	@$(MAKE) --no-print-directory test-unit test-dist test-slurm
+	@$(MAKE) --no-print-directory lint test-unit test-dist test-slurm
 	@echo "[make test] all test groups passed: unit, distributed (mpirun -np $(NP), horovodrun -np $(NP) --gloo), slurm"
+
+lint:
+	@echo "[make test] ruff (rules in pyproject.toml)"
+	$(PY) -m ruff check hpc_dfs tests bench preprocess
 
 test-unit:
 	@echo "[make test] unit tests"

@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from hpc_dfs.config.data import PreprocessConfig  # noqa: E402
-from hpc_dfs.data.preprocess import run_preprocess  # noqa: E402
+from hpc_dfs.stages.preprocess import run_preprocess  # noqa: E402
 from hpc_dfs.data.reader import SliceDataset  # noqa: E402
 from hpc_dfs.fsutil import write_json  # noqa: E402
 

@@ -20,15 +20,15 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "synth": ("hpc_dfs.data.synth", "write KiTS-layout synthetic CT (phantoms, or around real label maps)"),
-    "preprocess": ("hpc_dfs.data.preprocess", "KiTS-layout data -> HDF5 shards + manifest.json (MPI-parallel)"),
-    "train": ("hpc_dfs.train", "train the DFS fusion model with Horovod ring-allreduce"),
-    "predict": ("hpc_dfs.predict", "segment cases and write prediction_XXXXX.nii.gz (MPI-parallel)"),
-    "evaluate": ("hpc_dfs.evaluate", "KiTS19 Dice, IoU, HD95 and surface Dice of predictions"),
-    "clinical": ("hpc_dfs.clinical", "Clinical-GRU k-fold experiment, sklearn baselines, SHAP"),
-    "models": ("hpc_dfs.models.summary", "parameters and GFLOPs of every model"),
-    "report": ("hpc_dfs.report", "one self-contained HTML report of a run"),
-    "bench": ("hpc_dfs.bench", "run the benchmarks in bench/ and write JSON results"),
+    "synth": ("hpc_dfs.stages.synth", "write KiTS-layout synthetic CT (phantoms, or around real label maps)"),
+    "preprocess": ("hpc_dfs.stages.preprocess", "KiTS-layout data -> HDF5 shards + manifest.json (MPI-parallel)"),
+    "train": ("hpc_dfs.stages.train", "train the DFS fusion model with Horovod ring-allreduce"),
+    "predict": ("hpc_dfs.stages.predict", "segment cases and write prediction_XXXXX.nii.gz (MPI-parallel)"),
+    "evaluate": ("hpc_dfs.stages.evaluate", "KiTS19 Dice, IoU, HD95 and surface Dice of predictions"),
+    "clinical": ("hpc_dfs.stages.clinical", "Clinical-GRU k-fold experiment, sklearn baselines, SHAP"),
+    "models": ("hpc_dfs.stages.models", "parameters and GFLOPs of every model"),
+    "report": ("hpc_dfs.stages.report", "one self-contained HTML report of a run"),
+    "bench": ("hpc_dfs.stages.bench", "run the benchmarks in bench/ and write JSON results"),
 }
 
 EPILOG = """launch examples:
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
-    from hpc_dfs.config import ConfigError
+    from hpc_dfs.errors import HpcDfsError
     try:
         return int(args._main(args) or 0)
-    except ConfigError as e:  # a bad setting anywhere: one line naming it, exit 2 (as argparse does)
+    except HpcDfsError as e:  # the one error base of every stage: one line naming the file or case, its code
         print(f"hpc-dfs {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,7 @@
     srun --mpi=pmix python preprocess/run_preprocess.py --data data/kits --out data/shards
 
 All options: ``python preprocess/run_preprocess.py --help``. The work is done by
-:mod:`hpc_dfs.data.preprocess`; this file only forwards its arguments.
+:mod:`hpc_dfs.stages.preprocess`; this file only forwards its arguments.
 """
 import sys
 from pathlib import Path

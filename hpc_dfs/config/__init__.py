@@ -24,13 +24,17 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
+
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load", "from_dict", "to_dict", "add_arguments", "from_args", "parse_override"]
+__all__ = ["ConfigError", "load", "from_dict", "to_dict", "add_arguments", "from_args", "parse_override", "require_path"]
 
 
-class ConfigError(ValueError):
+class ConfigError(HpcDfsError, ValueError):
     """A configuration value or file is wrong; the message names the key and the problem."""
+
+    code = EXIT_USAGE
 
 
 def to_dict(obj: Any) -> Any:
@@ -226,3 +230,21 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 def dumps_json(obj: Any) -> str:
     return json.dumps(to_dict(obj), indent=2, sort_keys=True)
+
+
+def require_path(path, kind: str = "dir", what: str = "") -> Path:
+    """The one check of a path argument, used by every verb: ``kind`` is "dir", "file" or "any".
+
+    Raises:
+        ConfigError: the path does not exist or is not of that kind; the message names it (and ``what``).
+    """
+    p = Path(path)
+    label = f"{what} {p}" if what else str(p)
+    if kind == "dir" and not p.is_dir():
+        raise ConfigError(f"{label}: no such folder" if not p.exists() else f"{label}: not a folder")
+    if kind == "file" and not p.is_file():
+        raise ConfigError(f"{label}: no such file" if not p.exists() else f"{label}: not a file")
+    if kind == "any" and not p.exists():
+        raise ConfigError(f"{label}: does not exist")
+    return p
+

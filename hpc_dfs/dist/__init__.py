@@ -12,7 +12,7 @@ Usage::
 
     from hpc_dfs import dist
     dist.init()
-    log = dist.get_logger(__name__)
+    log = get_logger(__name__)
     if dist.is_main(): log.info("world size %d", dist.size())
     opt = dist.DistributedOptimizer(opt, model.named_parameters())
     dist.broadcast_model(model); dist.broadcast_optimizer_state(opt)
@@ -28,6 +28,8 @@ import os
 import sys
 from typing import Any, Iterable
 
+from hpc_dfs.errors import EXIT_ENV, HpcDfsError
+
 _hvd = None            # horovod.torch module once initialised, None for the size-1 fallback
 _comm = None           # mpi4py COMM_WORLD in objects-only mode (non-training stages under an MPI launcher)
 _initialised = False
@@ -35,8 +37,10 @@ _LAUNCH_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "HOROVOD_S
                      "MPI_LOCALNRANKS")
 
 
-class DistError(RuntimeError):
+class DistError(HpcDfsError, RuntimeError):
     """Horovod/MPI is missing or misconfigured for the way this job was launched."""
+
+    code = EXIT_ENV
 
 
 # ----------------------------------------------------------------------------- launch detection
@@ -408,44 +412,19 @@ def shutdown() -> None:
 
 
 # ----------------------------------------------------------------------------- logging
-class _RankFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            r, n = (rank(), size()) if _initialised else (int(os.environ.get("OMPI_COMM_WORLD_RANK",
-                                                               os.environ.get("HOROVOD_RANK", 0))), _expected_size())
-        except Exception:  # pragma: no cover
-            r, n = 0, 1
-        record.rank_tag = f"[rank {r}/{n}]"
-        return True
+def rank_size_or_env() -> tuple[int, int]:
+    """(rank, size) of this process: from the backend once initialised, else from the launcher's environment.
 
-
-def get_logger(name: str = "hpc_dfs", level: int | str | None = None) -> logging.Logger:
-    """A logger whose lines read ``HH:MM:SS [rank r/N] LEVEL name: message``.
-
-    Rank 0 logs at INFO; other ranks at WARNING (their errors still show), unless HPC_DFS_LOG_LEVEL
-    or ``level`` says otherwise.
+    Never initialises anything, so a logger can call it before :func:`init`.
     """
-    root = logging.getLogger("hpc_dfs")
-    if not getattr(root, "_hpc_dfs_configured", False):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.addFilter(_RankFilter())
-        handler.setFormatter(logging.Formatter("%(asctime)s %(rank_tag)s %(levelname)s %(name)s: %(message)s",
-                                               datefmt="%H:%M:%S"))
-        root.addHandler(handler)
-        root.propagate = False
-        root._hpc_dfs_configured = True  # type: ignore[attr-defined]
-    env_level = os.environ.get("HPC_DFS_LOG_LEVEL")
-    if level is None and env_level:
-        level = env_level.upper()
-    if level is None:
-        r = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK",
-                               os.environ.get("PMIX_RANK", os.environ.get("SLURM_PROCID", "0")))))
-        if _initialised:
-            r = rank()
-        level = logging.INFO if r == 0 else logging.WARNING
-    root.setLevel(level)
-    logger = logging.getLogger(name if name.startswith("hpc_dfs") else f"hpc_dfs.{name}")
-    return logger
+    if _initialised:
+        return rank(), size()
+    r = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK",
+                       os.environ.get("PMIX_RANK", os.environ.get("SLURM_PROCID", "0"))))
+    try:
+        return int(r), _expected_size()
+    except ValueError:
+        return 0, 1
 
 
 from hpc_dfs.dist.syncbn import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
@@ -455,6 +434,6 @@ __all__ = [
     "local_size", "is_main", "topology", "device", "configure_threads", "allreduce", "allreduce_",
     "allreduce_scalar", "allreduce_array", "allgather", "broadcast_object", "allgather_object", "gather_object",
     "barrier", "broadcast_model", "broadcast_parameters", "broadcast_optimizer_state", "DistributedOptimizer",
-    "start_timeline", "stop_timeline", "abort", "shutdown", "get_logger", "SyncBatchNorm",
+    "start_timeline", "stop_timeline", "abort", "shutdown", "rank_size_or_env", "SyncBatchNorm",
     "convert_sync_batchnorm",
 ]

@@ -18,16 +18,13 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_parameters", "count_flops", "model_summary", "add_arguments", "main"]
+__all__ = ["count_parameters", "count_flops", "model_summary"]
 
 CONVENTION = ("FLOPs = 2 x multiply-adds of conv/transposed-conv/matmul (incl. GRU and linear layers), "
               "forward pass, batch of 1, counted by torch.utils.flop_counter.FlopCounterMode; "
@@ -113,32 +110,3 @@ def model_summary(size: Sequence[int] = (512, 512), n_clinical: int = 24, n_clas
         "dfs_fusion": "rusp_net_dw + clinical GRU encoder + FiLM + late-fusion risk head",
     }
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
-                        help="slice size for the FLOP count (default: 512 512)")
-    parser.add_argument("--n-clinical", type=int, default=24, metavar="F",
-                        help="number of clinical features (default: 24, UCI CKD); GRU params do not depend on it")
-    parser.add_argument("--n-classes", type=int, default=3, help="segmentation classes (default: 3)")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        summary = model_summary(args.size, args.n_clinical, args.n_classes)
-    except ValueError as e:
-        print(f"hpc-dfs models: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    meta = summary.pop("_meta")
-    ref = summary["unet"]
-    h, w = meta["size"]
-    print(f"{'model':<14}{'params':>14}{'GFLOPs':>12}{'params/U-Net':>15}{'FLOPs/U-Net':>14}   at {h}x{w}")
-    for name, row in summary.items():
-        print(f"{name:<14}{row['params']:>14,}{row['gflops']:>12.3f}{row['params'] / ref['params']:>15.4f}"
-              f"{row['gflops'] / ref['gflops']:>14.4f}")
-    print(f"\n{meta['convention']}\nunet: {meta['unet']}")
-    return 0

@@ -119,7 +119,7 @@ def test_predict_native_geometry_and_outputs(setup, tmp_path, caplog):
 def test_weighted_average_of_replicas(setup):
     """Two checkpoints with weights (w, 1-w) give exactly the weighted mean of each one's probabilities."""
     from hpc_dfs.data.geometry import prepare_image
-    from hpc_dfs.predict import clinical_vector, infer_slices, load_replicas
+    from hpc_dfs.stages.predict import clinical_vector, infer_slices, load_replicas
     img = nib.load(str(setup["data"] / "case_00001" / "imaging.nii.gz"))
     paths = [str(p) for p in setup["ckpts"]]
     a, b = load_replicas(paths[:1], [], "cpu"), load_replicas(paths[1:], [], "cpu")
@@ -217,7 +217,7 @@ def test_image_only_models_and_single_file_input(setup, tmp_path):
 
 
 def test_nifti_bytes_are_deterministic(setup):
-    from hpc_dfs.predict import nifti_gz_bytes
+    from hpc_dfs.stages.predict import nifti_gz_bytes
     img = nib.load(str(setup["data"] / "case_00001" / "imaging.nii.gz"))
     lab = (np.asanyarray(img.dataobj) > 100).astype(np.uint8)
     b1, b2 = nifti_gz_bytes(lab, img), nifti_gz_bytes(lab, img)

@@ -18,7 +18,7 @@ from hpc_dfs.config.data import PreprocessConfig
 from hpc_dfs.data.clinical import ClinicalPipeline
 from hpc_dfs.data.geometry import prepare_image, prepare_label, restore_labels, restore_volume
 from hpc_dfs.data.kits_io import kits_affine
-from hpc_dfs.data.preprocess import run_preprocess
+from hpc_dfs.stages.preprocess import run_preprocess
 from hpc_dfs.data.shards import validate_shard
 from tests.launch import REPO, job_env
 from tests.unit.test_kits_io import write_records, write_tiny_case

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hpc_dfs.data.preprocess import run_preprocess
+from hpc_dfs.stages.preprocess import run_preprocess
 from hpc_dfs.data.reader import GlobalBatchSampler, ShardError, ShardSet, SliceDataset, partition_balanced
 from tests.unit.test_preprocess import CFG, make_dataset
 

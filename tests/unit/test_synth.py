@@ -9,7 +9,8 @@ import pytest
 
 from hpc_dfs.config.data import SynthConfig
 from hpc_dfs.data.kits_io import list_cases, load_case
-from hpc_dfs.data.synth import phantom_record, run_synth
+from hpc_dfs.data.synth import phantom_record
+from hpc_dfs.stages.synth import run_synth
 
 SMALL = SynthConfig(cases="2", seed=5, size=48, min_slices=6, max_slices=8)
 

@@ -14,7 +14,7 @@ import torch
 
 from hpc_dfs.config import ConfigError, add_arguments, from_args, load
 from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
-from hpc_dfs.train import _warmup_factor
+from hpc_dfs.stages.train import _warmup_factor
 from hpc_dfs.training import checkpoint as ckpt
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, score, summarise
 from hpc_dfs.training.plots import plot_curves

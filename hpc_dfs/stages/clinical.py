@@ -67,6 +67,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from hpc_dfs import fsutil
 from hpc_dfs.config import ConfigError, add_arguments as _add_config_arguments, from_args, to_dict
 from hpc_dfs.config.clinical import ClinicalConfig
+from hpc_dfs.log import get_logger
 
 __all__ = ["ClinicalDataError", "ClinicalData", "load_data", "build_preprocessor", "RiskOrientation",
            "train_gru", "binary_metrics", "summarise", "run", "add_arguments", "main"]
@@ -645,9 +646,8 @@ def main(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from hpc_dfs import dist
 
-    log = dist.get_logger("hpc_dfs.clinical")
+    log = get_logger("hpc_dfs.clinical")
     try:
         cfg = from_args(ClinicalConfig, args)
         run(cfg, log)

@@ -68,6 +68,7 @@ from hpc_dfs.fsutil import sha256_file, write_text
 from hpc_dfs.training import checkpoint as ckpt
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, score, summarise
 from hpc_dfs.training.signals import Preemption
+from hpc_dfs.log import get_logger
 
 __all__ = ["add_arguments", "main", "train", "EXIT_PREEMPTED", "EXIT_BAD_CONFIG"]
 
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    log = dist.get_logger("hpc_dfs.train")
+    log = get_logger("hpc_dfs.train")
     try:
         cfg = from_args(TrainConfig, args)
     except ConfigError as e:
@@ -109,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
         if cfg.autotune_log:
             os.environ["HOROVOD_AUTOTUNE_LOG"] = str(cfg.autotune_log)
     dist.init()
-    log = dist.get_logger("hpc_dfs.train")
+    log = get_logger("hpc_dfs.train")
     try:
         resume = args.resume or (args.auto_resume and (Path(args.out) / "checkpoints" / "last.pt").is_file())
         return train(cfg, args.shards, args.out, resume=resume)
@@ -266,7 +267,7 @@ def _fmt(v, spec=".3f") -> str:
 
 # ============================================================================ training
 def train(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool = False) -> int:
-    log = dist.get_logger("hpc_dfs.train")
+    log = get_logger("hpc_dfs.train")
     rank, world = dist.rank(), dist.size()
     shards_dir, out = Path(shards_dir), Path(out)
 

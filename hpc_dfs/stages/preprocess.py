@@ -44,6 +44,7 @@ from hpc_dfs import __version__
 from hpc_dfs.data.geometry import (make_geometry, normalise, prepare_image, prepare_label, resample_image,  # noqa: F401
                                    restore_labels, restore_volume)
 from hpc_dfs.fsutil import clean_stale_tmp, sha256_file, write_json
+from hpc_dfs.log import get_logger
 
 __all__ = ["prepare_image", "prepare_label", "restore_volume", "restore_labels", "run_preprocess",
            "add_arguments", "main", "SCHEMA_VERSION"]
@@ -121,7 +122,7 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     rank, world = dist.rank(), dist.size()
     dist.configure_threads()
-    log = dist.get_logger("hpc_dfs.preprocess")
+    log = get_logger("hpc_dfs.preprocess")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if cfg.clinical != "none":  # import sklearn now (~1.5 s), not inside the timed stage on every rank
         import sklearn.compose  # noqa: F401

@@ -55,10 +55,11 @@ import numpy as np
 from hpc_dfs import config as cfgmod
 from hpc_dfs import dist, fsutil
 from hpc_dfs.config.predict import EvaluateConfig
+from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs evaluate --help` shows this module's whole docstring
 
-log = dist.get_logger("hpc_dfs.evaluate")
+log = get_logger("hpc_dfs.evaluate")
 
 PRED_RE = re.compile(r"^prediction_(\d+)\.nii(\.gz)?$")
 GT_NAMES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz", "segmentation.nii")

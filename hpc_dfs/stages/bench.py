@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpc_dfs import dist
+from hpc_dfs.log import get_logger
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    log = dist.get_logger("hpc_dfs.bench")
+    log = get_logger("hpc_dfs.bench")
     found = available(args.bench_dir)
     if args.list or not (args.all or args.names):
         for name, path in found.items():

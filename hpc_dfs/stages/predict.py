@@ -59,10 +59,11 @@ import numpy as np
 from hpc_dfs import __version__, dist, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
+from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs predict --help` shows this module's whole docstring
 
-log = dist.get_logger("hpc_dfs.predict")
+log = get_logger("hpc_dfs.predict")
 
 CASE_RE = re.compile(r"^case_(\d+)$")
 IMAGE_NAME = "imaging.nii.gz"

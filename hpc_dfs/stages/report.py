@@ -36,7 +36,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from hpc_dfs import __version__, fsutil
-from hpc_dfs.dist import get_logger
+from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs report --help` shows this module's whole docstring
 
@@ -180,7 +180,7 @@ def case_overlay(case_id: str, evaluation: dict, pred_dir: Path | None) -> bytes
     gt_dir = Path(evaluation.get("gt_dir", "")) / case_id
     pdir = Path(evaluation.get("pred_dir", "")) if evaluation.get("pred_dir") else pred_dir
     try:
-        from hpc_dfs.evaluate import GT_NAMES
+        from hpc_dfs.stages.evaluate import GT_NAMES
         gt_path = next((gt_dir / n for n in GT_NAMES if (gt_dir / n).exists()), None)
         img_path, pred_path = gt_dir / "imaging.nii.gz", (pdir / f"prediction_{sfx}.nii.gz") if pdir else None
         if gt_path and img_path.exists() and pred_path and pred_path.exists():
@@ -334,7 +334,7 @@ def section_evaluation(evaluation: dict | None, eval_path: Path | None, pred: Pa
     if evaluation is None:
         return out[0] + missing("no evaluation",
                                 "run `hpc-dfs evaluate --pred PRED --gt DATA --out EVAL.json` and pass --eval EVAL.json")
-    from hpc_dfs.evaluate import MD_HEAD, MD_KEYS
+    from hpc_dfs.stages.evaluate import MD_HEAD, MD_KEYS
     m = evaluation.get("mean", {})
     out.append(f"<p><code>{esc(eval_path)}</code>: {m.get('n_cases')} cases. Kidney = label &gt; 0, "
                f"tumour = label == 2 (KiTS19); KiTS19 score = their mean; SD = surface Dice at the KiTS21 tolerances; HD95 in mm.</p>")

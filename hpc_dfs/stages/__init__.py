@@ -1,0 +1,9 @@
+"""The stage drivers, one module per ``hpc-dfs`` verb, in pipeline order::
+
+    synth -> preprocess -> train -> predict -> evaluate;  clinical;  report;  bench;  models
+
+Each provides ``add_arguments(parser)`` and ``main(args) -> int`` and is read top to bottom with its
+launch commands in its docstring. They use the library below them (``hpc_dfs.data``,
+``hpc_dfs.models``, ``hpc_dfs.training``, ``hpc_dfs.dist``, ``hpc_dfs.config``) and never each other's
+internals: what a later stage needs travels in the folder contract (``hpc_dfs/CONTRACTS.md``).
+"""
