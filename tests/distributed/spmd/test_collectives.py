@@ -10,11 +10,13 @@ tests check the size-1 semantics instead.
 """
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from hpc_dfs import dist
+from hpc_dfs.dist.launch import launch_rank_size
 
 pytestmark = pytest.mark.distributed
 
@@ -28,7 +30,8 @@ def _init():
 
 def test_topology_matches_launcher():
     topo = dist.topology()
-    assert topo["size"] == dist._expected_size()
+    assert topo["size"] == launch_rank_size()[1]
+    assert launch_rank_size() == (dist.rank(), dist.size()) == dist.rank_size_or_env()
     assert 0 <= topo["rank"] < topo["size"]
     assert dist.is_main() == (dist.rank() == 0)
     gathered = dist.allgather_object(dist.rank())
@@ -115,3 +118,29 @@ def test_sync_batchnorm_equals_global_batch_norm():
     torch.testing.assert_close(x.grad, xr.grad[2 * r:2 * r + 2], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sbn.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sbn.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_mpi_objects_backend_under_an_mpi_launcher():
+    """The backend of init(horovod=False) under mpirun/srun: ranks, objects, number allreduce, tensor work refused."""
+    if dist.launcher() not in ("mpirun", "srun"):
+        pytest.skip(f"the mpi4py backend runs only under an MPI launcher (this is {dist.launcher()})")
+    from mpi4py import MPI
+
+    from hpc_dfs.dist.backends import MpiObjectsBackend
+    b = MpiObjectsBackend(MPI.COMM_WORLD, MPI)
+    n, r = b.size(), b.rank()
+    gathered = b.allgather_object({"r": r}, None)
+    root_obj = b.broadcast_object(("from", r), 0, None)
+    mean = b.allreduce_array(np.array([r + 1.0, 2.0 * r]), "avg", None)
+    top = b.allreduce_array(np.array([float(r)]), "max", None)
+    b.barrier()
+    assert (r, n, b.local_size()) == (dist.rank(), dist.size(), dist.local_size())
+    assert gathered == [{"r": q} for q in range(n)]
+    assert root_obj == ("from", 0)
+    np.testing.assert_allclose(mean, [(n + 1) / 2, n - 1.0])
+    assert top[0] == n - 1
+    with pytest.raises(dist.DistError, match="needs Horovod"):
+        b.allreduce(torch.ones(1), "sum", None)
+    with pytest.raises(dist.DistError, match="needs Horovod"):
+        b.distributed_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), None, "none",
+                                "average", 1, 1.0)

@@ -1,0 +1,384 @@
+"""The three backends behind :mod:`hpc_dfs.dist`, and the choice among them (:func:`select`).
+
+============  ===========================================  ==============================================
+backend       chosen when                                  what it can do
+============  ===========================================  ==============================================
+Horovod       ``init()``; also ``init(horovod=False)``     everything: tensor collectives (differentiable
+              under ``horovodrun --gloo`` or in a plain    allreduce), object collectives, the distributed
+              process where Horovod imports                optimizer, model and optimizer broadcast
+MpiObjects    ``init(horovod=False)`` under ``mpirun`` or  ranks, object collectives, number allreduce,
+              ``srun`` (mpi4py's COMM_WORLD)               barrier; tensor work is a :class:`DistError`
+Single        a plain process whose Horovod cannot be      size-1 semantics of everything (a collective
+              imported                                     returns its input, a broadcast is a no-op)
+============  ===========================================  ==============================================
+
+Horovod and mpi4py are imported here and nowhere else in hpc_dfs (and in :mod:`hpc_dfs.dist.syncbn` for
+``hvd.SyncBatchNorm``), only when a backend is chosen.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from hpc_dfs.dist.launch import launch_rank_size, launcher
+from hpc_dfs.errors import EXIT_ENV, HpcDfsError
+
+__all__ = ["DistError", "Backend", "HorovodBackend", "MpiObjectsBackend", "SingleBackend", "reduction", "select"]
+
+
+class DistError(HpcDfsError, RuntimeError):
+    """Horovod/MPI is missing or misconfigured for the way this job was launched."""
+
+    code = EXIT_ENV
+
+
+# The one table of reductions: accepted name -> (Horovod op, mpi4py op). "mean" is a sum divided by the size
+# under MPI. Aliases are spelled out so that a log or config may say avg or average.
+_REDUCTIONS = {"mean": ("Average", "SUM"), "sum": ("Sum", "SUM"), "min": ("Min", "MIN"), "max": ("Max", "MAX")}
+_ALIASES = {"avg": "mean", "average": "mean"}
+
+
+def reduction(op: str) -> str:
+    """The canonical name (mean, sum, min, max) of a reduction.
+
+    Args:
+        op: mean, avg, average, sum, min or max (any case).
+
+    Raises:
+        ValueError: for any other name.
+    """
+    name = _ALIASES.get(op.lower(), op.lower())
+    if name not in _REDUCTIONS:
+        raise ValueError(f"unknown reduction '{op}' (use mean, sum, min or max)")
+    return name
+
+
+class Backend(abc.ABC):
+    """What every backend answers. The methods mirror the public functions of :mod:`hpc_dfs.dist`."""
+
+    name = "abstract"
+
+    @abc.abstractmethod
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def size(self) -> int:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def local_rank(self) -> int:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def local_size(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The backend's part of :func:`hpc_dfs.dist.topology`."""
+        return {"horovod": False, "mpi4py": False}
+
+    @abc.abstractmethod
+    def allreduce(self, tensor: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def allgather(self, tensor: torch.Tensor, name: str | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def allgather_object(self, obj: Any, name: str | None) -> list:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def broadcast_model(self, model: torch.nn.Module, root: int) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer, root: int) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def distributed_optimizer(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable | None,
+                              compression: str, op: str, backward_passes_per_step: int,
+                              gradient_predivide_factor: float) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Release what the backend started (nothing, unless it started Horovod)."""
+
+
+class SingleBackend(Backend):
+    """One process, no Horovod: every collective has its size-1 meaning."""
+
+    name = "single"
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
+    def local_rank(self) -> int:
+        return 0
+
+    def local_size(self) -> int:
+        return 1
+
+    def allreduce(self, tensor: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
+        reduction(op)
+        return tensor.clone()
+
+    def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
+        reduction(op)
+        return arr.copy()
+
+    def allgather(self, tensor: torch.Tensor, name: str | None) -> torch.Tensor:
+        return tensor.clone()
+
+    def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
+        return obj
+
+    def allgather_object(self, obj: Any, name: str | None) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        return None
+
+    def broadcast_model(self, model: torch.nn.Module, root: int) -> None:
+        return None
+
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer, root: int) -> None:
+        return None
+
+    def distributed_optimizer(self, optimizer, named_parameters, compression, op, backward_passes_per_step,
+                              gradient_predivide_factor):
+        """The optimizer itself, with the no-op ``synchronize``/``skip_synchronize`` the trainer calls."""
+        optimizer.synchronize = lambda: None
+        optimizer.skip_synchronize = contextlib.nullcontext
+        return optimizer
+
+
+class MpiObjectsBackend(Backend):
+    """mpi4py's COMM_WORLD for stages that need only ranks and object collectives (``init(horovod=False)``).
+
+    Horovod is not started: its background thread polls MPI every cycle, which slowed CPU-bound work of
+    2 ranks on 2 cores by 1.5-2x.
+
+    Args:
+        comm: an mpi4py communicator (``MPI.COMM_WORLD``).
+        mpi: the ``mpi4py.MPI`` module (for the reduction ops and the node split).
+    """
+
+    name = "mpi4py"
+
+    def __init__(self, comm: Any, mpi: Any) -> None:
+        self._comm, self._mpi, self._node = comm, mpi, None
+
+    def _node_comm(self) -> Any:
+        if self._node is None:
+            self._node = self._comm.Split_type(self._mpi.COMM_TYPE_SHARED)
+        return self._node
+
+    def rank(self) -> int:
+        return self._comm.Get_rank()
+
+    def size(self) -> int:
+        return self._comm.Get_size()
+
+    def local_rank(self) -> int:
+        return self._node_comm().Get_rank()
+
+    def local_size(self) -> int:
+        return self._node_comm().Get_size()
+
+    def describe(self) -> dict:
+        return {"horovod": False, "mpi4py": True}
+
+    def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
+        kind = reduction(op)
+        out = np.empty_like(arr)
+        self._comm.Allreduce(arr, out, op=getattr(self._mpi, _REDUCTIONS[kind][1]))
+        return out / self._comm.Get_size() if kind == "mean" else out
+
+    def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
+        return self._comm.bcast(obj, root=root)
+
+    def allgather_object(self, obj: Any, name: str | None) -> list:
+        return self._comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self._comm.Barrier()
+
+    @staticmethod
+    def _needs_horovod(what: str) -> DistError:
+        return DistError(f"{what} needs Horovod: call dist.init() (not init(horovod=False)) in this stage")
+
+    def allreduce(self, tensor, op, name):
+        raise self._needs_horovod("tensor collectives")
+
+    def allgather(self, tensor, name):
+        raise self._needs_horovod("tensor collectives")
+
+    def broadcast_model(self, model, root):
+        raise self._needs_horovod("broadcast_model")
+
+    def broadcast_optimizer_state(self, optimizer, root):
+        raise self._needs_horovod("broadcast_optimizer_state")
+
+    def distributed_optimizer(self, optimizer, named_parameters, compression, op, backward_passes_per_step,
+                              gradient_predivide_factor):
+        raise self._needs_horovod("DistributedOptimizer")
+
+
+class HorovodBackend(Backend):
+    """``horovod.torch`` once ``hvd.init()`` has run (under any launcher, or alone at size 1).
+
+    A collective without a name gets ``<kind>.<n>`` from one counter; every rank runs the same
+    collectives in the same order, so the names agree across ranks.
+
+    Args:
+        hvd: the initialised ``horovod.torch`` module.
+    """
+
+    name = "horovod"
+
+    def __init__(self, hvd: Any) -> None:
+        self._hvd, self._counter = hvd, 0
+
+    def _name(self, prefix: str, name: str | None) -> str:
+        if name:
+            return name
+        self._counter += 1
+        return f"{prefix}.{self._counter}"
+
+    def rank(self) -> int:
+        return self._hvd.rank()
+
+    def size(self) -> int:
+        return self._hvd.size()
+
+    def local_rank(self) -> int:
+        return self._hvd.local_rank()
+
+    def local_size(self) -> int:
+        return self._hvd.local_size()
+
+    def describe(self) -> dict:
+        hvd = self._hvd
+        return {"horovod": True, "mpi4py": False, "mpi": bool(hvd.mpi_enabled()), "gloo": bool(hvd.gloo_enabled()),
+                "nccl": bool(hvd.nccl_built())}
+
+    def allreduce(self, tensor: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
+        hvd_op = getattr(self._hvd, _REDUCTIONS[reduction(op)][0])
+        return self._hvd.allreduce(tensor, op=hvd_op, name=self._name("allreduce", name))
+
+    def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
+        return self.allreduce(torch.as_tensor(arr), op, name).numpy()
+
+    def allgather(self, tensor: torch.Tensor, name: str | None) -> torch.Tensor:
+        return self._hvd.allgather(tensor, name=self._name("allgather", name))
+
+    def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
+        return self._hvd.broadcast_object(obj, root_rank=root, name=self._name("bcast_obj", name))
+
+    def allgather_object(self, obj: Any, name: str | None) -> list:
+        return self._hvd.allgather_object(obj, name=self._name("gather_obj", name))
+
+    def barrier(self) -> None:
+        if self._hvd.size() > 1:
+            self._hvd.barrier()
+
+    def broadcast_model(self, model: torch.nn.Module, root: int) -> None:
+        self._hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer, root: int) -> None:
+        self._hvd.broadcast_optimizer_state(optimizer, root_rank=root)
+
+    def distributed_optimizer(self, optimizer, named_parameters, compression, op, backward_passes_per_step,
+                              gradient_predivide_factor):
+        """``hvd.DistributedOptimizer``; compression none|fp16, op average|adasum|sum (ValueError otherwise)."""
+        hvd = self._hvd
+        comp = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+        if compression not in comp:
+            raise ValueError(f"unknown gradient compression '{compression}' (use none or fp16)")
+        ops = {"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}
+        if op.lower() not in ops:
+            raise ValueError(f"unknown gradient reduction '{op}' (use average or adasum)")
+        return hvd.DistributedOptimizer(
+            optimizer, named_parameters=list(named_parameters) if named_parameters is not None else None,
+            compression=comp[compression], op=ops[op.lower()], backward_passes_per_step=backward_passes_per_step,
+            gradient_predivide_factor=gradient_predivide_factor)
+
+    def shutdown(self) -> None:
+        self._hvd.shutdown()
+
+
+# ----------------------------------------------------------------------------- the choice, at init()
+def select(horovod: bool = True) -> Backend:
+    """Choose and start the backend for the way this process was launched.
+
+    Args:
+        horovod: False when the stage needs only ranks and object collectives; under ``mpirun``/``srun``
+            that selects :class:`MpiObjectsBackend` (under ``horovodrun --gloo`` there is no MPI, so Horovod).
+
+    Raises:
+        DistError: (exit code 4) when the launcher started more than one process and the library the
+            backend needs is missing, built without this launcher's controller, or sees another size.
+    """
+    lch = launcher()
+    if not horovod and lch in ("mpirun", "srun"):
+        return _mpi_objects(lch)
+    n = launch_rank_size()[1]
+    try:
+        import horovod.torch as hvd  # the only import of horovod in hpc_dfs (besides syncbn's SyncBatchNorm)
+    except ImportError as e:
+        if n > 1:
+            raise DistError(
+                f"this job was launched with {n} processes ({lch}) but Horovod cannot be imported "
+                f"({e}). Run `make setup` (it builds Horovod with PyTorch, MPI and Gloo) or activate the "
+                f"environment that has it.") from None
+        return SingleBackend()
+    _check_horovod_build(hvd, lch)
+    hvd.init()
+    if n > 1 and hvd.size() != n:
+        raise DistError(f"launcher says {n} processes but Horovod sees {hvd.size()}: the MPI library Horovod was "
+                        f"built against differs from the launcher's (check `horovodrun --check-build`, "
+                        f"`which mpirun`, and use srun --mpi=pmix or pmi2 as the cluster supports)")
+    return HorovodBackend(hvd)
+
+
+def _mpi_objects(lch: str) -> MpiObjectsBackend:
+    try:
+        from mpi4py import MPI  # mpi4py is imported only in hpc_dfs/dist
+    except ImportError as e:
+        raise DistError(f"launched by {lch} but mpi4py cannot be imported ({e}); run `make setup`") from None
+    return MpiObjectsBackend(MPI.COMM_WORLD, MPI)
+
+
+def _check_horovod_build(hvd: Any, lch: str) -> None:
+    """Stop with a clear message when this Horovod lacks the controller the launcher needs."""
+    if lch in ("mpirun", "srun") and not hvd.mpi_built():
+        raise DistError("launched by MPI but this Horovod was built without MPI: rebuild with HOROVOD_WITH_MPI=1 "
+                        "(make setup does), or launch with `horovodrun --gloo`")
+    if lch == "horovodrun-gloo" and not hvd.gloo_built():
+        raise DistError("launched by `horovodrun --gloo` but this Horovod was built without Gloo: rebuild with "
+                        "HOROVOD_WITH_GLOO=1 (make setup does), or launch with mpirun")
+    if lch == "none" and hvd.gloo_built() and not hvd.mpi_built():
+        raise DistError("this Horovod has only Gloo, which needs `horovodrun --gloo` even for one process")
