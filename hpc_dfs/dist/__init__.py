@@ -94,29 +94,29 @@ def rank_size_or_env() -> tuple[int, int]:
     Never initialises anything, so a logger can call it before :func:`init`.
     """
     if _backend is not None:
-        return _backend.rank(), _backend.size()
+        return _backend.rank, _backend.size
     return launch_rank_size()
 
 
 # ----------------------------------------------------------------------------- topology
 def rank() -> int:
     """This process's rank in the job (0 for a plain process)."""
-    return _b().rank()
+    return _b().rank
 
 
 def size() -> int:
     """The number of processes in the job."""
-    return _b().size()
+    return _b().size
 
 
 def local_rank() -> int:
     """This process's rank among the processes on its node."""
-    return _b().local_rank()
+    return _b().local_rank
 
 
 def local_size() -> int:
     """The number of processes on this node."""
-    return _b().local_size()
+    return _b().local_size
 
 
 def is_main() -> bool:
@@ -130,7 +130,7 @@ def topology() -> dict:
     Keys: rank, size, local_rank, local_size, launcher, host, horovod, mpi4py, and under Horovod mpi, gloo, nccl.
     """
     b = _b()
-    info = {"rank": b.rank(), "size": b.size(), "local_rank": b.local_rank(), "local_size": b.local_size(),
+    info = {"rank": b.rank, "size": b.size, "local_rank": b.local_rank, "local_size": b.local_size,
             "launcher": launcher(), "host": os.uname().nodename}
     info.update(b.describe())
     return info

@@ -58,25 +58,21 @@ def reduction(op: str) -> str:
 
 
 class Backend(abc.ABC):
-    """What every backend answers. The methods mirror the public functions of :mod:`hpc_dfs.dist`."""
+    """What every backend answers; the public functions of :mod:`hpc_dfs.dist` delegate to it.
+
+    The job's shape is fixed once the backend is started, so it is held as plain attributes.
+
+    Args:
+        rank: this process's rank in the job.
+        size: the number of processes.
+        local_rank: this process's rank among those on its node (picks the CUDA device).
+        local_size: the number of processes on this node (shares the cores).
+    """
 
     name = "abstract"
 
-    @abc.abstractmethod
-    def rank(self) -> int:
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def size(self) -> int:
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def local_rank(self) -> int:
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def local_size(self) -> int:
-        raise NotImplementedError
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int) -> None:
+        self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
 
     def describe(self) -> dict:
         """The backend's part of :func:`hpc_dfs.dist.topology`."""
@@ -84,41 +80,41 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def allreduce(self, tensor: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
-        raise NotImplementedError
+        """A new tensor: ``op`` over the ranks' tensors (differentiable under Horovod)."""
 
     @abc.abstractmethod
     def allgather(self, tensor: torch.Tensor, name: str | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The ranks' tensors concatenated along dim 0."""
+
+    @abc.abstractmethod
+    def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
+        """``op`` over the ranks' float64 arrays; the one collective that every backend can do on numbers."""
 
     @abc.abstractmethod
     def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
-        raise NotImplementedError
+        """``root``'s picklable object, on every rank."""
 
     @abc.abstractmethod
     def allgather_object(self, obj: Any, name: str | None) -> list:
-        raise NotImplementedError
+        """Every rank's object, in rank order."""
 
     @abc.abstractmethod
     def barrier(self) -> None:
-        raise NotImplementedError
+        """Return when every rank has called it."""
 
     @abc.abstractmethod
     def broadcast_model(self, model: torch.nn.Module, root: int) -> None:
-        raise NotImplementedError
-
-    @abc.abstractmethod
-    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer, root: int) -> None:
-        raise NotImplementedError
+        """Copy ``root``'s parameters and buffers into every rank's ``model``."""
 
     @abc.abstractmethod
     def distributed_optimizer(self, optimizer: torch.optim.Optimizer, named_parameters: Iterable | None,
                               compression: str, op: str, backward_passes_per_step: int,
                               gradient_predivide_factor: float) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """An optimizer whose ``step`` uses the gradients reduced over the ranks (see the public function)."""
+
+    @abc.abstractmethod
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer, root: int) -> None:
+        """Copy ``root``'s optimizer state into every rank's ``optimizer``."""
 
     def shutdown(self) -> None:
         """Release what the backend started (nothing, unless it started Horovod)."""
@@ -129,17 +125,8 @@ class SingleBackend(Backend):
 
     name = "single"
 
-    def rank(self) -> int:
-        return 0
-
-    def size(self) -> int:
-        return 1
-
-    def local_rank(self) -> int:
-        return 0
-
-    def local_size(self) -> int:
-        return 1
+    def __init__(self) -> None:
+        super().__init__(rank=0, size=1, local_rank=0, local_size=1)
 
     def allreduce(self, tensor: torch.Tensor, op: str, name: str | None) -> torch.Tensor:
         reduction(op)
@@ -189,24 +176,9 @@ class MpiObjectsBackend(Backend):
     name = "mpi4py"
 
     def __init__(self, comm: Any, mpi: Any) -> None:
-        self._comm, self._mpi, self._node = comm, mpi, None
-
-    def _node_comm(self) -> Any:
-        if self._node is None:
-            self._node = self._comm.Split_type(self._mpi.COMM_TYPE_SHARED)
-        return self._node
-
-    def rank(self) -> int:
-        return self._comm.Get_rank()
-
-    def size(self) -> int:
-        return self._comm.Get_size()
-
-    def local_rank(self) -> int:
-        return self._node_comm().Get_rank()
-
-    def local_size(self) -> int:
-        return self._node_comm().Get_size()
+        node = comm.Split_type(mpi.COMM_TYPE_SHARED)   # a collective: every rank constructs this at init()
+        super().__init__(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size())
+        self._comm, self._mpi = comm, mpi
 
     def describe(self) -> dict:
         return {"horovod": False, "mpi4py": True}
@@ -215,7 +187,7 @@ class MpiObjectsBackend(Backend):
         kind = reduction(op)
         out = np.empty_like(arr)
         self._comm.Allreduce(arr, out, op=getattr(self._mpi, _REDUCTIONS[kind][1]))
-        return out / self._comm.Get_size() if kind == "mean" else out
+        return out / self.size if kind == "mean" else out
 
     def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
         return self._comm.bcast(obj, root=root)
@@ -260,6 +232,7 @@ class HorovodBackend(Backend):
     name = "horovod"
 
     def __init__(self, hvd: Any) -> None:
+        super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
         self._hvd, self._counter = hvd, 0
 
     def _name(self, prefix: str, name: str | None) -> str:
@@ -267,18 +240,6 @@ class HorovodBackend(Backend):
             return name
         self._counter += 1
         return f"{prefix}.{self._counter}"
-
-    def rank(self) -> int:
-        return self._hvd.rank()
-
-    def size(self) -> int:
-        return self._hvd.size()
-
-    def local_rank(self) -> int:
-        return self._hvd.local_rank()
-
-    def local_size(self) -> int:
-        return self._hvd.local_size()
 
     def describe(self) -> dict:
         hvd = self._hvd
@@ -302,7 +263,7 @@ class HorovodBackend(Backend):
         return self._hvd.allgather_object(obj, name=self._name("gather_obj", name))
 
     def barrier(self) -> None:
-        if self._hvd.size() > 1:
+        if self.size > 1:
             self._hvd.barrier()
 
     def broadcast_model(self, model: torch.nn.Module, root: int) -> None:

@@ -128,13 +128,13 @@ def test_mpi_objects_backend_under_an_mpi_launcher():
 
     from hpc_dfs.dist.backends import MpiObjectsBackend
     b = MpiObjectsBackend(MPI.COMM_WORLD, MPI)
-    n, r = b.size(), b.rank()
+    n, r = b.size, b.rank
     gathered = b.allgather_object({"r": r}, None)
     root_obj = b.broadcast_object(("from", r), 0, None)
     mean = b.allreduce_array(np.array([r + 1.0, 2.0 * r]), "avg", None)
     top = b.allreduce_array(np.array([float(r)]), "max", None)
     b.barrier()
-    assert (r, n, b.local_size()) == (dist.rank(), dist.size(), dist.local_size())
+    assert (r, n, b.local_size) == (dist.rank(), dist.size(), dist.local_size())
     assert gathered == [{"r": q} for q in range(n)]
     assert root_obj == ("from", 0)
     np.testing.assert_allclose(mean, [(n + 1) / 2, n - 1.0])
