@@ -1,6 +1,7 @@
 """Reading and writing KiTS-layout data with nibabel.
 
-Layouts understood (see ``hpc_dfs/CONTRACTS.md`` section 1)::
+Layouts understood (see ``hpc_dfs/CONTRACTS.md`` section 1; the names are those of
+:mod:`hpc_dfs.data.layout`, re-exported here)::
 
     DATA/case_XXXXX/imaging.nii.gz                     CT in HU
     DATA/case_XXXXX/segmentation.nii.gz                KiTS19/KiTS23 ground truth
@@ -23,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import gzip
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +32,14 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
+from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_NAMES
+from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 from hpc_dfs.fsutil import atomic_path
 
 __all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_NAMES", "LABEL_MAPS", "CLASSES",
            "list_cases", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
            "save_nifti_atomic", "kits_affine", "apply_label_map"]
 
-CASE_RE = re.compile(r"^case_\d{5}$")
-IMAGE_NAME = "imaging.nii.gz"
-LABEL_NAMES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
 CLASSES = ["background", "kidney", "tumor"]
 #: default raw-label -> class maps per dataset; KiTS21/23 cysts count as kidney tissue
 LABEL_MAPS = {
@@ -51,8 +50,10 @@ LABEL_MAPS = {
 _AFFINE_ATOL = 1e-3  # mm; headers written by different tools differ in float rounding only
 
 
-class CaseError(Exception):
-    """A problem with one case; ``str(err)`` reads ``[case_id] problem``."""
+class CaseError(HpcDfsError):
+    """A problem with one case; ``str(err)`` reads ``[case_id] problem`` (exit code 3, bad input data)."""
+
+    code = EXIT_DATA
 
     def __init__(self, case_id: str, problem: str):
         self.case_id = case_id
