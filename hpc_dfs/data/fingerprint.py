@@ -3,8 +3,9 @@
 The spatial part (spacings, shapes, fields of view) comes from the image headers alone, so the
 target spacing is known before any volume is decoded. For the intensity part, each case
 contributes a small :class:`CasePart` (a bounded, seeded sample of its foreground voxels),
-computed wherever the case is loaded. Both are merged **sorted by case id**, so the result does not depend on how cases were split across MPI ranks: a
-2-rank run and a 1-rank run derive the same normalisation, bit for bit.
+computed wherever the case is loaded. Both are merged **sorted by case id**, so the result does
+not depend on how cases were split across MPI ranks: a 2-rank run and a 1-rank run derive the
+same normalisation, bit for bit.
 
 From the fingerprint, :func:`derive_params` builds the ``preprocessing`` block of the manifest
 (target spacing, slice size, intensity clip/mean/std; see ``hpc_dfs/CONTRACTS.md``).

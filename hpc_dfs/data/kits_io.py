@@ -229,7 +229,8 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
 
 
 # ----------------------------------------------------------------------------- writing
-def kits_affine(spacing_zyx: tuple[float, float, float], origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+def kits_affine(spacing_zyx: tuple[float, float, float],
+                origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
     """The KiTS affine: array axes (slices, rows, cols) with orientation codes ('I', 'P', 'L')."""
     sz, sy, sx = spacing_zyx
     aff = np.zeros((4, 4))

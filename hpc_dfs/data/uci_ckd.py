@@ -210,8 +210,9 @@ def load_uci_ckd(path: str | Path) -> pd.DataFrame:
     Returns:
         DataFrame indexed by ``id`` with the :data:`FEATURES` columns (numeric and ordinal as
         float; binary nominal as object columns holding the level strings of
-        :data:`NOMINAL_LEVELS`; NaN = missing everywhere) and the int target ``ckd`` (1 = ckd). ``frame.attrs`` holds ``source``,
-        ``format`` and ``repaired_rows`` (source line numbers whose field count was repaired).
+        :data:`NOMINAL_LEVELS`; NaN = missing everywhere) and the int target ``ckd`` (1 = ckd).
+        ``frame.attrs`` holds ``source``, ``format`` and ``repaired_rows`` (source line numbers whose
+        field count was repaired).
 
     Raises:
         UCICKDError: missing file, unknown suffix, missing columns, an unknown value in a column,

@@ -33,7 +33,8 @@ def write_tiny_case(root: Path, case_id: str, shape=(6, 24, 20), spacing=(3.0, 1
 
 def write_records(root: Path, case_ids, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
-    recs = [{"case_id": c, "age_at_nephrectomy": int(rng.integers(30, 80)), "gender": str(rng.choice(["male", "female"])),
+    recs = [{"case_id": c, "age_at_nephrectomy": int(rng.integers(30, 80)),
+             "gender": str(rng.choice(["male", "female"])),
              "body_mass_index": float(rng.uniform(20, 35)), "radiographic_size": float(rng.uniform(1, 8)),
              "smoking_history": "never_smoked", "pack_years": 0, "age_when_quit_smoking": "not_applicable",
              "last_preop_egfr": {"value": ">=90"}, "comorbidities": {"copd": bool(rng.random() < 0.3)},

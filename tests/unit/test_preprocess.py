@@ -87,8 +87,8 @@ def test_padding_reads_clip_floor():
 def make_dataset(root: Path, n: int = 4) -> Path:
     shapes = [(6, 24, 20), (8, 28, 28), (5, 20, 26), (7, 30, 24), (6, 22, 22), (9, 26, 20)]
     for i in range(n):
-        write_tiny_case(root, f"case_{i:05d}", shape=shapes[i % len(shapes)], spacing=(3.0, 1.2 + 0.1 * i, 1.2 + 0.1 * i),
-                        seed=i)
+        write_tiny_case(root, f"case_{i:05d}", shape=shapes[i % len(shapes)],
+                        spacing=(3.0, 1.2 + 0.1 * i, 1.2 + 0.1 * i), seed=i)
     write_records(root, [f"case_{i:05d}" for i in range(n)])
     return root
 

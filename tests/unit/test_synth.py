@@ -42,7 +42,8 @@ def test_deterministic_and_resumable(tmp_path):
     assert run_synth(a, SMALL) == 0
     assert run_synth(b, SMALL) == 0
     for name in ("case_00001/imaging.nii.gz", "case_00001/segmentation.nii.gz"):
-        assert np.array_equal(np.asanyarray(nib.load(str(a / name)).dataobj), np.asanyarray(nib.load(str(b / name)).dataobj))
+        assert np.array_equal(np.asanyarray(nib.load(str(a / name)).dataobj),
+                              np.asanyarray(nib.load(str(b / name)).dataobj))
     assert (a / "kits.json").read_text() == (b / "kits.json").read_text()
     before = (a / "case_00000" / "imaging.nii.gz").stat().st_mtime_ns
     (a / "case_00001" / "imaging.nii.gz").unlink()  # as if killed before the image was renamed in
