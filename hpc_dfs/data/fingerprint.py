@@ -41,8 +41,19 @@ class CasePart:
     n_foreground: int = 0
 
     def meta(self) -> dict:
+        """Everything but the samples, as plain JSON (what a shard's ``fingerprint_part`` attribute holds)."""
         return {"case_id": self.case_id, "shape": self.shape, "spacing": self.spacing, "n_voxels": self.n_voxels,
                 "n_foreground": self.n_foreground}
+
+    @classmethod
+    def from_meta(cls, meta: dict, fg_samples: np.ndarray) -> "CasePart":
+        """The inverse of :meth:`meta`, given the samples back.
+
+        Args:
+            meta: a dict from :meth:`meta`.
+            fg_samples: the case's foreground samples.
+        """
+        return cls(meta["case_id"], meta["shape"], meta["spacing"], meta["n_voxels"], fg_samples, meta["n_foreground"])
 
 
 def _case_seed(case_id: str, seed: int) -> list[int]:
