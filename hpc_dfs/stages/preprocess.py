@@ -71,17 +71,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--data", required=True, type=Path, help="KiTS-layout input folder (case_XXXXX/, kits.json)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
+    add_progress_argument(parser)
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first bad case (default: do the "
                         "others and report all at the end)")
-    add_progress_argument(parser)
     add_cfg(parser, PreprocessConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``hpc-dfs preprocess`` from parsed arguments; returns the exit status.
+    """Check the path arguments and run :func:`run_preprocess` with the settings they give.
 
     Args:
         args: the parsed ``preprocess`` arguments.
+
+    Returns:
+        The exit status: 0, or 1 when some cases failed.
 
     Raises:
         ConfigError: a bad setting, ``--data`` is not a folder, or ``--out`` is a file.
