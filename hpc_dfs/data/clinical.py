@@ -43,6 +43,8 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from hpc_dfs.errors import EXIT_DATA, HpcDfsError
+
 __all__ = ["ClinicalError", "NUMERIC", "CATEGORICAL", "BOOLEAN", "PREOP_COLUMNS", "TARGET_FIELDS",
            "load_kits_records", "find_clinical_file", "flatten_record", "preop_features", "preop_frame",
            "risk_label", "risk_labels", "ClinicalPipeline"]
@@ -78,8 +80,10 @@ _RANGES = {"age_at_nephrectomy": (0, 120), "body_mass_index": (8, 120), "pack_ye
            "age_when_quit_smoking": (0, 120), "radiographic_size": (0, 60), "last_preop_egfr": (0, 300)}
 
 
-class ClinicalError(ValueError):
-    """A clinical record is missing or malformed; the message names case and field."""
+class ClinicalError(HpcDfsError, ValueError):
+    """A clinical record is missing or malformed; the message names case and field (exit code 3)."""
+
+    code = EXIT_DATA
 
     def __init__(self, case_id: str, problem: str):
         self.case_id = case_id

@@ -3,8 +3,9 @@
 The spatial part (spacings, shapes, fields of view) comes from the image headers alone, so the
 target spacing is known before any volume is decoded. For the intensity part, each case
 contributes a small :class:`CasePart` (a bounded, seeded sample of its foreground voxels),
-computed wherever the case is loaded. Both are merged **sorted by case id**, so the result does not depend on how cases were split across MPI ranks: a
-2-rank run and a 1-rank run derive the same normalisation, bit for bit.
+computed wherever the case is loaded. Both are merged **sorted by case id**, so the result does
+not depend on how cases were split across MPI ranks: a 2-rank run and a 1-rank run derive the
+same normalisation, bit for bit.
 
 From the fingerprint, :func:`derive_params` builds the ``preprocessing`` block of the manifest
 (target spacing, slice size, intensity clip/mean/std; see ``hpc_dfs/CONTRACTS.md``).
@@ -40,8 +41,19 @@ class CasePart:
     n_foreground: int = 0
 
     def meta(self) -> dict:
+        """Everything but the samples, as plain JSON (what a shard's ``fingerprint_part`` attribute holds)."""
         return {"case_id": self.case_id, "shape": self.shape, "spacing": self.spacing, "n_voxels": self.n_voxels,
                 "n_foreground": self.n_foreground}
+
+    @classmethod
+    def from_meta(cls, meta: dict, fg_samples: np.ndarray) -> "CasePart":
+        """The inverse of :meth:`meta`, given the samples back.
+
+        Args:
+            meta: a dict from :meth:`meta`.
+            fg_samples: the case's foreground samples.
+        """
+        return cls(meta["case_id"], meta["shape"], meta["spacing"], meta["n_voxels"], fg_samples, meta["n_foreground"])
 
 
 def _case_seed(case_id: str, seed: int) -> list[int]:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prepare_image", "resample_image", "normalise", "PAD_HU", "prepare_label", "restore_volume", "restore_labels", "make_geometry",
-           "canonical_transform", "voxel_spacing"]
+__all__ = ["prepare_image", "resample_image", "normalise", "PAD_HU", "prepare_label", "restore_volume",
+           "restore_labels", "make_geometry", "canonical_transform", "voxel_spacing"]
 
 _SLAB = 32  # slices interpolated at once: bounds memory on 512x512x1000 volumes
 

@@ -1,6 +1,7 @@
 """Reading and writing KiTS-layout data with nibabel.
 
-Layouts understood (see ``hpc_dfs/CONTRACTS.md`` section 1)::
+Layouts understood (see ``hpc_dfs/CONTRACTS.md`` section 1; the names are those of
+:mod:`hpc_dfs.data.layout`, re-exported here)::
 
     DATA/case_XXXXX/imaging.nii.gz                     CT in HU
     DATA/case_XXXXX/segmentation.nii.gz                KiTS19/KiTS23 ground truth
@@ -23,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import gzip
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +32,14 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
+from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_NAMES
+from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 from hpc_dfs.fsutil import atomic_path
 
 __all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_NAMES", "LABEL_MAPS", "CLASSES",
            "list_cases", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
            "save_nifti_atomic", "kits_affine", "apply_label_map"]
 
-CASE_RE = re.compile(r"^case_\d{5}$")
-IMAGE_NAME = "imaging.nii.gz"
-LABEL_NAMES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
 CLASSES = ["background", "kidney", "tumor"]
 #: default raw-label -> class maps per dataset; KiTS21/23 cysts count as kidney tissue
 LABEL_MAPS = {
@@ -51,8 +50,10 @@ LABEL_MAPS = {
 _AFFINE_ATOL = 1e-3  # mm; headers written by different tools differ in float rounding only
 
 
-class CaseError(Exception):
-    """A problem with one case; ``str(err)`` reads ``[case_id] problem``."""
+class CaseError(HpcDfsError):
+    """A problem with one case; ``str(err)`` reads ``[case_id] problem`` (exit code 3, bad input data)."""
+
+    code = EXIT_DATA
 
     def __init__(self, case_id: str, problem: str):
         self.case_id = case_id
@@ -84,10 +85,14 @@ class KitsCase:
 
 # ----------------------------------------------------------------------------- discovery
 def list_cases(data_dir: str | Path) -> list[Path]:
-    """Case folders (``case_XXXXX``) of a KiTS-layout directory, sorted by id.
+    """Case folders (``case_XXXXX``, :data:`~hpc_dfs.data.layout.CASE_RE`) of a KiTS-layout directory, sorted by id.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` with a clear message when the directory does not
-    exist or holds no case folder.
+    Args:
+        data_dir: the KiTS-layout folder.
+
+    Raises:
+        FileNotFoundError: the directory does not exist.
+        ValueError: it holds no case folder (the message says how to make one).
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -100,7 +105,11 @@ def list_cases(data_dir: str | Path) -> list[Path]:
 
 
 def detect_dataset(data_dir: str | Path) -> str:
-    """'kits21' if any case holds aggregated_MAJ_seg.nii.gz, 'kits23' if kits23.json is present, else 'kits19'."""
+    """'kits21' if any case holds aggregated_MAJ_seg.nii.gz, 'kits23' if kits23.json is present, else 'kits19'.
+
+    Args:
+        data_dir: the KiTS-layout folder.
+    """
     data_dir = Path(data_dir)
     if any(data_dir.glob(f"case_*/{LABEL_NAMES[1]}")):
         return "kits21"
@@ -110,6 +119,11 @@ def detect_dataset(data_dir: str | Path) -> str:
 
 
 def find_label_file(case_dir: Path) -> Optional[Path]:
+    """The case's ground-truth file (the first of :data:`LABEL_NAMES` present), else None.
+
+    Args:
+        case_dir: ``DATA/case_XXXXX``.
+    """
     for name in LABEL_NAMES:
         if (case_dir / name).exists():
             return case_dir / name
@@ -137,7 +151,15 @@ def _describe_read_error(e: BaseException, path: Optional[Path] = None) -> str:
 
 
 def read_header(path: Path, case_id: str) -> tuple[tuple[int, ...], tuple[float, ...], np.ndarray]:
-    """(shape, zooms, affine) from the header only (cheap: decompresses a few hundred bytes)."""
+    """(shape, zooms, affine) from the header only (cheap: decompresses a few hundred bytes).
+
+    Args:
+        path: the NIfTI file.
+        case_id: the case named in an error.
+
+    Raises:
+        CaseError: the file is missing or its header cannot be read.
+    """
     if not path.exists():
         raise CaseError(case_id, f"missing {path.name} ({path})")
     try:
@@ -148,7 +170,15 @@ def read_header(path: Path, case_id: str) -> tuple[tuple[int, ...], tuple[float,
 
 
 def load_nifti(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Decode a NIfTI fully: (array with scaling applied, affine, zooms); errors name case and file."""
+    """Decode a NIfTI fully: (array with scaling applied, affine, zooms).
+
+    Args:
+        path: the NIfTI file.
+        case_id: the case named in an error.
+
+    Raises:
+        CaseError: the file is missing, truncated, unreadable or not 3-D (the message names case and file).
+    """
     if not path.exists():
         raise CaseError(case_id, f"missing {path.name} ({path})")
     try:
@@ -166,6 +196,15 @@ def apply_label_map(raw: np.ndarray, label_map: dict[int, int], case_id: str, na
 
     Uses a lookup table bounded by ``raw.max()`` instead of ``np.unique`` (a 512x512x600 volume
     sorts for seconds; the lookup takes a fraction of that).
+
+    Args:
+        raw: the label volume as stored.
+        label_map: raw label -> class index.
+        case_id: the case named in an error.
+        name: the file named in an error.
+
+    Raises:
+        CaseError: non-integer values, or a value outside ``label_map``.
     """
     if raw.dtype.kind == "f":
         if not np.all(np.isfinite(raw)) or np.any(raw != np.rint(raw)):
@@ -200,6 +239,9 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
         label_map: raw label -> class; default KiTS19 (0, 1, 2).
         require_label: a missing ground truth is an error (else ``label`` is None).
         check_finite: reject NaN/inf voxels.
+
+    Raises:
+        CaseError: any of the problems above; ``str(err)`` reads ``[case_id] problem``.
     """
     case_dir = Path(case_dir)
     cid = case_dir.name
@@ -228,8 +270,14 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
 
 
 # ----------------------------------------------------------------------------- writing
-def kits_affine(spacing_zyx: tuple[float, float, float], origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
-    """The KiTS affine: array axes (slices, rows, cols) with orientation codes ('I', 'P', 'L')."""
+def kits_affine(spacing_zyx: tuple[float, float, float],
+                origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """The KiTS affine: array axes (slices, rows, cols) with orientation codes ('I', 'P', 'L').
+
+    Args:
+        spacing_zyx: voxel size in mm along (slices, rows, cols).
+        origin: world position of voxel (0, 0, 0), mm.
+    """
     sz, sy, sx = spacing_zyx
     aff = np.zeros((4, 4))
     aff[0, 2] = -sx
@@ -243,7 +291,11 @@ def kits_affine(spacing_zyx: tuple[float, float, float], origin: tuple[float, fl
 def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=None) -> Path:
     """Write a NIfTI-1 file atomically (temp name + rename); returns the path.
 
-    ``dtype`` sets the on-disk type (e.g. ``np.int16`` for CT, ``np.uint8`` for labels).
+    Args:
+        array: the volume.
+        affine: its 4x4 voxel -> world matrix (written as qform and sform).
+        path: the file to write.
+        dtype: the on-disk type (e.g. ``np.int16`` for CT, ``np.uint8`` for labels); default the array's.
     """
     path = Path(path)
     arr = np.asarray(array if dtype is None else array.astype(dtype, copy=False))

@@ -29,17 +29,19 @@ column, which follows the same order), has the 24 canonical feature columns of
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from hpc_dfs.errors import EXIT_DATA, HpcDfsError
+from hpc_dfs.log import get_logger
+
 __all__ = ["UCICKDError", "FEATURES", "NUMERIC", "ORDINAL", "NOMINAL_LEVELS", "TARGET",
            "load_uci_ckd", "parse_arff", "read_csv_tolerant"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TARGET = "ckd"
 """Name of the 0/1 target column (1 = ckd, 0 = notckd)."""
@@ -74,8 +76,10 @@ CLASS_VALUES = {"ckd": 1, "notckd": 0}
 MISSING = {"", "?"}
 
 
-class UCICKDError(ValueError):
-    """The file cannot be read as UCI CKD; the message names the file, line/column and problem."""
+class UCICKDError(HpcDfsError, ValueError):
+    """The file cannot be read as UCI CKD; the message names the file, line/column and problem (exit code 3)."""
+
+    code = EXIT_DATA
 
 
 # ----------------------------------------------------------------------------- ARFF
@@ -206,8 +210,9 @@ def load_uci_ckd(path: str | Path) -> pd.DataFrame:
     Returns:
         DataFrame indexed by ``id`` with the :data:`FEATURES` columns (numeric and ordinal as
         float; binary nominal as object columns holding the level strings of
-        :data:`NOMINAL_LEVELS`; NaN = missing everywhere) and the int target ``ckd`` (1 = ckd). ``frame.attrs`` holds ``source``,
-        ``format`` and ``repaired_rows`` (source line numbers whose field count was repaired).
+        :data:`NOMINAL_LEVELS`; NaN = missing everywhere) and the int target ``ckd`` (1 = ckd).
+        ``frame.attrs`` holds ``source``, ``format`` and ``repaired_rows`` (source line numbers whose
+        field count was repaired).
 
     Raises:
         UCICKDError: missing file, unknown suffix, missing columns, an unknown value in a column,

@@ -45,7 +45,6 @@ import argparse
 import csv
 import io
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,13 +54,13 @@ import numpy as np
 from hpc_dfs import config as cfgmod
 from hpc_dfs import dist, fsutil
 from hpc_dfs.config.predict import EvaluateConfig
+from hpc_dfs.data.layout import PRED_RE
 from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs evaluate --help` shows this module's whole docstring
 
 log = get_logger("hpc_dfs.evaluate")
 
-PRED_RE = re.compile(r"^prediction_(\d+)\.nii(\.gz)?$")
 GT_NAMES = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz", "segmentation.nii")
 REGIONS = ("kidney", "tumor")
 #: Columns of the CSV and the markdown table, in order (per-case keys of the JSON).

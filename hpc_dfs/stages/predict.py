@@ -59,14 +59,13 @@ import numpy as np
 from hpc_dfs import __version__, dist, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
+from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME
 from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs predict --help` shows this module's whole docstring
 
 log = get_logger("hpc_dfs.predict")
 
-CASE_RE = re.compile(r"^case_(\d+)$")
-IMAGE_NAME = "imaging.nii.gz"
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))  # dims of [B, 1, H, W]
 
 

@@ -69,3 +69,13 @@ def test_truncated_case_is_reported_and_the_rest_written(data, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert [c["case_id"] for c in m["cases"]] == ["case_00000", "case_00001", "case_00002", "case_00004"]
     assert not (out / "shard-case_00003.h5").exists()
+
+
+def test_unusable_folder_exits_2_on_every_rank_without_a_hang(tmp_path):
+    """A PreprocessError is raised on every rank alike (same plan everywhere): all ranks exit, none waits."""
+    (tmp_path / "empty").mkdir()
+    res = launch(hpc_dfs_cmd("preprocess", "--data", tmp_path / "empty", "--out", tmp_path / "out", *ARGS), np=2,
+                 launcher="mpirun", timeout=120)
+    assert not res.timed_out and res.returncode == 2, res.output
+    assert "hpc-dfs preprocess: error: no case folders" in res.output
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -33,7 +33,8 @@ def write_tiny_case(root: Path, case_id: str, shape=(6, 24, 20), spacing=(3.0, 1
 
 def write_records(root: Path, case_ids, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
-    recs = [{"case_id": c, "age_at_nephrectomy": int(rng.integers(30, 80)), "gender": str(rng.choice(["male", "female"])),
+    recs = [{"case_id": c, "age_at_nephrectomy": int(rng.integers(30, 80)),
+             "gender": str(rng.choice(["male", "female"])),
              "body_mass_index": float(rng.uniform(20, 35)), "radiographic_size": float(rng.uniform(1, 8)),
              "smoking_history": "never_smoked", "pack_years": 0, "age_when_quit_smoking": "not_applicable",
              "last_preop_egfr": {"value": ">=90"}, "comorbidities": {"copd": bool(rng.random() < 0.3)},
@@ -122,6 +123,44 @@ def test_empty_and_missing_directories(tmp_path):
         list_cases(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_cases(tmp_path / "nope")
+
+
+def test_one_layout_for_every_stage(tmp_path):
+    """The KiTS names live in hpc_dfs.data.layout; kits_io, predict and evaluate use those very objects."""
+    from hpc_dfs.data import kits_io, layout
+    from hpc_dfs.stages import evaluate, predict
+
+    assert kits_io.CASE_RE is layout.CASE_RE is predict.CASE_RE
+    assert kits_io.IMAGE_NAME is layout.IMAGE_NAME is predict.IMAGE_NAME == "imaging.nii.gz"
+    assert kits_io.LABEL_NAMES[0] == layout.LABEL_NAME == "segmentation.nii.gz"
+    assert evaluate.PRED_RE is layout.PRED_RE
+    assert layout.CASE_RE.match("case_00012").group(1) == "00012"
+    for bad in ("case_12", "case_000123", "case_0001a", "xcase_00012"):
+        assert not layout.CASE_RE.match(bad), bad
+    assert layout.prediction_name("case_00012") == "prediction_00012.nii.gz"
+    assert layout.prediction_name("scan7") == "prediction_scan7.nii.gz"
+    assert evaluate.case_id_of(layout.prediction_name("case_00012")) == "case_00012"
+    assert evaluate.case_id_of("prediction_12.nii.gz") is None
+    assert predict.CaseInput("case_00012", tmp_path).suffix == "00012"
+    for name in ("case_00003", "case_3", "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "imaging.nii.gz").write_bytes(b"")
+    assert [c.name for c in list_cases(tmp_path)] == ["case_00003"]
+    assert [c.case_id for c in predict.discover_inputs(tmp_path)[0]] == ["case_00003"]
+
+
+def test_data_errors_share_the_one_base():
+    from hpc_dfs.data.clinical import ClinicalError
+    from hpc_dfs.data.uci_ckd import UCICKDError
+    from hpc_dfs.errors import EXIT_DATA, HpcDfsError
+
+    err = CaseError("case_00007", "truncated gzip")
+    assert isinstance(err, HpcDfsError) and err.code == EXIT_DATA and str(err) == "[case_00007] truncated gzip"
+    clin = ClinicalError("case_00007", "malformed clinical value age=-1")
+    assert isinstance(clin, HpcDfsError) and isinstance(clin, ValueError) and clin.code == EXIT_DATA
+    assert str(clin) == "[case_00007] malformed clinical value age=-1"
+    uci = UCICKDError("x.arff: no @data section")
+    assert isinstance(uci, HpcDfsError) and isinstance(uci, ValueError) and uci.code == EXIT_DATA
 
 
 def test_save_nifti_atomic_leaves_no_temp_files(tmp_path):

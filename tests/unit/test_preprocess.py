@@ -1,6 +1,7 @@
 """Preprocessing: the slice transform and its exact inverse, shards + manifest contract, resume, bad inputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,12 +15,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from hpc_dfs.cli import main as cli_main
 from hpc_dfs.config.data import PreprocessConfig
 from hpc_dfs.data.clinical import ClinicalPipeline
-from hpc_dfs.data.geometry import prepare_image, prepare_label, restore_labels, restore_volume
+from hpc_dfs.data.geometry import prepare_image, prepare_label, resample_image, restore_labels, restore_volume
 from hpc_dfs.data.kits_io import kits_affine
-from hpc_dfs.stages.preprocess import run_preprocess
 from hpc_dfs.data.shards import validate_shard
+from hpc_dfs.stages.preprocess import PreprocessError, run_preprocess
 from tests.launch import REPO, job_env
 from tests.unit.test_kits_io import write_records, write_tiny_case
 
@@ -87,8 +89,8 @@ def test_padding_reads_clip_floor():
 def make_dataset(root: Path, n: int = 4) -> Path:
     shapes = [(6, 24, 20), (8, 28, 28), (5, 20, 26), (7, 30, 24), (6, 22, 22), (9, 26, 20)]
     for i in range(n):
-        write_tiny_case(root, f"case_{i:05d}", shape=shapes[i % len(shapes)], spacing=(3.0, 1.2 + 0.1 * i, 1.2 + 0.1 * i),
-                        seed=i)
+        write_tiny_case(root, f"case_{i:05d}", shape=shapes[i % len(shapes)],
+                        spacing=(3.0, 1.2 + 0.1 * i, 1.2 + 0.1 * i), seed=i)
     write_records(root, [f"case_{i:05d}" for i in range(n)])
     return root
 
@@ -228,10 +230,89 @@ def test_fail_fast_stops_at_first(tmp_path):
     assert not list(out.glob("shard-*.h5"))
 
 
-def test_empty_directory_is_a_clear_error(tmp_path, caplog):
+def test_empty_directory_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert run_preprocess(tmp_path / "empty", tmp_path / "out", CFG) == 2
-    assert "no case folders" in caplog.text
+    with pytest.raises(PreprocessError, match="no case folders") as err:
+        run_preprocess(tmp_path / "empty", tmp_path / "out", CFG)
+    assert err.value.code == 2
+    # the verb: one error line, exit status 2, nothing written
+    assert cli_main(["preprocess", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    assert "hpc-dfs preprocess: error: no case folders" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, make, phrase", [
+    ("--data", None, "--data {}: no such folder"),
+    ("--data", "file", "--data {}: not a folder"),
+    ("--out", "file", "--out {}: not a folder"),
+])
+def test_bad_path_arguments_exit_2(tmp_path, capsys, flag, make, phrase):
+    data = make_dataset(tmp_path / "data", 1)
+    bad = tmp_path / "bad"
+    if make == "file":
+        bad.write_text("x")
+    args = {"--data": str(data), "--out": str(tmp_path / "out"), flag: str(bad)}
+    assert cli_main(["preprocess", *[v for kv in args.items() for v in kv], "--slice-size", "32,32"]) == 2
+    assert f"hpc-dfs preprocess: error: {phrase.format(bad)}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_no_clinical_records_is_a_clear_error(tmp_path):
+    data = make_dataset(tmp_path / "data", 2)
+    (data / "kits.json").unlink()
+    with pytest.raises(PreprocessError, match="no clinical records in .*--clinical none") as err:
+        run_preprocess(data, tmp_path / "out", CFG)
+    assert err.value.code == 2
+    assert run_preprocess(data, tmp_path / "out", dataclasses.replace(CFG, clinical="none")) == 0
+
+
+def test_decoding_twice_equals_the_cached_pass(tmp_path, monkeypatch):
+    """cache_mb=0: every case is loaded and resampled again for writing; the shards are the same, byte for byte
+    in every array and attribute."""
+    import hpc_dfs.stages.preprocess as stage
+
+    loads = []
+    real = stage.load_item
+
+    def counting(case_dir, *args, **kwargs):
+        loads.append(case_dir.name)
+        return real(case_dir, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "load_item", counting)
+    data = make_dataset(tmp_path / "data", 3)
+    assert run_preprocess(data, tmp_path / "cached", CFG) == 0
+    assert sorted(loads) == ["case_00000", "case_00001", "case_00002"]  # decoded once each
+    assert run_preprocess(data, tmp_path / "twice", dataclasses.replace(CFG, cache_mb=0)) == 0
+    assert sorted(loads[3:]) == sorted(["case_00000", "case_00001", "case_00002"] * 2)  # twice each
+    a, b = _arrays(tmp_path / "cached"), _arrays(tmp_path / "twice")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for cid in ("case_00000", "case_00002"):
+        assert _attrs(tmp_path / "cached", cid) == _attrs(tmp_path / "twice", cid)
+
+
+def _attrs(shards: Path, cid: str) -> dict:
+    with h5py.File(shards / f"shard-{cid}.h5", "r") as f:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f[cid].attrs.items()}
+
+
+def test_load_item_is_the_transform_of_the_native_case(tmp_path):
+    from hpc_dfs.data.fingerprint import case_part
+    from hpc_dfs.data.kits_io import LABEL_MAPS, load_case
+    from hpc_dfs.data.plan import load_item
+
+    data = make_dataset(tmp_path / "data", 2)
+    spatial = {"slice_size": [32, 32], "target_spacing": [None, 1.0, 1.0], "orientation": ["I", "P", "L"]}
+    item, part = load_item(data / "case_00001", LABEL_MAPS["kits19"], spatial,
+                           sample=lambda case: case_part(case.case_id, case.image, case.label, (8, 28, 28),
+                                                         (3.0, 1.3, 1.3), 50, 0))
+    case = load_case(data / "case_00001", require_label=True)
+    hu, geom = resample_image(case.image, case.affine, spatial)
+    assert item.case_id == "case_00001" and item.geometry == geom and np.array_equal(item.hu, hu)
+    assert np.array_equal(item.labels, prepare_label(case.label, geom)) and item.labels.shape == hu.shape
+    assert item.original_shape == (8, 28, 28) and item.source_files == ["imaging.nii.gz", "segmentation.nii.gz"]
+    assert item.nbytes == hu.nbytes + item.labels.nbytes
+    assert part.case_id == "case_00001" and part.fg_samples.size == 50
+    assert load_item(data / "case_00001", LABEL_MAPS["kits19"], spatial)[1] is None
 
 
 def test_cli_help_shows_defaults():

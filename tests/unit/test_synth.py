@@ -7,6 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from hpc_dfs.cli import main as cli_main
+from hpc_dfs.config import ConfigError
 from hpc_dfs.config.data import SynthConfig
 from hpc_dfs.data.kits_io import list_cases, load_case
 from hpc_dfs.data.synth import phantom_record
@@ -40,7 +42,8 @@ def test_deterministic_and_resumable(tmp_path):
     assert run_synth(a, SMALL) == 0
     assert run_synth(b, SMALL) == 0
     for name in ("case_00001/imaging.nii.gz", "case_00001/segmentation.nii.gz"):
-        assert np.array_equal(np.asanyarray(nib.load(str(a / name)).dataobj), np.asanyarray(nib.load(str(b / name)).dataobj))
+        assert np.array_equal(np.asanyarray(nib.load(str(a / name)).dataobj),
+                              np.asanyarray(nib.load(str(b / name)).dataobj))
     assert (a / "kits.json").read_text() == (b / "kits.json").read_text()
     before = (a / "case_00000" / "imaging.nii.gz").stat().st_mtime_ns
     (a / "case_00001" / "imaging.nii.gz").unlink()  # as if killed before the image was renamed in
@@ -82,6 +85,31 @@ def test_from_real_labels(tmp_path, kits19_dir):
     assert recs == [real["case_00004"]]
 
 
-def test_from_labels_unknown_case_is_an_error(tmp_path, kits19_dir):
+def test_from_labels_unknown_case_is_an_error(tmp_path, kits19_dir, capsys):
     cfg = SynthConfig(cases="case_99999", from_labels=str(kits19_dir / "labels"))
-    assert run_synth(tmp_path, cfg) == 2
+    with pytest.raises(ConfigError, match="no label map for case_99999") as err:
+        run_synth(tmp_path, cfg)
+    assert err.value.code == 2
+    # through the CLI: one error line naming the case, exit status 2
+    assert cli_main(["synth", "--out", str(tmp_path), "--cases", "case_99999",
+                     "--from-labels", str(kits19_dir / "labels")]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert err_lines[-1].startswith("hpc-dfs synth: error: --from-labels") and "case_99999" in err_lines[-1]
+    assert not (tmp_path / "kits.json").exists()
+
+
+@pytest.mark.parametrize("problem, phrase", [("no_folder", "no such folder"), ("no_labels", "no case_XXXXX/"),
+                                             ("bad_json", "--kits-json")])
+def test_from_labels_bad_arguments_are_config_errors(tmp_path, problem, phrase):
+    labels = tmp_path / "labels"
+    kits_json = None
+    if problem != "no_folder":
+        (labels / "case_00000").mkdir(parents=True)
+    if problem == "bad_json":
+        (labels / "case_00000" / "segmentation.nii.gz").write_bytes(b"")
+        kits_json = tmp_path / "kits.json"
+        kits_json.write_text("{not json")
+    cfg = SynthConfig(cases="1", from_labels=str(labels), kits_json=None if kits_json is None else str(kits_json))
+    with pytest.raises(ConfigError, match=phrase) as err:
+        run_synth(tmp_path / "out", cfg)
+    assert err.value.code == 2 and not (tmp_path / "out").exists()

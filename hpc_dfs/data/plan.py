@@ -1,0 +1,212 @@
+"""What ``hpc-dfs preprocess`` knows before it decodes a volume (:class:`Plan`), and one case loaded and
+resampled onto the slice grid (:class:`CaseItem`, made only by :func:`load_item`).
+
+    plan = make_plan(data_dir, cfg)                    # cases, clinical records, image headers; no communication
+    item, part = load_item(plan.case_dirs["case_00003"], plan.label_map, spatial_params, sample=...)
+    prev = reusable_shard(out_dir / shard_name(cid), cid, source_sha(case_dir))   # resume: (attrs, fg_samples)
+
+Every rank builds the same plan from the same files. Bad settings or an unusable input folder raise
+:class:`PreprocessError` (exit status 2); a bad *case* is recorded in ``plan.errors`` as ``[case_id] problem``
+(or raises :class:`~hpc_dfs.data.kits_io.CaseError` from :func:`load_item`) and the other cases go on.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from hpc_dfs.data.fingerprint import CasePart
+from hpc_dfs.data.geometry import make_geometry, prepare_label, resample_image
+from hpc_dfs.data.kits_io import (CLASSES, IMAGE_NAME, LABEL_MAPS, CaseError, KitsCase, detect_dataset,
+                                  find_label_file, list_cases, load_case, read_header)
+from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
+from hpc_dfs.fsutil import sha256_file
+
+__all__ = ["PreprocessError", "Plan", "make_plan", "CaseItem", "load_item", "source_sha", "reusable_shard"]
+
+
+class PreprocessError(HpcDfsError):
+    """The input folder or a setting cannot be used at all (no cases, no clinical records, ...): exit status 2."""
+
+    code = EXIT_USAGE
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """The cases and their records, identical on every rank; nothing decoded yet.
+
+    ``metas`` holds the labelled cases still in the running: their canonical header ``shape``, ``spacing``
+    and ``n_voxels`` (``None`` where the header cannot be read: :func:`load_item` then names the problem).
+    """
+
+    data_dir: Path
+    dataset: str                                   # kits19 | kits21 | kits23
+    label_map: dict[int, int]                      # raw label -> class index
+    classes: list[str]
+    case_dirs: dict[str, Path]                     # every case folder, by id (sorted)
+    metas: dict[str, Optional[dict]]
+    errors: dict[str, str] = field(default_factory=dict)     # cases already known bad: "[case_id] problem"
+    skipped: list[str] = field(default_factory=list)         # image but no ground truth (predict's business)
+    clinical_file: Optional[Path] = None
+    records: dict[str, dict] = field(default_factory=dict)   # clinical records by case id
+    frame: Any = None                              # their pre-operative features (pandas), or None
+
+    def readable(self) -> list[dict]:
+        """The header metas of the cases whose header could be read (the spatial fingerprint's input)."""
+        return [m for m in self.metas.values() if m is not None]
+
+
+def make_plan(data_dir: Path, cfg) -> Plan:
+    """List the cases, read and check the clinical records, and read every image header (cheap).
+
+    Args:
+        data_dir: the KiTS-layout folder.
+        cfg: a :class:`~hpc_dfs.config.data.PreprocessConfig`.
+
+    Raises:
+        PreprocessError: no case folders, no clinical records where ``clinical = "auto"``, or an unreadable
+            clinical file.
+    """
+    from hpc_dfs.config.data import parse_label_map
+
+    try:
+        case_dirs = list_cases(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise PreprocessError(str(e)) from None
+    dataset = detect_dataset(data_dir) if cfg.dataset == "auto" else cfg.dataset
+    label_map = LABEL_MAPS[dataset] if cfg.label_map == "auto" else parse_label_map(cfg.label_map)
+    n_classes = max(label_map.values()) + 1
+    classes = CLASSES[:n_classes] if n_classes <= len(CLASSES) else [f"class_{i}" for i in range(n_classes)]
+    plan = Plan(data_dir, dataset, label_map, classes, {cd.name: cd for cd in case_dirs}, {})
+    _read_clinical(plan, cfg.clinical)
+    _read_headers(plan)
+    return plan
+
+
+def _read_clinical(plan: Plan, setting: str) -> None:
+    """Fill ``plan.records``/``frame`` from the clinical file; a missing or malformed record is a case error."""
+    from hpc_dfs.data import clinical as clin
+
+    if setting == "none":
+        return
+    path = clin.find_clinical_file(plan.data_dir) if setting == "auto" else Path(setting)
+    if path is None:
+        raise PreprocessError(f"no clinical records in {plan.data_dir} (kits.json, kits23.json or clinical.csv): "
+                              "pass --clinical FILE, or --clinical none to preprocess CT only")
+    try:
+        records = clin.load_kits_records(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise PreprocessError(str(e)) from None
+    plan.clinical_file = path
+    plan.records = {str(r["case_id"]): r for r in records}
+    plan.frame, bad = clin.preop_frame(records, errors="collect")
+    for cid in plan.case_dirs:
+        if cid not in plan.records:
+            plan.errors[cid] = f"[{cid}] clinical record missing from {path.name}"
+        elif cid in bad:
+            plan.errors[cid] = bad[cid]
+
+
+def _read_headers(plan: Plan) -> None:
+    """``plan.metas`` from the image headers of the labelled cases; unlabelled ones go to ``plan.skipped``."""
+    for cid, cd in plan.case_dirs.items():
+        if cid in plan.errors:
+            continue
+        if find_label_file(cd) is None and (cd / IMAGE_NAME).exists():
+            plan.skipped.append(cid)
+            continue
+        try:
+            shape, _, affine = read_header(cd / IMAGE_NAME, cid)
+            g = make_geometry(shape, affine, {"slice_size": [1, 1]})
+            plan.metas[cid] = {"case_id": cid, "shape": g["canonical_shape"], "spacing": g["canonical_spacing"],
+                               "n_voxels": int(np.prod(shape))}
+        except CaseError:
+            plan.metas[cid] = None  # reported with the full message when the case is loaded
+
+
+# ----------------------------------------------------------------------------- one case
+@dataclass
+class CaseItem:
+    """One labelled case on the slice grid, not yet normalised: everything its shard is written from."""
+
+    case_id: str
+    hu: np.ndarray                  # (n, H, W) float32 HU, resampled
+    labels: np.ndarray              # (n, H, W) uint8 class indices, same grid
+    geometry: dict                  # the transform (hpc_dfs.data.geometry); predict inverts it
+    original_shape: tuple[int, ...]
+    spacing: tuple[float, ...]      # native voxel size along the stored axes, mm
+    affine: np.ndarray              # native 4x4
+    source_files: list[str]         # names of the files it was read from
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the arrays (what the cache counts)."""
+        return self.hu.nbytes + self.labels.nbytes
+
+
+def load_item(case_dir: Path, label_map: dict[int, int], spatial: dict,
+              sample: Optional[Callable[[KitsCase], CasePart]] = None) -> tuple[CaseItem, Optional[CasePart]]:
+    """Load and validate one case and resample it with the spatial parameters: the one place this is done.
+
+    Args:
+        case_dir: ``DATA/case_XXXXX``.
+        label_map: raw label -> class index.
+        spatial: the spatial preprocessing parameters (``target_spacing``, ``slice_size``, ``orientation``).
+        sample: called on the loaded native case before resampling (the fingerprint's foreground sample).
+
+    Returns:
+        The item, and what ``sample`` returned (None without it).
+
+    Raises:
+        CaseError: the case is missing a file, unreadable or inconsistent (the message starts ``[case_id]``).
+    """
+    case = load_case(case_dir, label_map=label_map, require_label=True)
+    part = sample(case) if sample is not None else None
+    hu, geom = resample_image(case.image, case.affine, spatial)
+    item = CaseItem(case.case_id, hu, prepare_label(case.label, geom), geom, case.image.shape, case.spacing,
+                    case.affine, [p.name for p in (case.image_path, case.label_path) if p is not None])
+    return item, part
+
+
+# ----------------------------------------------------------------------------- resume
+def source_sha(case_dir: Path) -> str:
+    """sha256 over the case's input files (imaging, then ground truth), hex; "" without an image.
+
+    Args:
+        case_dir: ``DATA/case_XXXXX``.
+    """
+    if not (case_dir / IMAGE_NAME).exists():
+        return ""
+    h = hashlib.sha256()
+    for p in (case_dir / IMAGE_NAME, find_label_file(case_dir)):
+        if p is not None and p.exists():
+            h.update(p.name.encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def reusable_shard(shard: Path, cid: str, sha: str) -> Optional[tuple[dict, np.ndarray]]:
+    """(attrs, fg_samples) of an existing shard that verifies and was made from the same input files, else None.
+
+    Args:
+        shard: the shard's path.
+        cid: its case id.
+        sha: :func:`source_sha` of the case's inputs now ("" never matches).
+    """
+    import h5py
+    from hpc_dfs.data.shards import read_case_attrs, validate_shard
+
+    if not sha or not shard.exists():
+        return None
+    ok, _why = validate_shard(shard, cid)
+    if not ok:
+        return None
+    attrs = read_case_attrs(shard, cid)
+    if attrs.get("source_sha256") != sha:
+        return None
+    with h5py.File(shard, "r") as f:
+        return attrs, f[cid]["fg_samples"][()]
