@@ -21,7 +21,7 @@ from pathlib import Path
 from hpc_dfs.config import ConfigError, require_path
 from hpc_dfs.log import get_logger
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # the repository's bench/, beside hpc_dfs/
 
 
 def available(bench_dir: Path = BENCH_DIR) -> dict[str, Path]:

@@ -38,7 +38,10 @@ Bad inputs (an unreadable file, a shape the model cannot take, a malformed clini
 error line naming the case and are skipped; the exit code is 1 when any case failed. A case without
 a clinical record runs image-only: a fusion model gets the pipeline's imputed all-missing vector,
 and ``risk.csv`` says ``clinical_used=0``. A checkpoint without preprocessing parameters, or
-checkpoints that disagree on them, stop the run before any case (exit code 2).
+checkpoints that disagree on them, stop the run before any case (exit code 2), on every rank: the
+ranks agree on the setup, so a problem that one rank alone sees (a file missing on its node) stops the
+whole job instead of leaving the others waiting. The paths (``--checkpoint``, ``--input``, ``--out``,
+``--clinical``) are arguments; every other setting is a ``PredictConfig`` field (``--config``, ``--set``).
 """
 from __future__ import annotations
 
