@@ -223,6 +223,30 @@ def _feature_names(pipe: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- GRU training
+def _early_stopping_split(X: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> tuple:
+    """``(X_fit, y_fit, X_val, y_val)``: a stratified inner split, or all rows and no validation when a class
+    is too small for it."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y, minlength=2)
+    n_val = int(round(val_fraction * len(y)))
+    if not (counts.min() >= 2 and min(counts) * val_fraction >= 1 and n_val >= 2):
+        return X, y, None, None
+    X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=val_fraction, stratify=y, random_state=seed)
+    return X_fit, y_fit, X_val, y_val
+
+
+def _class_weights(yf: Any, balanced: bool) -> Any:
+    """Per-row loss weights: with ``balanced`` each class contributes half of the loss, else all ones."""
+    import torch
+
+    n_pos = float(yf.sum())
+    n_neg = float(len(yf) - n_pos)
+    if balanced and n_pos > 0 and n_neg > 0:
+        return torch.where(yf > 0, len(yf) / (2 * n_pos), len(yf) / (2 * n_neg))
+    return torch.ones_like(yf)
+
+
 def train_gru(X: np.ndarray, y: np.ndarray, cfg: ClinicalConfig, seed: int) -> tuple[Any, dict]:
     """Train one Clinical-GRU on preprocessed training rows with the stable recipe.
 
@@ -236,30 +260,17 @@ def train_gru(X: np.ndarray, y: np.ndarray, cfg: ClinicalConfig, seed: int) -> t
     """
     import torch
     import torch.nn.functional as F
-    from sklearn.model_selection import train_test_split
 
     from hpc_dfs.models import ClinicalGRU
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    counts = np.bincount(y, minlength=2)
-    n_val = int(round(cfg.val_fraction * len(y)))
-    early = bool(counts.min() >= 2 and min(counts) * cfg.val_fraction >= 1 and n_val >= 2)
-    if early:
-        X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=cfg.val_fraction, stratify=y,
-                                                      random_state=seed)
-    else:
-        X_fit, y_fit, X_val, y_val = X, y, None, None
+    X_fit, y_fit, X_val, y_val = _early_stopping_split(X, y, cfg.val_fraction, seed)
+    early = X_val is not None
     xf = torch.as_tensor(X_fit, dtype=torch.float32)
     yf = torch.as_tensor(y_fit, dtype=torch.float32)
-    # class-balanced weights: each class contributes half of the loss
-    n_pos = float(yf.sum())
-    n_neg = float(len(yf) - n_pos)
-    if cfg.balanced and n_pos > 0 and n_neg > 0:
-        w = torch.where(yf > 0, len(yf) / (2 * n_pos), len(yf) / (2 * n_neg))
-    else:
-        w = torch.ones_like(yf)
+    w = _class_weights(yf, cfg.balanced)
 
     model = ClinicalGRU(X.shape[1], hidden=cfg.hidden, dropout=cfg.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
