@@ -58,10 +58,10 @@ from typing import Any
 
 import numpy as np
 
+from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError  # the stage contract: raised, caught by cli.main
 from hpc_dfs import __version__, dist, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
-from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError
 from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs predict --help` shows this module's whole docstring
