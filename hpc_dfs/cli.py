@@ -12,11 +12,16 @@
 
 Each verb lives in its own module, which provides ``add_arguments(parser)`` and ``main(args) -> int``.
 Only the module of the verb being run is imported, so ``hpc-dfs --help`` is instant.
+
+The stage contract: a stage raises :class:`hpc_dfs.errors.HpcDfsError` (or a subclass) for a problem the
+user can fix; :func:`main` alone catches it, writes ``hpc-dfs VERB: error: <message>`` as one line on
+stderr and exits with the error's ``code``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
@@ -41,7 +46,27 @@ EPILOG = """launch examples:
 """
 
 
+class _StderrOfTheMoment(logging.Handler):
+    """Writes a record, as it is, to the ``sys.stderr`` of the moment (a redirected or captured stderr gets it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # a closed stderr must not hide the exit code
+            self.handleError(record)
+
+
+#: The one error line of a verb. A logger of its own (not the rank-tagged stage format) so that the line
+#: is exactly ``hpc-dfs VERB: error: ...`` and log captures (pytest's caplog) see it like stage logs.
+_error_line = logging.getLogger("hpc_dfs.cli")
+_error_line.addHandler(_StderrOfTheMoment())
+_error_line.setLevel(logging.ERROR)
+_error_line.propagate = False
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The ``hpc-dfs`` parser; only ``verb``'s module is imported and adds its arguments."""
     parser = argparse.ArgumentParser(
         prog="hpc-dfs", description="Distributed Fusion Segmentation of kidney tumours (CT + clinical data).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +88,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; the exit code is the stage's, or the ``code`` of the :class:`HpcDfsError` it raised."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(verb if verb in VERBS else None)
@@ -74,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._main(args) or 0)
     except HpcDfsError as e:  # the one error base of every stage: one line naming the file or case, its code
-        print(f"hpc-dfs {args.verb}: error: {e}", file=sys.stderr)
+        _error_line.error("hpc-dfs %s: error: %s", args.verb, e)
         return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,15 +16,14 @@ def _h(text: str) -> dict:
 class ClinicalConfig:
     """Everything ``hpc-dfs clinical`` needs; every field is also a ``--flag``.
 
-    The GRU defaults are the stable recipe measured on UCI CKD (see ``hpc_dfs/clinical.py``):
+    The GRU defaults are the stable recipe measured on UCI CKD (see ``hpc_dfs/stages/clinical.py``):
     full-batch AdamW with a cosine learning-rate schedule, gradient clipping, a class-balanced
-    loss and early stopping on an inner stratified split of each training fold.
+    loss and early stopping on an inner stratified split of each training fold. The paths (``--data``,
+    ``--out``) are argparse arguments of the stage, not settings.
     """
 
-    data: str = field(default="", metadata=_h("UCI CKD .arff/.csv, or a KiTS kits.json (with --target malignant)"))
     target: str = field(default="auto", metadata=_h(
         "target column: 'auto' = ckd for UCI CKD, malignant for kits.json"))
-    out: str = field(default="", metadata=_h("output directory (created)"))
     folds: int = field(default=5, metadata=_h("number of stratified cross-validation folds"))
     seed: int = field(default=0, metadata=_h("seed of the fold split, the inner split and the GRU"))
     models: list[str] = field(default_factory=lambda: ["gru", "logistic_regression", "random_forest"],

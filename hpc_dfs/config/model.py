@@ -8,7 +8,8 @@ TOML config or with ``--set model.KEY=VALUE`` (e.g. ``--set model.fusion=late``)
 ``n_clinical`` must equal the number of transformed clinical features; the trainer takes it from
 the manifest (``clinical.n_features``) when it is left at 0.
 
-This module imports nothing of ``hpc_dfs.models`` (config imports no stage).
+The model names are listed once, in ``hpc_dfs.models.MODELS``: :meth:`ModelConfig.validate` reads them from
+there (imported when a config is validated, so that importing this module stays free of torch).
 """
 from __future__ import annotations
 
@@ -28,9 +29,8 @@ def _h(text: str) -> dict:
 class ModelConfig:
     """Which network to build and its shape (see ``hpc_dfs.models.build_model``)."""
 
-    name: Literal["dfs_fusion", "rusp_net", "rusp_net_dw", "unet", "clinical_gru"] = field(
-        default="dfs_fusion", metadata=_h("network: dfs_fusion (RUSP-Net + clinical), rusp_net, rusp_net_dw "
-                                          "(depthwise-separable), unet (classical baseline), clinical_gru"))
+    name: str = field(default="dfs_fusion", metadata=_h(
+        "network, a name of hpc_dfs.models.MODELS (`hpc-dfs models` lists them); dfs_fusion = RUSP-Net + clinical"))
     in_channels: int = field(default=1, metadata=_h("image channels"))
     n_classes: int = field(default=3, metadata=_h("segmentation classes (background, kidney, tumour[, cyst])"))
     n_clinical: int = field(default=0, metadata=_h(
@@ -54,6 +54,10 @@ class ModelConfig:
     channels_last: bool = field(default=False, metadata=_h("channels-last memory format (faster with AMP on GPUs)"))
 
     def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad setting."""
+        from hpc_dfs.models import MODEL_NAMES, SEGMENTATION_MODELS
+        if self.name not in MODEL_NAMES:
+            raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {self.name!r}")
         for key in ("in_channels", "n_classes", "depth", "clinical_hidden", "embed_dim", "risk_hidden",
                     "decoder_dilation"):
             if getattr(self, key) < 1:
@@ -62,7 +66,7 @@ class ModelConfig:
             raise ConfigError(f"model.n_clinical must be >= 0, got {self.n_clinical}")
         if self.base_channels is not None and self.base_channels < 1:
             raise ConfigError(f"model.base_channels must be >= 1, got {self.base_channels}")
-        if self.name in ("rusp_net", "rusp_net_dw", "dfs_fusion") and self.n_classes < 2:
+        if self.name in SEGMENTATION_MODELS and self.name != "unet" and self.n_classes < 2:
             raise ConfigError(f"model.n_classes must be >= 2 for {self.name} (softmax segmentation)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")

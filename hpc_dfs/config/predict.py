@@ -43,16 +43,15 @@ class PostprocessConfig:
 
 @dataclass
 class PredictConfig:
-    """``hpc-dfs predict``: whole-volume inference back to the native grid."""
+    """``hpc-dfs predict``: whole-volume inference back to the native grid.
 
-    checkpoints: list[str] = field(default_factory=list, metadata={"help": "checkpoint files (repeat --checkpoint)"})
+    The paths (``--checkpoint``, ``--input``, ``--out``, ``--clinical``) are argparse arguments of the stage,
+    not settings; that each ``--weights`` entry has its ``--checkpoint`` is checked there.
+    """
+
     weights: list[float] = field(default_factory=list,
                                  metadata={"help": "one weight per checkpoint for the probability average "
                                                    "(default: equal)"})
-    input: str = field(default="", metadata={"help": "case dir, dir of cases, or one imaging.nii.gz"})
-    out: str = field(default="", metadata={"help": "output directory"})
-    clinical: str = field(default="", metadata={"help": "clinical records JSON (KiTS schema); default kits.json "
-                                                        "beside the cases"})
     batch_size: int = field(default=32, metadata={"help": "slices per forward pass"})
     tta: bool = field(default=False, metadata={"help": "flip test-time augmentation (H, W and both flips)"})
     save_probabilities: bool = field(default=False, metadata={"help": "also write probabilities_XXXXX.nii.gz "
@@ -69,9 +68,6 @@ class PredictConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.weights and len(self.weights) != len(self.checkpoints):
-            raise ConfigError(f"got {len(self.weights)} --weights for {len(self.checkpoints)} --checkpoint; give one "
-                              f"weight per checkpoint or none")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ConfigError(f"--weights must be >= 0 with a positive sum, got {self.weights}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -4,6 +4,10 @@ This package imports only torch, MONAI and numpy: a model knows nothing of ranks
 Build any model by name with :func:`build_model`; its keyword arguments are exactly the fields of
 ``hpc_dfs.config.model.ModelConfig``, so a trainer does ``build_model(**to_dict(cfg.model))`` and a
 checkpoint's ``model_config`` rebuilds the same network.
+
+:data:`MODELS` is the one list of model names (``hpc_dfs.config.model`` checks ``model.name`` against it,
+``hpc-dfs models`` summarises each). Whether a model reads the clinical features is its class attribute
+``takes_clinical``: callers ask the model, never its name.
 """
 from __future__ import annotations
 
@@ -19,11 +23,16 @@ from .rusp_net import RUSPNet
 from .summary import count_flops, count_parameters, model_summary
 from .unet import NORMS, UNet
 
-__all__ = ["build_model", "MODEL_NAMES", "UNet", "RUSPNet", "ClinicalGRU", "ClinicalEncoder", "DFSFusion", "FiLM",
-           "DFSLoss", "FUSIONS", "NORMS", "count_parameters", "count_flops", "model_summary", "prune_model",
-           "sparsity_report", "make_permanent"]
+__all__ = ["build_model", "MODELS", "MODEL_NAMES", "SEGMENTATION_MODELS", "UNet", "RUSPNet", "ClinicalGRU",
+           "ClinicalEncoder", "DFSFusion", "FiLM", "DFSLoss", "FUSIONS", "NORMS", "count_parameters", "count_flops",
+           "model_summary", "prune_model", "sparsity_report", "make_permanent"]
 
-MODEL_NAMES = ("unet", "rusp_net", "rusp_net_dw", "clinical_gru", "dfs_fusion")
+#: every model name and its class; ``rusp_net_dw`` is the depthwise-separable RUSP-Net
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "rusp_net": RUSPNet, "rusp_net_dw": RUSPNet,
+                                      "clinical_gru": ClinicalGRU, "dfs_fusion": DFSFusion}
+MODEL_NAMES = tuple(MODELS)
+#: the models that segment an image (``hpc-dfs train``); the Clinical-GRU is trained by ``hpc-dfs clinical``
+SEGMENTATION_MODELS = tuple(name for name, cls in MODELS.items() if cls is not ClinicalGRU)
 
 
 def build_model(name: str = "dfs_fusion", in_channels: int = 1, n_classes: int = 3, n_clinical: int = 0,
@@ -34,8 +43,7 @@ def build_model(name: str = "dfs_fusion", in_channels: int = 1, n_classes: int =
     """Build a model by name; arguments a model does not use are ignored.
 
     Args:
-        name: ``"unet"``, ``"rusp_net"``, ``"rusp_net_dw"`` (depthwise-separable RUSP-Net),
-            ``"clinical_gru"`` or ``"dfs_fusion"``.
+        name: a key of :data:`MODELS`.
         in_channels: image channels.
         n_classes: segmentation classes (the U-Net's output channels).
         n_clinical: clinical features ``F`` (Clinical-GRU; DFS fusion unless ``fusion="image"``).
@@ -53,19 +61,23 @@ def build_model(name: str = "dfs_fusion", in_channels: int = 1, n_classes: int =
         spp_dilations: RUSP-Net SPP dilations.
         decoder_dilation: dilation of RUSP-Net's final decoder level.
         channels_last: RUSP-Net/DFS weights and activations in channels-last memory format.
+
+    Raises:
+        ValueError: an unknown name, or ``separable`` contradicting it.
     """
-    if name not in MODEL_NAMES:
+    if name not in MODELS:
         raise ValueError(f"unknown model '{name}' (choose one of {', '.join(MODEL_NAMES)})")
-    if name == "unet":
+    cls = MODELS[name]
+    if cls is UNet:
         return UNet(in_channels, n_classes, base_channels or 64, depth, norm or "none")
-    if name == "clinical_gru":
+    if cls is ClinicalGRU:
         return ClinicalGRU(n_clinical, hidden=clinical_hidden, dropout=dropout)
     if name == "rusp_net_dw" and separable is False:
         raise ValueError("model 'rusp_net_dw' is the depthwise-separable RUSP-Net; separable=False contradicts it "
                          "(use name 'rusp_net')")
     if name == "rusp_net" and separable is True:
         raise ValueError("model 'rusp_net' has dense convolutions; for separable ones use name 'rusp_net_dw'")
-    if name in ("rusp_net", "rusp_net_dw"):
+    if cls is RUSPNet:
         return RUSPNet(in_channels, n_classes, base_channels or 32, depth, separable=(name == "rusp_net_dw"),
                        norm=norm or "batch", spp_dilations=tuple(spp_dilations), decoder_dilation=decoder_dilation,
                        channels_last=channels_last)

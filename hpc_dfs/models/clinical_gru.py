@@ -35,6 +35,9 @@ class ClinicalGRU(nn.Module):
         dropout: dropout on the last hidden state.
     """
 
+    #: the clinical features are its only input: ``forward(clinical)``
+    takes_clinical = True
+
     def __init__(self, n_features: int, hidden: int = 32, dropout: float = 0.2) -> None:
         super().__init__()
         if n_features < 1:

@@ -69,6 +69,9 @@ class DFSFusion(nn.Module):
     ``{"seg_logits": [B, n_classes, H, W], "risk_logit": [B]}``.
     """
 
+    #: ``forward(image, clinical)`` (``clinical`` may be ``None`` for the image-only ablation)
+    takes_clinical = True
+
     def __init__(self, in_channels: int = 1, n_classes: int = 3, n_clinical: int = 0, base_channels: int = 32,
                  depth: int = 4, separable: bool = True, fusion: str = "film", norm: str = "batch",
                  clinical_hidden: int = 32, embed_dim: int = 32, risk_hidden: int = 32, dropout: float = 0.2,

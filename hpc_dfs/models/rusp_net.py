@@ -146,6 +146,9 @@ class RUSPNet(nn.Module):
         logits = net(torch.randn(2, 1, 37, 53))   # [2, 3, 37, 53]
     """
 
+    #: image only: ``forward(image)`` (callers ask this attribute, not the model name)
+    takes_clinical = False
+
     def __init__(self, in_channels: int = 1, n_classes: int = 3, base_channels: int = 32, depth: int = 4,
                  separable: bool = False, norm: str | None = "batch", spp_dilations: Sequence[int] = (1, 2, 3),
                  spp_branch_channels: int | None = None, decoder_dilation: int = 2, dilated_levels: int = 1,

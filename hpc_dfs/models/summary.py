@@ -1,20 +1,7 @@
-"""Parameters and FLOPs of every model: ``hpc-dfs models [--json] [--size H W] [--n-clinical F]``.
+"""Parameters and FLOPs of every model in :data:`hpc_dfs.models.MODELS` (``hpc-dfs models`` prints them).
 
-Convention: FLOPs = 2 x multiply-adds of the convolutions, transposed convolutions and matrix
-products (GRU and linear layers included), counted by :class:`torch.utils.flop_counter.FlopCounterMode`
-for one forward pass of a batch of one ``1 x H x W`` slice (default 512 x 512) and, for the clinical
-models, one record of ``F`` features. Normalisation, activations, pooling and additions are not
-counted (they are a few percent at most). Models are built on PyTorch's ``meta`` device, so the count
-takes no memory and well under a second even for the 31M-parameter U-Net.
-
-The ``unet`` row is the paper's Table 5 baseline: Ronneberger's U-Net, 64 base channels, 4 poolings,
-no normalisation, **3 input channels** and 1 output channel, which counts exactly 31,031,745
-parameters (with 1 input channel it is 31,030,593; see :mod:`hpc_dfs.models.unet`).
-
-Example::
-
-    $ hpc-dfs models --json
-    {"unet": {"params": 31031745, "gflops": 385.34}, "rusp_net": {...}, ..., "_meta": {...}}
+FLOPs are 2 x multiply-adds (see ``CONVENTION`` and the ``hpc-dfs models`` docstring), counted on the
+``meta`` device, so the count takes no memory.
 """
 from __future__ import annotations
 
@@ -80,23 +67,18 @@ def count_flops(model: nn.Module, input_shape: Sequence[int] = (1, 1, 512, 512),
 
 def model_summary(size: Sequence[int] = (512, 512), n_clinical: int = 24, n_classes: int = 3) -> dict:
     """``{name: {"params", "gflops"}}`` for every model of :func:`hpc_dfs.models.build_model`, plus ``"_meta"``."""
-    from . import build_model
+    from . import MODELS, ClinicalGRU, UNet, build_model
 
     h, w = (int(s) for s in size)
     if h < 1 or w < 1 or n_clinical < 1:
         raise ValueError(f"--size must be positive and --n-clinical >= 1, got size {h}x{w}, n_clinical {n_clinical}")
-    specs = {
-        "unet": dict(in_channels=3, n_classes=1),  # the paper's Table 5 configuration
-        "rusp_net": dict(n_classes=n_classes),
-        "rusp_net_dw": dict(n_classes=n_classes),
-        "clinical_gru": dict(n_clinical=n_clinical),
-        "dfs_fusion": dict(n_classes=n_classes, n_clinical=n_clinical),
-    }
+    paper_unet = dict(in_channels=3, n_classes=1)  # the paper's Table 5 configuration
     out: dict = {}
     with torch.device("meta"):
-        for name, kwargs in specs.items():
+        for name, cls in MODELS.items():
+            kwargs = paper_unet if cls is UNet else dict(n_classes=n_classes, n_clinical=n_clinical)
             model = build_model(name, **kwargs)
-            shape = (1, n_clinical) if name == "clinical_gru" else (1, kwargs.get("in_channels", 1), h, w)
+            shape = (1, n_clinical) if cls is ClinicalGRU else (1, kwargs.get("in_channels", 1), h, w)
             out[name] = {"params": count_parameters(model), "gflops": round(count_flops(model, shape) / 1e9, 9)}
     out["_meta"] = {
         "convention": CONVENTION,

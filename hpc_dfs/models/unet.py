@@ -88,6 +88,9 @@ class UNet(nn.Module):
     cropped back, so ``forward(x).shape[-2:] == x.shape[-2:]``.
     """
 
+    #: image only: ``forward(image)`` (callers ask this attribute, not the model name)
+    takes_clinical = False
+
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 64, depth: int = 4,
                  norm: str | None = "none") -> None:
         super().__init__()

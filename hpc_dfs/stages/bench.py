@@ -18,16 +18,19 @@ import sys
 import time
 from pathlib import Path
 
+from hpc_dfs.config import ConfigError, require_path
 from hpc_dfs.log import get_logger
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # the repository's bench/, beside hpc_dfs/
 
 
 def available(bench_dir: Path = BENCH_DIR) -> dict[str, Path]:
+    """The benchmarks of ``bench_dir`` by name: ``bench_<name>.py`` -> ``<name>``."""
     return {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
 
 
 def add_arguments(parser) -> None:
+    """``hpc-dfs bench`` options: benchmark names, ``--all``, ``--list``, ``--bench-dir``, ``--quick``."""
     parser.add_argument("names", nargs="*", help="benchmarks to run (see --list)")
     parser.add_argument("--all", action="store_true", help="run every benchmark in bench/")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
@@ -35,19 +38,39 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark (smaller sizes)")
 
 
+def _print_list(found: dict[str, Path]) -> None:
+    for name, path in found.items():
+        text = path.read_text()
+        doc = (text.split('"""')[1].strip().splitlines() or [""])[0] if '"""' in text else ""
+        print(f"{name:12s} {doc}")
+
+
+def _print_results(results: Path) -> None:
+    for p in sorted(results.glob("*.json")):
+        try:
+            keys = ", ".join(list(json.loads(p.read_text()))[:6])
+        except (OSError, ValueError) as e:
+            keys = f"unreadable: {e}"
+        print(f"{p}: {keys}")
+
+
 def main(args) -> int:
+    """Run the named benchmarks one after the other; 1 when any of them failed.
+
+    Raises:
+        ConfigError: ``--bench-dir`` is not a folder, no benchmark is named, or a name is unknown (exit code 2).
+    """
     log = get_logger("hpc_dfs.bench")
-    found = available(args.bench_dir)
+    found = available(require_path(args.bench_dir, "dir", "--bench-dir"))
     if args.list or not (args.all or args.names):
-        for name, path in found.items():
-            doc = (path.read_text().split('"""')[1].strip().splitlines() or [""])[0] if '"""' in path.read_text() else ""
-            print(f"{name:12s} {doc}")
-        return 0 if args.list else 2
+        _print_list(found)
+        if args.list:
+            return 0
+        raise ConfigError("name the benchmarks to run (listed above), or give --all")
     names = list(found) if args.all else args.names
     unknown = [n for n in names if n not in found]
     if unknown:
-        log.error("unknown benchmark(s) %s; available: %s", ", ".join(unknown), ", ".join(found))
-        return 2
+        raise ConfigError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(found)}")
     failed = []
     for name in names:
         cmd = [sys.executable, str(found[name])] + (["--quick"] if args.quick else [])
@@ -57,13 +80,7 @@ def main(args) -> int:
         log.info("%s finished in %.1f s with exit status %d", name, time.perf_counter() - t0, rc)
         if rc != 0:
             failed.append(name)
-    results = args.bench_dir / "results"
-    for p in sorted(results.glob("*.json")):
-        try:
-            keys = ", ".join(list(json.loads(p.read_text()))[:6])
-        except (OSError, ValueError) as e:
-            keys = f"unreadable: {e}"
-        print(f"{p}: {keys}")
+    _print_results(args.bench_dir / "results")
     if failed:
         log.error("benchmarks failed: %s", ", ".join(failed))
         return 1

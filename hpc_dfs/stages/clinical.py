@@ -56,7 +56,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,9 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from hpc_dfs import fsutil
-from hpc_dfs.config import ConfigError, add_arguments as _add_config_arguments, from_args, to_dict
+from hpc_dfs.config import ConfigError, add_arguments as _add_config_arguments, from_args, require_path, to_dict
 from hpc_dfs.config.clinical import ClinicalConfig
+from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.log import get_logger
 
 __all__ = ["ClinicalDataError", "ClinicalData", "load_data", "build_preprocessor", "RiskOrientation",
@@ -79,8 +80,10 @@ METRICS = ("accuracy", "kappa", "auc", "sensitivity", "specificity", "f1", "fpr"
 _UCI_TARGETS = ("auto", "ckd", "class", "classification")
 
 
-class ClinicalDataError(ValueError):
-    """The data file cannot be used; the message names the file and the problem."""
+class ClinicalDataError(HpcDfsError, ValueError):
+    """The data file cannot be used; the message names the file and the problem (exit code 2, as ever)."""
+
+    code = EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------- data
@@ -220,6 +223,30 @@ def _feature_names(pipe: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- GRU training
+def _early_stopping_split(X: np.ndarray, y: np.ndarray, val_fraction: float, seed: int) -> tuple:
+    """``(X_fit, y_fit, X_val, y_val)``: a stratified inner split, or all rows and no validation when a class
+    is too small for it."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y, minlength=2)
+    n_val = int(round(val_fraction * len(y)))
+    if not (counts.min() >= 2 and min(counts) * val_fraction >= 1 and n_val >= 2):
+        return X, y, None, None
+    X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=val_fraction, stratify=y, random_state=seed)
+    return X_fit, y_fit, X_val, y_val
+
+
+def _class_weights(yf: Any, balanced: bool) -> Any:
+    """Per-row loss weights: with ``balanced`` each class contributes half of the loss, else all ones."""
+    import torch
+
+    n_pos = float(yf.sum())
+    n_neg = float(len(yf) - n_pos)
+    if balanced and n_pos > 0 and n_neg > 0:
+        return torch.where(yf > 0, len(yf) / (2 * n_pos), len(yf) / (2 * n_neg))
+    return torch.ones_like(yf)
+
+
 def train_gru(X: np.ndarray, y: np.ndarray, cfg: ClinicalConfig, seed: int) -> tuple[Any, dict]:
     """Train one Clinical-GRU on preprocessed training rows with the stable recipe.
 
@@ -233,30 +260,17 @@ def train_gru(X: np.ndarray, y: np.ndarray, cfg: ClinicalConfig, seed: int) -> t
     """
     import torch
     import torch.nn.functional as F
-    from sklearn.model_selection import train_test_split
 
     from hpc_dfs.models import ClinicalGRU
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    counts = np.bincount(y, minlength=2)
-    n_val = int(round(cfg.val_fraction * len(y)))
-    early = bool(counts.min() >= 2 and min(counts) * cfg.val_fraction >= 1 and n_val >= 2)
-    if early:
-        X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=cfg.val_fraction, stratify=y,
-                                                      random_state=seed)
-    else:
-        X_fit, y_fit, X_val, y_val = X, y, None, None
+    X_fit, y_fit, X_val, y_val = _early_stopping_split(X, y, cfg.val_fraction, seed)
+    early = X_val is not None
     xf = torch.as_tensor(X_fit, dtype=torch.float32)
     yf = torch.as_tensor(y_fit, dtype=torch.float32)
-    # class-balanced weights: each class contributes half of the loss
-    n_pos = float(yf.sum())
-    n_neg = float(len(yf) - n_pos)
-    if cfg.balanced and n_pos > 0 and n_neg > 0:
-        w = torch.where(yf > 0, len(yf) / (2 * n_pos), len(yf) / (2 * n_neg))
-    else:
-        w = torch.ones_like(yf)
+    w = _class_weights(yf, cfg.balanced)
 
     model = ClinicalGRU(X.shape[1], hidden=cfg.hidden, dropout=cfg.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -422,7 +436,7 @@ def _rows_to_explain(ids_test: np.ndarray, cfg: ClinicalConfig, n_total: int, se
 
 
 def _write_shap(shap_df: pd.DataFrame, display: pd.DataFrame, features: list[str], pred_gru: pd.DataFrame,
-                cfg: ClinicalConfig, out: Path, log: Any) -> dict:
+                cfg: ClinicalConfig, source: Path, out: Path, log: Any) -> dict:
     import matplotlib.pyplot as plt
     import shap
 
@@ -448,7 +462,7 @@ def _write_shap(shap_df: pd.DataFrame, display: pd.DataFrame, features: list[str
     if cfg.explain_id:
         matches = [i for i in shap_df.index if str(i) == cfg.explain_id]
         if not matches:
-            raise ClinicalDataError(f"--explain-id {cfg.explain_id!r} is not an id of {cfg.data}")
+            raise ClinicalDataError(f"--explain-id {cfg.explain_id!r} is not an id of {source}")
         pid = matches[0]
     else:
         g = pred_gru.set_index("id").loc[shap_df.index]
@@ -501,7 +515,8 @@ def _metrics_md(summary: dict, meta: dict) -> str:
         p = s["pooled"]
         lines.append(f"| {MODEL_LABELS[m]} | " + " | ".join(_fmt(p[k]) for k in
                      ("accuracy", "kappa", "auc", "sensitivity", "specificity", "f1", "fpr", "fnr")) + " |")
-    lines += ["", "## Mean ± sd over folds", "", "| model | accuracy | kappa | ROC AUC | sensitivity | specificity | F1 |",
+    lines += ["", "## Mean ± sd over folds", "",
+              "| model | accuracy | kappa | ROC AUC | sensitivity | specificity | F1 |",
               "|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         cells = [f"{_fmt(s['mean'][k])} ± {_fmt(s['sd'][k])}" for k in
@@ -513,86 +528,140 @@ def _metrics_md(summary: dict, meta: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- the experiment
-def run(cfg: ClinicalConfig, log: Any) -> dict:
-    """Run the whole experiment described in the module docstring; returns the metrics dict."""
-    import torch
+@dataclass
+class _OutOfFold:
+    """What the folds collect: prediction rows, per-fold facts and the GRU's SHAP parts."""
+
+    rows: list[pd.DataFrame] = field(default_factory=list)
+    fold_info: list[dict] = field(default_factory=list)
+    shap_parts: list[pd.DataFrame] = field(default_factory=list)
+    display_parts: list[pd.DataFrame] = field(default_factory=list)
+    features: list[str] = field(default_factory=list)
+    n_params: int | None = None
+
+
+def _baseline_proba(m: str, A_tr: np.ndarray, y_tr: np.ndarray, A_te: np.ndarray, cfg: ClinicalConfig) -> np.ndarray:
+    """Test-row probabilities of baseline ``m`` (logistic regression or random forest) fitted on the training rows."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-    from tqdm.auto import tqdm
+    if m == "logistic_regression":
+        clf = LogisticRegression(max_iter=5000).fit(A_tr, y_tr)
+    else:
+        clf = RandomForestClassifier(n_estimators=cfg.rf_trees, random_state=cfg.seed, n_jobs=1).fit(A_tr, y_tr)
+    return clf.predict_proba(A_te)[:, 1].astype(float)
 
-    if not cfg.data:
-        raise ClinicalDataError("--data is required (a UCI CKD .arff/.csv or a KiTS kits.json)")
-    if not cfg.out:
-        raise ClinicalDataError("--out is required (the output directory)")
-    torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    data = load_data(cfg.data, cfg.target, cfg.folds)
+
+def _gru_fold(k: int, A_tr: np.ndarray, y_tr: np.ndarray, A_te: np.ndarray, X_te: pd.DataFrame, ids_te: np.ndarray,
+              pipe: Any, cfg: ClinicalConfig, n_total: int, acc: _OutOfFold, info: dict) -> np.ndarray:
+    """Train fold ``k``'s GRU, explain its share of the test rows with SHAP, return the test-row probabilities."""
+    seed = cfg.seed * 1000 + k
+    gru, info["gru"] = train_gru(A_tr, y_tr, cfg, seed)
+    acc.n_params = sum(p.numel() for p in gru.parameters())
+    proba = _gru_proba([gru], A_te)
+    if cfg.shap:
+        t_shap = time.perf_counter()
+        take = _rows_to_explain(ids_te, cfg, n_total, seed)
+        vals, base = explain_fold(gru, A_tr, A_te[take], cfg, seed)
+        index = pd.Index(ids_te[take], name="id")
+        part = pd.DataFrame(vals, columns=acc.features, index=index)
+        part.insert(0, "base_value", base)
+        part.insert(0, "fold", k)
+        acc.shap_parts.append(part)
+        acc.display_parts.append(pd.DataFrame(pipe.named_steps["encode"].transform(X_te.iloc[take]),
+                                              columns=acc.features, index=index))
+        info["shap_s"] = time.perf_counter() - t_shap
+    return proba
+
+
+def _run_fold(k: int, tr: np.ndarray, te: np.ndarray, data: ClinicalData, cfg: ClinicalConfig, acc: _OutOfFold,
+              log: Any) -> None:
+    """Fit the preprocessing and every model on fold ``k``'s training rows; predict its test rows into ``acc``."""
+    ids = data.X.index.to_numpy()
+    X_tr, X_te, y_tr, y_te = data.X.iloc[tr], data.X.iloc[te], data.y[tr], data.y[te]
+    pipe = build_preprocessor(data.X, data.levels).fit(X_tr, y_tr)  # training rows only
+    A_tr, A_te = pipe.transform(X_tr), pipe.transform(X_te)
+    acc.features = _feature_names(pipe)
+    info: dict = {"fold": k, "n_train": len(tr), "n_test": len(te),
+                  "train_positive": int(y_tr.sum()), "test_positive": int(y_te.sum())}
+    parts = []
+    for m in cfg.models:
+        t0 = time.perf_counter()
+        if m == "gru":
+            proba = _gru_fold(k, A_tr, y_tr, A_te, X_te, ids[te], pipe, cfg, len(ids), acc, info)
+        else:
+            proba = _baseline_proba(m, A_tr, y_tr, A_te, cfg)
+        info[f"{m}_s"] = time.perf_counter() - t0 - (info.get("shap_s", 0.0) if m == "gru" else 0.0)
+        y_pred = (proba >= cfg.threshold).astype(int)
+        acc.rows.append(pd.DataFrame({"id": ids[te], "fold": k, "model": m, "y_true": y_te,
+                                      "y_prob": proba, "y_pred": y_pred}))
+        extra = (f" ({info['gru']['best_epoch']}/{info['gru']['epochs_run']} ep)" if m == "gru" else "")
+        parts.append(f"{m} acc {float(np.mean(y_pred == y_te)):.3f}{extra}")
+    acc.fold_info.append(info)
+    log.info("fold %d/%d: train %d (%d pos) test %d (%d pos) | %s", k + 1, cfg.folds, len(tr), int(y_tr.sum()),
+             len(te), int(y_te.sum()), " | ".join(parts))
+
+
+def _metadata(data: ClinicalData, cfg: ClinicalConfig, acc: _OutOfFold, summary: dict) -> dict:
+    """The body of ``metrics.json``: data, settings, per-model metrics and per-fold facts."""
+    n_pos = int(data.y.sum())
+    meta: dict = {
+        "data": {"file": str(data.source), "sha256": fsutil.sha256_file(data.source), "kind": data.kind,
+                 "target": data.target, "positive_class": data.class_names[1], "negative_class": data.class_names[0],
+                 "n_rows": int(len(data.y)), "n_positive": n_pos, "n_negative": int(len(data.y) - n_pos),
+                 "n_features": len(acc.features)},
+        "seed": cfg.seed, "folds": cfg.folds, "threshold": cfg.threshold, "feature_names": acc.features,
+        "metric_notes": ("sklearn.metrics; positive class = label 1; y_pred = y_prob >= threshold; sd over folds "
+                         "with ddof=1; pooled = all out-of-fold predictions together"),
+        "models": {m: {"label": MODEL_LABELS[m], **summary[m]} for m in cfg.models},
+        "fold_info": acc.fold_info,
+        "config": to_dict(cfg),
+    }
+    if "gru" in cfg.models:
+        meta["models"]["gru"]["n_params"] = int(acc.n_params)
+    return meta
+
+
+def _log_data(data: ClinicalData, cfg: ClinicalConfig, log: Any) -> None:
     n_pos, n_neg = int(data.y.sum()), int(len(data.y) - data.y.sum())
     log.info("data %s (%s): %d rows, %d features; %s %d / %s %d%s", data.source, data.kind, len(data.y),
              data.X.shape[1], data.class_names[1], n_pos, data.class_names[0], n_neg,
              f"; {data.n_unlabelled} unlabelled left out" if data.n_unlabelled else "")
     log.info("stratified %d-fold CV, seed %d, models: %s", cfg.folds, cfg.seed, ", ".join(cfg.models))
 
-    skf = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
-    ids = data.X.index.to_numpy()
-    rows: list[pd.DataFrame] = []
-    fold_info: list[dict] = []
-    shap_parts: list[pd.DataFrame] = []
-    display_parts: list[pd.DataFrame] = []
-    features: list[str] = []
-    n_params = None
-    splits = list(skf.split(data.X, data.y))
-    bar = tqdm(splits, desc="folds", unit="fold", disable=not sys.stderr.isatty(), leave=False)
-    for k, (tr, te) in enumerate(bar):
-        X_tr, X_te, y_tr, y_te = data.X.iloc[tr], data.X.iloc[te], data.y[tr], data.y[te]
-        pipe = build_preprocessor(data.X, data.levels).fit(X_tr, y_tr)  # training rows only
-        A_tr, A_te = pipe.transform(X_tr), pipe.transform(X_te)
-        features = _feature_names(pipe)
-        info: dict = {"fold": k, "n_train": len(tr), "n_test": len(te),
-                      "train_positive": int(y_tr.sum()), "test_positive": int(y_te.sum())}
-        probs: dict[str, np.ndarray] = {}
-        for m in cfg.models:
-            t0 = time.perf_counter()
-            if m == "gru":
-                seed = cfg.seed * 1000 + k
-                gru, ginfo = train_gru(A_tr, y_tr, cfg, seed)
-                n_params = sum(p.numel() for p in gru.parameters())
-                probs[m] = _gru_proba([gru], A_te)
-                info["gru"] = ginfo
-                if cfg.shap:
-                    t_shap = time.perf_counter()
-                    take = _rows_to_explain(ids[te], cfg, len(ids), seed)
-                    vals, base = explain_fold(gru, A_tr, A_te[take], cfg, seed)
-                    index = pd.Index(ids[te][take], name="id")
-                    part = pd.DataFrame(vals, columns=features, index=index)
-                    part.insert(0, "base_value", base)
-                    part.insert(0, "fold", k)
-                    shap_parts.append(part)
-                    display_parts.append(pd.DataFrame(pipe.named_steps["encode"].transform(X_te.iloc[take]),
-                                                      columns=features, index=index))
-                    info["shap_s"] = time.perf_counter() - t_shap
-            elif m == "logistic_regression":
-                clf = LogisticRegression(max_iter=5000).fit(A_tr, y_tr)
-                probs[m] = clf.predict_proba(A_te)[:, 1].astype(float)
-            else:
-                clf = RandomForestClassifier(n_estimators=cfg.rf_trees, random_state=cfg.seed, n_jobs=1).fit(A_tr, y_tr)
-                probs[m] = clf.predict_proba(A_te)[:, 1].astype(float)
-            info[f"{m}_s"] = time.perf_counter() - t0 - (info.get("shap_s", 0.0) if m == "gru" else 0.0)
-            rows.append(pd.DataFrame({"id": ids[te], "fold": k, "model": m, "y_true": y_te,
-                                      "y_prob": probs[m], "y_pred": (probs[m] >= cfg.threshold).astype(int)}))
-        fold_info.append(info)
-        parts = []
-        for m in cfg.models:
-            acc = float(np.mean((probs[m] >= cfg.threshold).astype(int) == y_te))
-            extra = (f" ({info['gru']['best_epoch']}/{info['gru']['epochs_run']} ep)" if m == "gru" else "")
-            parts.append(f"{m} acc {acc:.3f}{extra}")
-        log.info("fold %d/%d: train %d (%d pos) test %d (%d pos) | %s", k + 1, cfg.folds, len(tr), int(y_tr.sum()),
-                 len(te), int(y_te.sum()), " | ".join(parts))
 
-    pred = pd.concat(rows, ignore_index=True)
+def _log_results(summary: dict, cfg: ClinicalConfig, log: Any) -> None:
+    for m in cfg.models:
+        p, s = summary[m]["pooled"], summary[m]
+        log.info("%-20s pooled acc %.4f kappa %.4f AUC %.4f | mean acc %.4f ± %.4f kappa %.4f ± %.4f",
+                 MODEL_LABELS[m], p["accuracy"], p["kappa"], p["auc"] or math.nan, s["mean"]["accuracy"],
+                 s["sd"]["accuracy"], s["mean"]["kappa"], s["sd"]["kappa"])
+
+
+def run(cfg: ClinicalConfig, data_path: Path, out: Path, log: Any) -> dict:
+    """Run the whole experiment described in the module docstring on ``data_path`` into ``out``.
+
+    Returns:
+        the metrics dict written to ``metrics.json``.
+
+    Raises:
+        ClinicalDataError: the data file cannot be used (see :func:`load_data`).
+    """
+    import torch
+    from sklearn.model_selection import StratifiedKFold
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = load_data(data_path, cfg.target, cfg.folds)
+    _log_data(data, cfg, log)
+    splits = list(StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed).split(data.X, data.y))
+    acc = _OutOfFold()
+    for k, (tr, te) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=not sys.stderr.isatty(),
+                                      leave=False)):
+        _run_fold(k, tr, te, data, cfg, acc, log)
+
+    pred = pd.concat(acc.rows, ignore_index=True)
     pred = pred.sort_values(["model", "id"], key=lambda s: s.map(cfg.models.index) if s.name == "model" else s,
                             kind="stable").reset_index(drop=True)
     fsutil.write_text(out / "predictions.csv", pred.to_csv(index=False))
@@ -600,58 +669,46 @@ def run(cfg: ClinicalConfig, log: Any) -> dict:
     pred_rt = pd.read_csv(out / "predictions.csv")
     summary = summarise(pred_rt)
     _plot_confusion_roc(pred_rt, cfg.models, data.class_names, out)
-
-    meta: dict = {
-        "data": {"file": str(data.source), "sha256": fsutil.sha256_file(data.source), "kind": data.kind,
-                 "target": data.target, "positive_class": data.class_names[1], "negative_class": data.class_names[0],
-                 "n_rows": int(len(data.y)), "n_positive": n_pos, "n_negative": n_neg,
-                 "n_features": len(features)},
-        "seed": cfg.seed, "folds": cfg.folds, "threshold": cfg.threshold, "feature_names": features,
-        "metric_notes": ("sklearn.metrics; positive class = label 1; y_pred = y_prob >= threshold; sd over folds "
-                         "with ddof=1; pooled = all out-of-fold predictions together"),
-        "models": {m: {"label": MODEL_LABELS[m], **summary[m]} for m in cfg.models},
-        "fold_info": fold_info,
-        "config": to_dict(cfg),
-    }
-    if "gru" in cfg.models:
-        meta["models"]["gru"]["n_params"] = int(n_params)
-    if shap_parts:
-        shap_df = pd.concat(shap_parts).sort_index()
-        display = pd.concat(display_parts)
-        meta["shap"] = _write_shap(shap_df, display, features, pred_rt[pred_rt.model == "gru"], cfg, out, log)
+    meta = _metadata(data, cfg, acc, summary)
+    if acc.shap_parts:
+        shap_df = pd.concat(acc.shap_parts).sort_index()
+        meta["shap"] = _write_shap(shap_df, pd.concat(acc.display_parts), acc.features,
+                                   pred_rt[pred_rt.model == "gru"], cfg, data.source, out, log)
     meta["wall_s"] = time.perf_counter() - t_start
     fsutil.write_json(out / "metrics.json", meta)
     fsutil.write_text(out / "metrics.md", _metrics_md(meta["models"], meta))
-    for m in cfg.models:
-        p, s = summary[m]["pooled"], summary[m]
-        log.info("%-20s pooled acc %.4f kappa %.4f AUC %.4f | mean acc %.4f ± %.4f kappa %.4f ± %.4f",
-                 MODEL_LABELS[m], p["accuracy"], p["kappa"], p["auc"] or math.nan, s["mean"]["accuracy"],
-                 s["sd"]["accuracy"], s["mean"]["kappa"], s["sd"]["kappa"])
+    _log_results(summary, cfg, log)
     log.info("wrote %s (%.1f s)", out, meta["wall_s"])
     return meta
 
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``hpc-dfs clinical`` options: every :class:`ClinicalConfig` field as a flag."""
+    """``hpc-dfs clinical`` options: ``--data`` and ``--out``, then every :class:`ClinicalConfig` field as a flag."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("example:\n  hpc-dfs clinical --data ../shared/data/uci_ckd/chronic_kidney_disease_full.arff "
                      "--folds 5 --seed 0 --out runs/clinical\n"
                      "  hpc-dfs clinical --data data/kits/kits.json --target malignant --out runs/clinical_kits")
+    parser.add_argument("--data", type=Path, default=None, metavar="FILE",
+                        help="UCI CKD .arff/.csv, or a KiTS kits.json (with --target malignant)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output directory (created)")
     _add_config_arguments(parser, ClinicalConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the experiment; bad input prints one ``error:`` line naming the file and returns 2."""
+    """Run the experiment.
+
+    Raises:
+        ConfigError: a bad setting, or ``--data``/``--out`` missing or ``--data`` not a file (exit code 2).
+        ClinicalDataError: the data file cannot be used (exit code 2).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
-
-    log = get_logger("hpc_dfs.clinical")
-    try:
-        cfg = from_args(ClinicalConfig, args)
-        run(cfg, log)
-    except (ClinicalDataError, ConfigError) as e:
-        print(f"hpc-dfs clinical: error: {e}", file=sys.stderr)
-        return 2
+    cfg = from_args(ClinicalConfig, args)
+    if args.data is None:
+        raise ConfigError("--data is required (a UCI CKD .arff/.csv or a KiTS kits.json)")
+    if args.out is None:
+        raise ConfigError("--out is required (the output directory)")
+    run(cfg, require_path(args.data, "file", "--data"), args.out, get_logger("hpc_dfs.clinical"))
     return 0

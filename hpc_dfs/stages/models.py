@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from hpc_dfs.models.summary import model_summary
+from hpc_dfs.config import ConfigError
 
 __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``hpc-dfs models`` options: ``--json``, ``--size``, ``--n-clinical``, ``--n-classes``."""
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"),
                         help="slice size for the FLOP count (default: 512 512)")
@@ -37,11 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Print the table (or ``--json``) of every model's parameters and GFLOPs.
+
+    Raises:
+        ConfigError: a size or feature count below 1 (exit code 2).
+    """
+    from hpc_dfs.models.summary import model_summary
     try:
         summary = model_summary(args.size, args.n_clinical, args.n_classes)
     except ValueError as e:
-        print(f"hpc-dfs models: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from None
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -38,14 +38,16 @@ Bad inputs (an unreadable file, a shape the model cannot take, a malformed clini
 error line naming the case and are skipped; the exit code is 1 when any case failed. A case without
 a clinical record runs image-only: a fusion model gets the pipeline's imputed all-missing vector,
 and ``risk.csv`` says ``clinical_used=0``. A checkpoint without preprocessing parameters, or
-checkpoints that disagree on them, stop the run before any case (exit code 2).
+checkpoints that disagree on them, stop the run before any case (exit code 2), on every rank: the
+ranks agree on the setup, so a problem that one rank alone sees (a file missing on its node) stops the
+whole job instead of leaving the others waiting. The paths (``--checkpoint``, ``--input``, ``--out``,
+``--clinical``) are arguments; every other setting is a ``PredictConfig`` field (``--config``, ``--set``).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import gzip
-import inspect
 import io
 import json
 import re
@@ -56,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError  # the stage contract: raised, caught by cli.main
 from hpc_dfs import __version__, dist, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
@@ -69,12 +72,16 @@ log = get_logger("hpc_dfs.predict")
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))  # dims of [B, 1, H, W]
 
 
-class PredictError(RuntimeError):
-    """A run-level problem (checkpoints, input path); stops the run with one clear message."""
+class PredictError(HpcDfsError):
+    """A run-level problem (checkpoints, input path, device): stops the run before any case, exit code 2."""
+
+    code = EXIT_USAGE
 
 
-class CaseFailure(RuntimeError):
-    """A problem with one case; the case is skipped and the run goes on."""
+class CaseFailure(HpcDfsError):
+    """A problem with one case: the case is skipped, the run goes on and exits with 1 (caught in :func:`run`)."""
+
+    code = EXIT_DATA
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -97,10 +104,12 @@ def discover_inputs(path: str | Path) -> tuple[list[CaseInput], Path]:
 
     ``path`` may be one ``imaging.nii.gz`` (or any ``.nii``/``.nii.gz``), a case folder holding
     ``imaging.nii.gz``, or a folder of ``case_XXXXX`` folders.
+
+    Raises:
+        ConfigError: ``path`` does not exist.
+        PredictError: ``path`` is neither a NIfTI image nor a folder holding cases.
     """
-    p = Path(path)
-    if not p.exists():
-        raise PredictError(f"--input {p} does not exist")
+    p = cfgmod.require_path(path, "any", "--input")
     if p.is_file():
         if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")):
             raise PredictError(f"--input {p} is a file but not a NIfTI image (.nii or .nii.gz)")
@@ -189,7 +198,7 @@ def load_replica(path: str | Path, weight: float, device) -> Replica:
         raise PredictError(f"checkpoint {path}: cannot rebuild model {mcfg.get('name')!r} from model_config "
                            f"({type(e).__name__}: {e})") from None
     model.eval().to(device)
-    takes = "clinical" in inspect.signature(model.forward).parameters
+    takes = model.takes_clinical
     needs = takes and getattr(model, "clinical_encoder", None) is not None
     rep = Replica(path, float(weight), model, pre, classes, takes, needs, model_name=str(mcfg.get("name", "")),
                   info={"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics")})
@@ -228,10 +237,15 @@ def load_replicas(paths: list[str], weights: list[float], device) -> list[Replic
 
 
 # ----------------------------------------------------------------------------- clinical records
-def load_records(cfg: PredictConfig, data_root: Path) -> tuple[dict[str, dict], Path | None]:
-    """Clinical records by case id, from ``--clinical`` or kits.json beside the cases (may be none)."""
+def load_records(clinical: Path | None, data_root: Path) -> tuple[dict[str, dict], Path | None]:
+    """Clinical records by case id, from ``clinical`` (``--clinical``) or kits.json beside the cases (may be none).
+
+    Raises:
+        ConfigError: ``clinical`` is given but is not a file.
+        PredictError: the records cannot be read.
+    """
     from hpc_dfs.data.clinical import find_clinical_file, load_kits_records
-    path = Path(cfg.clinical) if cfg.clinical else find_clinical_file(data_root)
+    path = cfgmod.require_path(clinical, "file", "--clinical") if clinical else find_clinical_file(data_root)
     if path is None:
         return {}, None
     try:
@@ -334,17 +348,11 @@ def nifti_gz_bytes(array: np.ndarray, ref_img, level: int = 6) -> bytes:
 
 
 # ----------------------------------------------------------------------------- one case
-def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, records: dict[str, dict],
-                 clinical_source: Path | None, out_dir: Path, device) -> dict[str, Any]:
-    """Segment one case and write its outputs; returns its summary row (raises CaseFailure)."""
+def _read_case(case: CaseInput) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The image array, its affine and its NIfTI image (whose header the outputs copy); raises CaseFailure."""
     import nibabel as nib
 
-    from hpc_dfs.data.geometry import prepare_image, restore_volume
     from hpc_dfs.data.kits_io import CaseError, load_nifti
-    from hpc_dfs.postprocess import postprocess
-    from hpc_dfs.visualize import save_overlay
-    t = {"start": time.perf_counter()}
-    row: dict[str, Any] = {"case_id": case.case_id, "image": str(case.image_path)}
     try:
         image, affine, _ = load_nifti(case.image_path, case.case_id)  # checks: present, decodable, 3-D
         img = nib.load(str(case.image_path))  # header only: the outputs copy it
@@ -357,24 +365,73 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
         raise CaseFailure(f"{case.image_path.name} holds NaN or infinite voxels")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseFailure(f"{case.image_path.name} has a degenerate affine; its orientation cannot be read")
-    row["shape"] = [int(s) for s in image.shape]
-    t["load"] = time.perf_counter()
+    return image, affine, img
 
+
+def _clinical_inputs(case: CaseInput, reps: list[Replica], records: dict[str, dict],
+                     clinical_source: Path | None) -> tuple[list[np.ndarray | None], bool]:
+    """Per replica the case's clinical vector (None for image-only models), and whether a record was used."""
     record = records.get(case.case_id)
-    clin = []
-    row["clinical_used"] = any(r.needs_clinical for r in reps) and record is not None
-    for rep in reps:
-        clin.append(clinical_vector(rep, case.case_id, record) if rep.needs_clinical else None)
-    if any(r.needs_clinical for r in reps) and record is None:
+    needed = any(r.needs_clinical for r in reps)
+    if needed and record is None:
         where = clinical_source if clinical_source else "no clinical file (kits.json) found"
         log.warning("%s: no clinical record (%s); running image-only with the imputed all-missing clinical vector",
                     case.case_id, where)
+    vectors = [clinical_vector(rep, case.case_id, record) if rep.needs_clinical else None for rep in reps]
+    return vectors, needed and record is not None
 
+
+def _transform(case: CaseInput, image: np.ndarray, affine: np.ndarray, preprocessing: dict) -> tuple[np.ndarray, Any]:
+    """The model's slices of the case and the geometry to restore them (as in training); raises CaseFailure."""
+    import nibabel as nib
+
+    from hpc_dfs.data.geometry import prepare_image
     try:
-        slices, geometry = prepare_image(image.astype(np.float32, copy=False), affine, reps[0].preprocessing)
+        return prepare_image(image.astype(np.float32, copy=False), affine, preprocessing)
     except Exception as e:
         raise CaseFailure(f"cannot transform {case.image_path.name} (shape {image.shape}, orientation "
                           f"{''.join(nib.aff2axcodes(affine))}) as in training: {type(e).__name__}: {e}") from None
+
+
+def _write_case(case: CaseInput, cfg: PredictConfig, out_dir: Path, img, maps: dict[str, np.ndarray],
+                image: np.ndarray, affine: np.ndarray) -> dict[str, Path]:
+    """Write the case's files (``maps``: ``clean``, ``raw`` labels and ``native`` probabilities ``(C, ...)``)."""
+    from hpc_dfs.visualize import save_overlay
+    sfx = case.suffix
+    files = {"prediction": out_dir / f"prediction_{sfx}.nii.gz"}
+    fsutil.write_bytes(files["prediction"], nifti_gz_bytes(maps["clean"], img, cfg.compress_level))
+    if cfg.save_raw:
+        files["raw"] = out_dir / "raw" / f"prediction_{sfx}.nii.gz"
+        fsutil.write_bytes(files["raw"], nifti_gz_bytes(maps["raw"], img, cfg.compress_level))
+    if cfg.save_probabilities:
+        files["probabilities"] = out_dir / f"probabilities_{sfx}.nii.gz"
+        probabilities = np.ascontiguousarray(np.moveaxis(maps["native"], 0, -1))
+        fsutil.write_bytes(files["probabilities"], nifti_gz_bytes(probabilities, img, cfg.compress_level))
+    if cfg.overlays:
+        files["overlay"] = out_dir / f"overlay_{sfx}.png"
+        save_overlay(files["overlay"], image, maps["clean"], affine, title=case.case_id)
+    return files
+
+
+_STEPS = ("start", "load", "preprocess", "inference", "restore", "postprocess", "write")
+
+
+def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, records: dict[str, dict],
+                 clinical_source: Path | None, out_dir: Path, device) -> dict[str, Any]:
+    """Segment one case and write its outputs; returns its summary row.
+
+    Raises:
+        CaseFailure: the case cannot be read, transformed or segmented; the message names the problem.
+    """
+    import nibabel as nib
+
+    from hpc_dfs.data.geometry import restore_volume
+    from hpc_dfs.postprocess import postprocess
+    t = {"start": time.perf_counter()}
+    image, affine, img = _read_case(case)
+    t["load"] = time.perf_counter()
+    clin, clinical_used = _clinical_inputs(case, reps, records, clinical_source)
+    slices, geometry = _transform(case, image, affine, reps[0].preprocessing)
     t["preprocess"] = time.perf_counter()
     probs, risk = infer_slices(reps, slices, clin, cfg.batch_size, cfg.tta, device)
     t["inference"] = time.perf_counter()
@@ -386,40 +443,27 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
     t["restore"] = time.perf_counter()
     clean, pp_info = postprocess(label, affine, cfg.postprocess, reps[0].classes, image=image)
     t["postprocess"] = time.perf_counter()
-
-    sfx = case.suffix
-    files = {"prediction": out_dir / f"prediction_{sfx}.nii.gz"}
-    fsutil.write_bytes(files["prediction"], nifti_gz_bytes(clean, img, cfg.compress_level))
-    if cfg.save_raw:
-        files["raw"] = out_dir / "raw" / f"prediction_{sfx}.nii.gz"
-        fsutil.write_bytes(files["raw"], nifti_gz_bytes(label, img, cfg.compress_level))
-    if cfg.save_probabilities:
-        files["probabilities"] = out_dir / f"probabilities_{sfx}.nii.gz"
-        fsutil.write_bytes(files["probabilities"],
-                           nifti_gz_bytes(np.ascontiguousarray(np.moveaxis(native, 0, -1)), img, cfg.compress_level))
+    files = _write_case(case, cfg, out_dir, img, {"clean": clean, "raw": label, "native": native}, image, affine)
     del native
-    if cfg.overlays:
-        files["overlay"] = out_dir / f"overlay_{sfx}.png"
-        save_overlay(files["overlay"], image, clean, affine, title=case.case_id)
     t["write"] = time.perf_counter()
 
     voxel_ml = float(np.prod(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))) / 1000.0
-    row.update({
-        "status": "ok", "risk_prob": risk, "orientation": "".join(nib.aff2axcodes(affine)),
-        "n_slices_model": int(slices.shape[0]),
+    seconds = {k: round(t[k] - t[prev], 4) for prev, k in zip(_STEPS[:-1], _STEPS[1:])}
+    seconds["total"] = round(t["write"] - t["start"], 4)
+    return {
+        "case_id": case.case_id, "image": str(case.image_path), "shape": [int(s) for s in image.shape],
+        "clinical_used": clinical_used, "status": "ok", "risk_prob": risk,
+        "orientation": "".join(nib.aff2axcodes(affine)), "n_slices_model": int(slices.shape[0]),
         "volumes_ml": {name: int(np.count_nonzero(clean == i)) * voxel_ml
                        for i, name in enumerate(reps[0].classes) if i > 0},
         "postprocess": pp_info, "files": {k: v.name if k != "raw" else f"raw/{v.name}" for k, v in files.items()},
-        "seconds": {k: round(t[k] - t[prev], 4) for prev, k in zip(
-            ["start", "load", "preprocess", "inference", "restore", "postprocess"],
-            ["load", "preprocess", "inference", "restore", "postprocess", "write"])},
-    })
-    row["seconds"]["total"] = round(t["write"] - t["start"], 4)
-    return row
+        "seconds": seconds,
+    }
 
 
 # ----------------------------------------------------------------------------- summary
 def risk_csv(rows: list[dict]) -> str:
+    """``risk.csv`` of the summary rows: ``case_id, risk_prob, clinical_used`` of every case that was written."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["case_id", "risk_prob", "clinical_used"])
@@ -430,47 +474,102 @@ def risk_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def run(cfg: PredictConfig) -> int:
-    """Predict every case of ``cfg.input`` on this rank's share; returns the exit code (same on all ranks)."""
+def _write_summary(rows: list[dict], setup: Setup, cfg: PredictConfig, paths: PredictPaths, threads: int,
+                   seconds: float) -> None:
+    """Rank 0: ``risk.csv`` and ``summary.json`` of all ranks' rows, and the closing log lines."""
+    failed = [r for r in rows if r["status"] != "ok"]
+    fsutil.write_text(paths.out / "risk.csv", risk_csv(rows))
+    reps = setup.reps
+    summary = {
+        "hpc_dfs_version": __version__, "world_size": dist.size(), "threads_per_rank": threads,
+        "device": str(setup.device),
+        "checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, **r.info} for r in reps],
+        "classes": reps[0].classes, "preprocessing": reps[0].preprocessing,
+        "clinical_source": str(setup.clinical_source) if setup.clinical_source else None,
+        "input": str(paths.input), "out": str(paths.out),
+        "config": cfgmod.to_dict(cfg), "n_cases": len(rows), "n_ok": len(rows) - len(failed),
+        "n_failed": len(failed), "wall_seconds": round(seconds, 3), "cases": rows,
+    }
+    fsutil.write_json(paths.out / "summary.json", summary)
+    log.info("%d of %d cases written to %s in %.1f s", len(rows) - len(failed), len(rows), paths.out,
+             summary["wall_seconds"])
+    if failed:
+        log.error("%d of %d cases failed (%s); their errors are above and in %s", len(failed), len(rows),
+                  ", ".join(r["case_id"] for r in failed), paths.out / "summary.json")
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class PredictPaths:
+    """The paths of a run: argparse arguments (``--checkpoint``, ``--input``, ``--out``, ``--clinical``)."""
+
+    checkpoints: list[Path]
+    input: Path
+    out: Path
+    clinical: Path | None = None
+
+
+@dataclass
+class Setup:
+    """What every rank has checked and loaded before the first case."""
+
+    device: Any
+    cases: list[CaseInput]
+    reps: list[Replica]
+    records: dict[str, dict]
+    clinical_source: Path | None
+
+
+def _device(choice: str):
+    """The torch device for ``--device auto|cpu|cuda``; raises PredictError when CUDA is asked for but absent."""
     import torch
-    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
-    rank, world = dist.rank(), dist.size()
-    threads = dist.configure_threads(cfg.threads if cfg.threads > 0 else None)
-    if cfg.device == "cpu":
-        device = torch.device("cpu")
-    else:
-        device = dist.device()
-        if cfg.device == "cuda" and device.type != "cuda":
-            raise PredictError("--device cuda asked for but CUDA is not available")
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    t0 = time.perf_counter()
-    out_dir = Path(cfg.out)
-    setup_error = None
+    if choice == "cpu":
+        return torch.device("cpu")
+    device = dist.device()
+    if choice == "cuda" and device.type != "cuda":
+        raise PredictError("--device cuda asked for but CUDA is not available")
+    return device
+
+
+def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
+    """Check the paths, load the checkpoints and records, create ``--out`` (raises HpcDfsError)."""
+    device = _device(cfg.device)
+    for ckpt in paths.checkpoints:
+        cfgmod.require_path(ckpt, "file", "--checkpoint")
+    cases, data_root = discover_inputs(paths.input)
+    reps = load_replicas([str(p) for p in paths.checkpoints], cfg.weights, device)
+    records, clinical_source = load_records(paths.clinical, data_root)
+    paths.out.mkdir(parents=True, exist_ok=True)
+    return Setup(device, cases, reps, records, clinical_source)
+
+
+def _setup_on_every_rank(cfg: PredictConfig, paths: PredictPaths) -> Setup:
+    """:func:`_setup` on every rank, and the ranks agree: when it failed on any rank, it raises on all of them.
+
+    So a problem seen by one rank only (a file missing on one node) stops the job instead of leaving
+    the other ranks waiting in a collective.
+    """
+    setup, error = None, None
     try:
-        cases, data_root = discover_inputs(cfg.input)
-        reps = load_replicas(cfg.checkpoints, cfg.weights, device)
-        records, clinical_source = load_records(cfg, data_root)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except PredictError as e:
-        setup_error = str(e)
-    errors = [e for e in dist.allgather_object(setup_error) if e]
-    if errors:
-        if rank == 0 or setup_error:
-            log.error("%s", setup_error or errors[0])
-        return 2
-    if rank == 0:
-        log.info("%d cases on %d rank(s), %d checkpoint(s) [%s], TTA %s, post-processing %s, %d thread(s)/rank, %s",
-                 len(cases), world, len(reps), ", ".join(f"{r.path.name}:{r.weight:.3g}" for r in reps),
-                 "on" if cfg.tta else "off", "on" if cfg.postprocess.enabled else "off", threads, device)
-        if any(r.needs_clinical for r in reps):
-            log.info("clinical records: %s", clinical_source or "none found (all cases run image-only)")
-    mine = partition(cases, rank, world) if world > 1 else cases
+        setup = _setup(cfg, paths)
+    except HpcDfsError as e:
+        error = e
+    reports = dist.allgather_object(None if error is None else (str(error), error.code))
+    if error is not None:
+        raise error
+    for r, report in enumerate(reports):
+        if report:
+            raise PredictError(f"rank {r}: {report[0]}", code=report[1])
+    return setup
+
+
+def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_dir: Path) -> list[dict]:
+    """Summary rows of ``cases``; a case that fails gets one error line and a ``failed`` row, the others go on."""
     rows = []
-    for i, case in enumerate(mine):
+    for i, case in enumerate(cases):
         try:
-            row = predict_case(case, reps, cfg, records, clinical_source, out_dir, device)
-            log.info("[%d/%d] %s done in %.2f s%s", i + 1, len(mine), case.case_id, row["seconds"]["total"],
+            row = predict_case(case, setup.reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device)
+            log.info("[%d/%d] %s done in %.2f s%s", i + 1, len(cases), case.case_id, row["seconds"]["total"],
                      "" if row["risk_prob"] is None else f", risk {row['risk_prob']:.3f}")
         except CaseFailure as e:
             log.error("%s: %s -- skipped", case.case_id, e)
@@ -479,50 +578,76 @@ def run(cfg: PredictConfig) -> int:
             log.error("%s: %s: %s -- skipped", case.case_id, type(e).__name__, e)
             row = {"case_id": case.case_id, "status": "failed", "error": f"{type(e).__name__}: {e}",
                    "image": str(case.image_path)}
-        row["rank"] = rank
+        row["rank"] = dist.rank()
         rows.append(row)
-    gathered = [r for part in dist.allgather_object(rows) for r in part]
-    gathered.sort(key=lambda r: r["case_id"])
-    failed = [r for r in gathered if r["status"] != "ok"]
+    return rows
+
+
+def run(cfg: PredictConfig, paths: PredictPaths) -> int:
+    """Predict every case of ``paths.input``, this rank's share of them; the exit code is the same on all ranks.
+
+    Returns:
+        0 when every case was written, 1 when some failed (each named in the log and in summary.json).
+
+    Raises:
+        HpcDfsError: a problem that stops the run before any case (raised on every rank, see
+            :func:`_setup_on_every_rank`).
+    """
+    import torch
+    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    rank, world = dist.rank(), dist.size()
+    threads = dist.configure_threads(cfg.threads if cfg.threads > 0 else None)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    t0 = time.perf_counter()
+    setup = _setup_on_every_rank(cfg, paths)
+    reps = setup.reps
     if rank == 0:
-        fsutil.write_text(out_dir / "risk.csv", risk_csv(gathered))
-        summary = {
-            "hpc_dfs_version": __version__, "world_size": world, "threads_per_rank": threads, "device": str(device),
-            "checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, **r.info} for r in reps],
-            "classes": reps[0].classes, "preprocessing": reps[0].preprocessing,
-            "clinical_source": str(clinical_source) if clinical_source else None,
-            "config": cfgmod.to_dict(cfg), "n_cases": len(gathered), "n_ok": len(gathered) - len(failed),
-            "n_failed": len(failed), "wall_seconds": round(time.perf_counter() - t0, 3), "cases": gathered,
-        }
-        fsutil.write_json(out_dir / "summary.json", summary)
-        log.info("%d of %d cases written to %s in %.1f s", len(gathered) - len(failed), len(gathered), out_dir,
-                 summary["wall_seconds"])
-        if failed:
-            log.error("%d of %d cases failed (%s); their errors are above and in %s", len(failed), len(gathered),
-                      ", ".join(r["case_id"] for r in failed), out_dir / "summary.json")
+        log.info("%d cases on %d rank(s), %d checkpoint(s) [%s], TTA %s, post-processing %s, %d thread(s)/rank, %s",
+                 len(setup.cases), world, len(reps), ", ".join(f"{r.path.name}:{r.weight:.3g}" for r in reps),
+                 "on" if cfg.tta else "off", "on" if cfg.postprocess.enabled else "off", threads, setup.device)
+        if any(r.needs_clinical for r in reps):
+            log.info("clinical records: %s", setup.clinical_source or "none found (all cases run image-only)")
+    mine = partition(setup.cases, rank, world) if world > 1 else setup.cases
+    rows = _predict_all(mine, setup, cfg, paths.out)
+    gathered = sorted((r for part in dist.allgather_object(rows) for r in part), key=lambda r: r["case_id"])
+    if rank == 0:
+        _write_summary(gathered, setup, cfg, paths, threads, time.perf_counter() - t0)
     dist.barrier()
-    return 1 if failed else 0
+    return 1 if any(r["status"] != "ok" for r in gathered) else 0
 
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", dest="cfg__checkpoints", action="append", default=None, metavar="CKPT",
+    """``hpc-dfs predict`` options: the paths, then every :class:`PredictConfig` setting as a flag."""
+    parser.add_argument("--checkpoint", dest="checkpoints", action="append", type=Path, default=[], metavar="CKPT",
                         help="checkpoint (.pt) written by `hpc-dfs train`; repeat to average several replicas")
+    parser.add_argument("--input", type=Path, default=None, metavar="PATH",
+                        help="a case folder, a folder of case_XXXXX/ folders, or one imaging.nii.gz")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--clinical", type=Path, default=None, metavar="JSON",
+                        help="clinical records (KiTS schema); default: kits.json beside the cases")
     parser.add_argument("--weights", dest="cfg__weights", default=None, metavar="W1,W2,...",
                         type=lambda s: [float(v) for v in s.split(",") if v.strip()],
                         help="one weight per --checkpoint for the weighted average of probabilities (default equal)")
     parser.add_argument("--postprocess", dest="cfg__postprocess.enabled", action=argparse.BooleanOptionalAction,
                         default=None, help="connected-component post-processing (default on; "
                                            "fine-tune with --set postprocess.<key>=...)")
-    cfgmod.add_arguments(parser, PredictConfig, skip=("checkpoints", "weights"))
+    cfgmod.add_arguments(parser, PredictConfig, skip=("weights",))
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = cfgmod.from_args(PredictConfig, args)
-        if not cfg.input or not cfg.out:
-            raise cfgmod.ConfigError("--input and --out are required")
-        return run(cfg)
-    except (cfgmod.ConfigError, PredictError, dist.DistError) as e:
-        log.error("%s", e)
-        return 2
+    """Read the settings and paths, check what needs no rank, and :func:`run`.
+
+    Raises:
+        ConfigError: a bad setting, ``--input``/``--out`` missing, or not one ``--weights`` per ``--checkpoint``.
+    """
+    cfg = cfgmod.from_args(PredictConfig, args)
+    if not args.input or not args.out:
+        raise cfgmod.ConfigError("--input and --out are required")
+    if not args.checkpoints:
+        raise PredictError("give at least one --checkpoint")
+    if cfg.weights and len(cfg.weights) != len(args.checkpoints):
+        raise cfgmod.ConfigError(f"got {len(cfg.weights)} --weights for {len(args.checkpoints)} --checkpoint; give "
+                                 f"one weight per checkpoint or none")
+    return run(cfg, PredictPaths(list(args.checkpoints), args.input, args.out, args.clinical))

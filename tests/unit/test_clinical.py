@@ -24,7 +24,8 @@ def _run(*args) -> int:
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory, uci_ckd_dir):
     out = tmp_path_factory.mktemp("clin")
-    rc = _run("--data", uci_ckd_dir / "chronic_kidney_disease_full.arff", "--folds", 2, "--seed", 0, "--out", out, *FAST)
+    rc = _run("--data", uci_ckd_dir / "chronic_kidney_disease_full.arff", "--folds", 2, "--seed", 0, "--out", out,
+              *FAST)
     assert rc == 0
     return out
 

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from hpc_dfs.config import ConfigError, load, to_dict
 from hpc_dfs.config.model import ModelConfig
-from hpc_dfs.models import (MODEL_NAMES, ClinicalEncoder, ClinicalGRU, DFSFusion, DFSLoss, RUSPNet, UNet,
-                            build_model, count_flops, count_parameters)
+from hpc_dfs.models import (MODEL_NAMES, MODELS, SEGMENTATION_MODELS, ClinicalEncoder, ClinicalGRU, DFSFusion, DFSLoss,
+                            RUSPNet, UNet, build_model, count_flops, count_parameters)
 
 torch.set_num_threads(1)
 
@@ -300,3 +300,21 @@ def test_models_cli_json_meets_the_paper_counts_and_the_1_20_goal():
     with contextlib.redirect_stdout(io.StringIO()) as table:
         assert main(["models", "--size", "64", "96"]) == 0
     assert "rusp_net_dw" in table.getvalue() and "64x96" in table.getvalue()
+
+
+# ----------------------------------------------------------------------------- one list of names
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_each_model_declares_whether_it_takes_clinical_features(name):
+    cls = MODELS[name]
+    assert "takes_clinical" in vars(cls), f"{cls.__name__} does not declare takes_clinical"
+    assert cls.takes_clinical is (name in ("clinical_gru", "dfs_fusion"))
+    assert isinstance(build_model(name, **TINY), cls)
+    if name != "clinical_gru":  # an image model takes clinical features exactly when forward has a clinical argument
+        assert cls.takes_clinical == ("clinical" in inspect.signature(cls.forward).parameters)
+
+
+def test_model_names_come_from_the_one_registry():
+    assert SEGMENTATION_MODELS == ("unet", "rusp_net", "rusp_net_dw", "dfs_fusion")
+    with pytest.raises(ConfigError, match="model.name must be one of unet, rusp_net, rusp_net_dw, clinical_gru, "
+                                          "dfs_fusion, got 'resnet'"):
+        load(ModelConfig, overrides=["name=resnet"])

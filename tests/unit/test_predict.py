@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from hpc_dfs.cli import main as cli
+from hpc_dfs.errors import HpcDfsError
 
 N_CASES = 2
 
@@ -224,3 +225,29 @@ def test_nifti_bytes_are_deterministic(setup):
     assert b1 == b2 and b1[4:8] == b"\x00\x00\x00\x00"  # gzip MTIME field is zero
     back = nib.Nifti1Image.from_bytes(gzip.decompress(b1))
     assert np.array_equal(back.affine, img.affine) and np.array_equal(np.asanyarray(back.dataobj), lab)
+
+
+def test_a_setup_error_on_one_rank_stops_every_rank(setup, tmp_path, monkeypatch):
+    """The ranks agree on setup: a rank whose own setup went well still raises when a peer's failed (no hang)."""
+    from hpc_dfs import dist
+    from hpc_dfs.config.predict import PredictConfig
+    from hpc_dfs.stages import predict
+    paths = predict.PredictPaths([setup["ckpts"][0]], setup["data"], tmp_path / "o")
+    peer = ("--input /node2/data: no such folder", 2)
+    monkeypatch.setattr(dist, "allgather_object", lambda obj, *a, **k: [obj, peer])
+    with pytest.raises(predict.PredictError, match="rank 1: --input /node2/data: no such folder") as err:
+        predict._setup_on_every_rank(PredictConfig(), paths)
+    assert err.value.code == 2
+    # this rank's own error wins over a peer's, with its own code
+    bad = predict.PredictPaths([tmp_path / "missing.pt"], setup["data"], tmp_path / "o")
+    with pytest.raises(HpcDfsError, match="missing.pt: no such file"):
+        predict._setup_on_every_rank(PredictConfig(), bad)
+
+
+def test_errors_are_one_line_on_stderr(setup, tmp_path, capsys):
+    args = ["predict", "--checkpoint", str(setup["ckpts"][0]), "--out", str(tmp_path / "o")]
+    assert cli([*args, "--input", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"hpc-dfs predict: error: --input {tmp_path / 'nowhere'}: does not exist"]
+    assert cli(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["hpc-dfs predict: error: --input and --out are required"]

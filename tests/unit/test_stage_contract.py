@@ -1,0 +1,31 @@
+"""The stage contract of the small verbs: a usage problem is one ``hpc-dfs VERB: error:`` line and exit code 2."""
+from __future__ import annotations
+
+import pytest
+
+from hpc_dfs.cli import main as cli
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bench_finds_the_repositorys_benchmarks(capsys):
+    from hpc_dfs.stages.bench import BENCH_DIR, available
+    assert BENCH_DIR.is_dir() and {"preprocess", "reader", "train"} <= set(available())
+    assert cli(["bench", "--list"]) == 0
+    assert "reader" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench"], "hpc-dfs bench: error: name the benchmarks to run (listed above), or give --all"),
+    (["bench", "nosuch"], "hpc-dfs bench: error: unknown benchmark(s) nosuch; available: "),
+    (["bench", "--bench-dir", "/nonexistent/bench", "--list"], "hpc-dfs bench: error: --bench-dir /nonexistent/bench: "
+                                                                "no such folder"),
+    (["models", "--size", "0", "4"], "hpc-dfs models: error: --size must be positive"),
+])
+def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert cli(argv) == 2
+    assert _one_error_line(capsys).startswith(message)
