@@ -19,6 +19,12 @@ Two renderers share one CT painter (:func:`render_ct`):
   histologic subtype, and the real clinical record is attached. The segmentation file is copied
   byte for byte and the image gets its exact affine.
 
+The painter places the tissues; how they look comes from a per-case *look*
+(:mod:`hpc_dfs.data.synth_looks`), chosen by ``SynthConfig.style`` (``--set style=...``):
+``default`` (the CT model described here), ``random`` (domain randomisation, SynthSeg style) or
+``streak`` (a held-out renderer for "unseen renderer" validation). The labels, anatomy and record
+of a case are the same in every style.
+
 Every case varies: contrast phase (non-contrast, corticomedullary, nephrographic, excretory),
 global HU offset and gain, noise level, partial-volume blur, organ sizes and positions. Output
 is deterministic for a seed (each case has its own seeded generator, so case 7 does not change

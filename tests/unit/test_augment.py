@@ -199,3 +199,13 @@ def test_domain_randomisation_config_is_checked():
         load(AugmentConfig, overrides=["remap_points=1"])
     with pytest.raises(ConfigError, match="augmentation.region_texture"):
         load(AugmentConfig, overrides=["region_texture=[0.5, 0.1]"])
+
+
+def test_domain_randomisation_treats_2p5d_context_channels_alike():
+    """With k context slices as channels, every channel gets the same curve, region shifts and textures."""
+    image, label = _batch(4)
+    ctx = image.repeat(1, 3, 1, 1)                                   # [B,3,H,W]: three identical slices
+    x, _ = SliceAugmenter(dataclasses.replace(AugmentConfig(), domain_random_prob=1.0), seed=6)(ctx, label, range(4))
+    assert x.shape == ctx.shape and (x - ctx).abs().mean() > 0.05
+    torch.testing.assert_close(x[:, 0], x[:, 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(x[:, 0], x[:, 2], rtol=0, atol=1e-5)
