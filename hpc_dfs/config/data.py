@@ -30,6 +30,10 @@ class SynthConfig:
     kits_json: Optional[str] = field(default=None, metadata={
         "help": "with --from-labels: the real kits.json whose records are attached"})
     first_case: int = field(default=0, metadata={"help": "phantoms: number of the first case id"})
+    style: Literal["default", "random", "streak"] = field(default="default", metadata={
+        "help": "how the CT looks: 'default' (the project's CT model), 'random' (domain randomisation, SynthSeg "
+                "style: random per-structure intensities, textures, fat rim, bias, blur, resolution) or 'streak' "
+                "(the held-out unseen renderer for validation); the labels and records do not depend on it"})
 
     def validate(self) -> None:
         if self.size < 32:

@@ -80,12 +80,26 @@ class AugmentConfig:
     noise_prob: float = field(default=0.3, metadata={"help": "probability of white Gaussian noise"})
     noise_std: list[float] = field(default_factory=lambda: [0.0, 0.15], metadata={"help": "noise std, slice std units"})
     texture_prob: float = field(default=0.3, metadata={"help": "probability of correlated (textured) noise"})
-    texture_std: list[float] = field(default_factory=lambda: [0.0, 0.15], metadata={"help": "texture std, slice std units"})
+    texture_std: list[float] = field(default_factory=lambda: [0.0, 0.15], metadata={
+        "help": "texture std, slice std units"})
     texture_sigma: list[float] = field(default_factory=lambda: [1.0, 3.0], metadata={"help": "texture grain, px"})
+    domain_random_prob: float = field(default=0.0, metadata={
+        "help": "probability of domain randomisation (SynthSeg style, before the ops above): a random intensity "
+                "curve, then random shifts and textures of each label region (kidney, tumour)"})
+    remap_points: int = field(default=6, metadata={"help": "control points of the random intensity curve"})
+    remap_monotone: float = field(default=0.5, metadata={
+        "help": "probability that the random curve is monotone (otherwise tissue contrasts may reorder)"})
+    region_shift: float = field(default=1.5, metadata={
+        "help": "largest shift of a label region's intensity, slice std units, +-"})
+    region_texture: list[float] = field(default_factory=lambda: [0.0, 0.3], metadata={
+        "help": "textured noise std inside each label region, slice std units"})
+    region_edge: float = field(default=1.0, metadata={
+        "help": "smoothing (px) of the label regions, so a shift leaves no step exactly on the label boundary"})
 
     def validate(self) -> None:
         for name in ("flip_lr", "flip_ap", "affine_prob", "elastic_prob", "bias_prob", "gamma_prob", "contrast_prob",
-                     "window_prob", "blur_prob", "lowres_prob", "noise_prob", "texture_prob"):
+                     "window_prob", "blur_prob", "lowres_prob", "noise_prob", "texture_prob", "domain_random_prob",
+                     "remap_monotone"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ConfigError(f"augmentation.{name} is a probability, got {p}")
@@ -102,6 +116,13 @@ class AugmentConfig:
             raise ConfigError(f"augmentation.window_clip must be in [0, 0.5), got {self.window_clip}")
         if self.elastic_grid < 2:
             raise ConfigError(f"augmentation.elastic_grid must be >= 2, got {self.elastic_grid}")
+        if not 2 <= self.remap_points <= 64:
+            raise ConfigError(f"augmentation.remap_points must be in [2, 64], got {self.remap_points}")
+        if self.region_shift < 0:
+            raise ConfigError(f"augmentation.region_shift must be >= 0, got {self.region_shift}")
+        _range("augmentation.region_texture", self.region_texture, 0.0)
+        if not 0.0 <= self.region_edge <= 10.0:
+            raise ConfigError(f"augmentation.region_edge must be in [0, 10] px, got {self.region_edge}")
 
 
 @dataclass

@@ -8,7 +8,11 @@ randomises what a renderer or scanner changes -- intensities and textures -- as 
 - intensity and texture (image only): a smooth multiplicative bias field, random gamma,
   contrast and brightness, a shifted/narrowed intensity window (the HU window a site happens to
   use), blur or sharpening, simulated low resolution, white Gaussian noise of varied level and
-  spatially correlated ("textured") noise.
+  spatially correlated ("textured") noise;
+- domain randomisation (SynthSeg style, off by default: ``domain_random_prob``; uses the label):
+  a random intensity curve, monotone or not, so tissue contrasts change or reorder, then a random
+  intensity shift and texture of each label region, so kidney and tumour are never one fixed
+  intensity. The ops above (bias, blur, low resolution, noise) then act on the result.
 
 Usage::
 
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 __all__ = ["SliceAugmenter", "derive_seed", "gaussian_blur"]
 
 _N_UNIFORMS = 32  # fixed number of uniforms drawn per sample, so enabling an op never shifts another's draws
+_REGIONS = 4      # label classes 1..4 get their own random shift and texture under domain randomisation
 
 
 def derive_seed(*parts: int) -> int:
@@ -129,6 +134,7 @@ class SliceAugmenter:
         x = image.float()
         y = label
         x, y = self._geometry(x, y, u, elastic)
+        x = self._domain_random(x, y, u, seeds)
         x = self._intensity(x, u, bias, seeds)
         return x.to(image.dtype), y
 
@@ -171,6 +177,72 @@ class SliceAugmenter:
         x[idx] = xs
         y[idx] = ys[:, 0].round().to(y.dtype)
         return x, y
+
+    # ------------------------------------------------------------------ domain randomisation
+    def _domain_draws(self, seeds: Sequence[int], idx: list[int], h: int, w: int, device: torch.device) -> dict:
+        """Each chosen sample's curve, region shifts/textures and texture field, from its own generator (salt 3)."""
+        k = int(self.cfg.remap_points)
+        rows = []
+        for i in idx:
+            gen = torch.Generator().manual_seed(derive_seed(seeds[i], 3))
+            rows.append((torch.rand(k, generator=gen), torch.rand(2 + 2 * _REGIONS, generator=gen),
+                         torch.randn(1, h, w, generator=gen)))
+        curve, u, noise = (torch.stack(col).to(device) for col in zip(*rows))
+        return {"curve": curve, "monotone": u[:, 0] < self.cfg.remap_monotone, "grain": u[:, 1],
+                "shift": 2 * u[:, 2:2 + _REGIONS] - 1, "texture": u[:, 2 + _REGIONS:], "noise": noise}
+
+    @staticmethod
+    def _remap(x: torch.Tensor, curve: torch.Tensor, monotone: torch.Tensor) -> torch.Tensor:
+        """A random piecewise-linear intensity curve [n,K] on each sample's own [min, max] range."""
+        dims = (1, 2, 3)
+        lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+        span = (hi - lo).clamp_min(1e-6)
+        sorted_curve = curve.sort(dim=1).values
+        rising = (sorted_curve - sorted_curve[:, :1]) / (sorted_curve[:, -1:] - sorted_curve[:, :1]).clamp_min(1e-6)
+        v = torch.where(monotone[:, None], rising, curve)
+        k = v.shape[1]
+        pos = ((x - lo) / span).clamp(0, 1) * (k - 1)
+        i0 = pos.floor().clamp(max=k - 2).long()
+        frac = pos - i0
+        v0 = torch.gather(v, 1, i0.flatten(1)).view_as(x)
+        v1 = torch.gather(v, 1, (i0 + 1).flatten(1)).view_as(x)
+        return lo + (v0 + (v1 - v0) * frac) * span
+
+    def _domain_random(self, x, y, u, seeds):
+        """SynthSeg-style randomisation of the samples that draw it (``u[:, 26]``), before the intensity ops.
+
+        A random intensity curve (monotone or not) re-maps the tissues; then each label region
+        (classes 1.., edges smoothed by ``region_edge`` px) is shifted by its own random amount and
+        given its own textured noise, in units of the slice's std. With several input channels
+        (2.5D context) every channel gets the same curve and the centre label's regions.
+        """
+        c = self.cfg
+        idx = (u[:, 26] < c.domain_random_prob).nonzero().flatten().tolist()
+        if not idx:
+            return x
+        _, _, h, w = x.shape
+        d = self._domain_draws(seeds, idx, h, w, x.device)
+        xi = x[idx]
+        std = xi.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+        xi = self._remap(xi, d["curve"], d["monotone"])
+        shift = d["shift"] * c.region_shift                                   # [n,R]
+        amp = _uniform(d["texture"], c.region_texture)                        # [n,R]
+        # per-pixel shift and texture amplitude of the pixel's region; smoothing them is smoothing each region
+        maps = torch.zeros(len(idx), 2, h, w, device=x.device, dtype=x.dtype)
+        yi = y[idx]
+        for r in range(1, _REGIONS + 1):
+            inside = (yi == r).to(x.dtype)
+            maps[:, 0] += inside * shift[:, r - 1, None, None]
+            maps[:, 1] += inside * amp[:, r - 1, None, None]
+        if c.region_edge > 0:
+            edge = torch.full((len(idx),), float(c.region_edge), device=x.device)
+            maps = gaussian_blur(maps, edge, max_sigma=c.region_edge)
+        grain = _uniform(d["grain"], c.texture_sigma)
+        tex = gaussian_blur(d["noise"], grain, max_sigma=c.texture_sigma[1])
+        tex = tex / tex.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+        x = x.clone()
+        x[idx] = xi + (maps[:, :1] + maps[:, 1:] * tex) * std
+        return x
 
     # ------------------------------------------------------------------ intensity and texture
     def _intensity(self, x, u, bias, seeds):

@@ -19,6 +19,12 @@ Two renderers share one CT painter (:func:`render_ct`):
   histologic subtype, and the real clinical record is attached. The segmentation file is copied
   byte for byte and the image gets its exact affine.
 
+The painter places the tissues; how they look comes from a per-case *look*
+(:mod:`hpc_dfs.data.synth_looks`), chosen by ``SynthConfig.style`` (``--set style=...``):
+``default`` (the CT model described here), ``random`` (domain randomisation, SynthSeg style) or
+``streak`` (a held-out renderer for "unseen renderer" validation). The labels, anatomy and record
+of a case are the same in every style.
+
 Every case varies: contrast phase (non-contrast, corticomedullary, nephrographic, excretory),
 global HU offset and gain, noise level, partial-volume blur, organ sizes and positions. Output
 is deterministic for a seed (each case has its own seeded generator, so case 7 does not change
@@ -29,29 +35,18 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from hpc_dfs.data.synth_looks import HU, TISSUES, make_look
 
 __all__ = ["phantom_case", "render_ct", "phantom_record", "render_from_labels"]
 
 _SLAB = 48
 _MARGIN = 3
-
-#: HU of tissues before the per-case offset/gain
-_HU = {"air": -1000.0, "fat": -100.0, "muscle": 50.0, "soft": 30.0, "liver": 60.0, "spleen": 50.0,
-       "cancellous": 250.0, "cortical": 800.0, "gas": -950.0, "fluid": 15.0, "oral_contrast": 280.0}
-#: contrast phases: enhancement (HU added) of blood, kidney cortex, medulla, liver, spleen
-_PHASES = {
-    "noncontrast": dict(blood=40, cortex=0, medulla=0, liver=0, spleen=0, tumor=0),
-    "corticomedullary": dict(blood=300, cortex=170, medulla=60, liver=25, spleen=60, tumor=1.0),
-    "nephrographic": dict(blood=170, cortex=150, medulla=140, liver=50, spleen=60, tumor=0.8),
-    "excretory": dict(blood=120, cortex=110, medulla=130, liver=40, spleen=45, tumor=0.6),
-}
-
 
 # ----------------------------------------------------------------------------- clinical records
 def _sigmoid(x: float) -> float:
@@ -191,6 +186,7 @@ def phantom_case(case_num: int, cfg, seed: int, render: bool = True):
     """(CT int16, labels uint8, affine, record) of phantom ``case_num``; axes (slices, rows, cols), codes I,P,L.
 
     With ``render=False`` only the record is made (same random draws, no arrays): ``(None, None, None, record)``.
+    The look is ``cfg.style`` (default "default"); the labels, anatomy and record do not depend on it.
     """
     from hpc_dfs.data.kits_io import kits_affine
 
@@ -236,32 +232,24 @@ def phantom_case(case_num: int, cfg, seed: int, render: bool = True):
         return None, None, None, record
     lab[_ellipsoid(Z, Y, X, centre, (rad, rad, rad))] = 2
     affine = kits_affine((sz, sy, sx))
-    ct = render_ct(lab, (sz, sy, sx), anat, record, np.random.default_rng([seed, case_num, 1]))
+    style = getattr(cfg, "style", "default")
+    ct = render_ct(lab, (sz, sy, sx), anat, record, np.random.default_rng([seed, case_num, 1]), style=style)
     return ct, lab, affine, record
 
 
 # ----------------------------------------------------------------------------- the CT painter
-def _coarse_field(rng: np.random.Generator, nz: int, step_z: int = 6, n_xy: int = 12) -> np.ndarray:
-    """Random smooth field (values ~N(0,1)) on a coarse grid covering the volume."""
-    return rng.standard_normal((max(2, nz // step_z + 2), n_xy, n_xy)).astype(np.float32)
+@dataclass
+class _Kidneys:
+    """Distance maps on the kidney bounding box (padded by the widest fat rim), in mm."""
+
+    box: tuple            # slices (z, y, x) of the box in the volume
+    inside: np.ndarray    # distance inside the kidney (label > 0) to its surface
+    outside: np.ndarray   # distance outside the kidney to it
+    tumour: Optional[np.ndarray]  # distance inside the tumour (label 2) to its surface; None without tumour
 
 
-def _sample_field(field: np.ndarray, z_pos: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
-    """The coarse field linearly interpolated at slices ``z_pos`` of an ``n``-slice volume, size (k, h, w)."""
-    nzc = field.shape[0]
-    t = z_pos / max(1, n - 1) * (nzc - 1)
-    i0 = np.clip(np.floor(t).astype(int), 0, nzc - 2)
-    a = (t - i0)[:, None, None].astype(np.float32)
-    sl = (1 - a) * field[i0] + a * field[i0 + 1]
-    out = F.interpolate(torch.from_numpy(sl)[:, None], size=(h, w), mode="bicubic", align_corners=True)[:, 0]
-    return out.numpy()
-
-
-def _kidney_layers(label: np.ndarray, spacing, cortex_mm: float, fat_mm: float):
-    """Distance (mm) inside the kidney to its surface and outside to it, on the kidney bounding box.
-
-    Returns (box slices, inside distance, outside distance) or None without kidney.
-    """
+def _kidney_layers(label: np.ndarray, spacing, fat_mm: float = 12.0) -> Optional[_Kidneys]:
+    """Distances inside/outside the kidney and inside the tumour on the kidney box; None without kidney."""
     from scipy import ndimage
 
     parenchyma = label > 0
@@ -273,129 +261,153 @@ def _kidney_layers(label: np.ndarray, spacing, cortex_mm: float, fat_mm: float):
     m = parenchyma[box]
     inside = ndimage.distance_transform_edt(m, sampling=spacing).astype(np.float32)
     outside = ndimage.distance_transform_edt(~m, sampling=spacing).astype(np.float32)
-    return box, inside, outside
+    tumour = None
+    if (label == 2).any():
+        tumour = ndimage.distance_transform_edt(label[box] == 2, sampling=spacing).astype(np.float32)
+    return _Kidneys(box, inside, outside, tumour)
 
 
-def render_ct(label: np.ndarray, spacing, anat: dict, record: Optional[dict], rng: np.random.Generator) -> np.ndarray:
+@dataclass
+class _Slab:
+    """One slab of slices ``[a, b)`` being painted: HU, tissue codes, coordinates (mm) and textures."""
+
+    a: int
+    b: int
+    hu: np.ndarray        # float32 (k, h, w)
+    tissue: np.ndarray    # int8 (k, h, w), codes of hpc_dfs.data.synth_looks.TISSUES
+    Z: np.ndarray         # (k, 1, 1)
+    Y: np.ndarray         # (1, h, 1)
+    X: np.ndarray         # (1, 1, w)
+    tex: list             # the look's texture fields on the slab, each (k, h, w)
+
+    def put(self, look, name: str, m: np.ndarray, tex: Optional[list] = None) -> None:
+        """Paint tissue ``name`` at the voxels ``m`` with the look's tone."""
+        self.hu[m] = look.tone(name, m, self.tex if tex is None else tex)
+        self.tissue[m] = TISSUES[name]
+
+
+def _paint_torso(s: _Slab, anat: dict, look) -> np.ndarray:
+    """Subcutaneous fat, abdominal wall, mesentery and bowel; returns the abdominal cavity mask."""
+    cy, ay, ax = anat["body"]
+    fat, wall = anat["fat"], anat["wall"]
+    shape = s.hu.shape
+    wob = 1 + 0.03 * np.sin(s.Z / 40.0)  # the torso changes a little along z
+    s.put(look, "fat", np.broadcast_to(_ellipse(s.Y, s.X, (cy, 0), (ay * wob, ax * wob)), shape))
+    s.put(look, "muscle", np.broadcast_to(_ellipse(s.Y, s.X, (cy, 0), (ay * wob - fat, ax * wob - fat)), shape))
+    cav = np.broadcast_to(_ellipse(s.Y, s.X, (cy, 0), (ay * wob - fat - wall, ax * wob - fat - wall)), shape)
+    s.put(look, "mesentery", cav)
+    for (bz, by, bx, rz, ry, rx, kind) in anat["bowel"]:
+        m = _ellipsoid(s.Z, s.Y, s.X, (bz, by, bx), (rz, ry, rx)) & cav
+        s.put(look, kind, m)
+        s.put(look, "bowel_wall", _ellipsoid(s.Z, s.Y, s.X, (bz, by, bx), (rz + 2, ry + 2, rx + 2)) & cav & ~m)
+    return cav
+
+
+def _paint_organs(s: _Slab, anat: dict, look, cav: np.ndarray) -> None:
+    """Liver, spleen, psoas muscles, vertebra (cortical, cancellous, posterior elements, canal), aorta, IVC."""
+    shape = s.hu.shape
+    lz, ly, lx, lrz, lry, lrx = anat["liver"]
+    s.put(look, "liver", _ellipsoid(s.Z, s.Y, s.X, (lz, ly, lx), (lrz, lry, lrx)) & cav)
+    szc, syc, sxc, srz, sry, srx = anat["spleen"]
+    s.put(look, "spleen", _ellipsoid(s.Z, s.Y, s.X, (szc, syc, sxc), (srz, sry, srx)) & cav)
+    spy, spx, spr = anat["spine"]
+    for side in (-1, 1):  # psoas grows towards the pelvis
+        pr = (spr * 0.6 + anat["psoas"] * s.Z / 6.0).clip(max=2.2 * spr)
+        m = ((s.Y - spy) / (0.9 * pr)) ** 2 + ((s.X - spx - side * (spr + pr * 0.8)) / pr) ** 2 <= 1
+        s.put(look, "psoas", np.broadcast_to(m, shape))
+    s.put(look, "cortical", np.broadcast_to(_ellipse(s.Y, s.X, (spy, spx), (spr, spr * 1.1)), shape))
+    s.put(look, "cancellous", np.broadcast_to(_ellipse(s.Y, s.X, (spy, spx), (spr - 2.5, spr * 1.1 - 2.5)), shape))
+    canal = np.broadcast_to(_ellipse(s.Y, s.X, (spy + spr + 9, spx), (7, 8)), shape)
+    post = np.broadcast_to(_ellipse(s.Y, s.X, (spy + spr + 10, spx), (13, 16)), shape)
+    s.put(look, "posterior", post & ~canal)
+    s.put(look, "canal", canal)
+    for name in ("aorta", "ivc"):
+        vy, vx, vr = anat[name][:3]
+        s.put(look, name, np.broadcast_to(_ellipse(s.Y, s.X, (vy, vx), (vr, vr)), shape))
+
+
+def _paint_kidneys(s: _Slab, label: np.ndarray, kid: Optional[_Kidneys], look) -> None:
+    """Perirenal fat, kidney medulla and cortex (by depth) and the tumour, from the label map."""
+    if kid is None:
+        return
+    box = kid.box
+    bz0, bz1 = max(s.a, box[0].start), min(s.b, box[0].stop)
+    if bz0 >= bz1:
+        return
+    sl_out = (slice(bz0 - s.a, bz1 - s.a), box[1], box[2])
+    sl_box = slice(bz0 - box[0].start, bz1 - box[0].start)
+    lab = label[bz0:bz1, box[1], box[2]]
+    sub, tis = s.hu[sl_out], s.tissue[sl_out]  # views: painting them paints the slab
+    sub_slab = _Slab(bz0, bz1, sub, tis, s.Z, s.Y, s.X, [t[sl_out] for t in s.tex])
+    d_in, d_out = kid.inside[sl_box], kid.outside[sl_box]
+    peri = look.perirenal(sub, tis, d_out)
+    if peri.any():
+        sub_slab.put(look, "perirenal", peri)
+    kidney = lab == 1
+    sub_slab.put(look, "medulla", kidney)
+    sub_slab.put(look, "cortex", kidney & (d_in <= look.cortex_mm))
+    tum = lab == 2
+    if tum.any():
+        val = look.tumour(sub_slab.tex, kid.tumour[sl_box], float(kid.tumour.max()))
+        sub[tum] = val[tum]
+        tis[tum] = TISSUES["tumour"]
+
+
+def render_ct(label: np.ndarray, spacing, anat: dict, record: Optional[dict], rng: np.random.Generator,
+              style: str = "default") -> np.ndarray:
     """Paint CT (int16 HU) around a class map (1 kidney, 2 tumour) in KiTS orientation (slices, rows, cols).
 
     The body and organs come from ``anat`` (see :func:`_anatomy`); kidney cortex/medulla come from
-    the distance to the kidney surface; the tumour pattern follows ``record``'s histologic subtype.
+    the distance to the kidney surface; how each tissue looks comes from the ``style``'s look
+    (:mod:`hpc_dfs.data.synth_looks`; the default look's tumour follows ``record``'s histologic subtype).
     Rendering runs in slabs of slices with a margin, so memory stays bounded on 600-slice volumes.
-    """
-    from scipy import ndimage
 
+    Args:
+        label: class map (slices, rows, cols), uint8.
+        spacing: (z, y, x) mm.
+        anat: body and organ placement from :func:`_anatomy`.
+        record: the clinical record, or None.
+        rng: the case's rendering generator; the output is a function of its state.
+        style: one of :data:`hpc_dfs.data.synth_looks.STYLES`.
+
+    Raises:
+        ValueError: an unknown style.
+    """
     n, h, w = label.shape
     sz, sy, sx = spacing
-    phase_name = str(rng.choice(list(_PHASES), p=[0.1, 0.35, 0.4, 0.15]))
-    ph = _PHASES[phase_name]
-    offset, gain = rng.normal(0, 12), rng.uniform(0.92, 1.08)
-    noise_sd = rng.uniform(6, 28)
-    blur = (rng.uniform(0.2, 0.6), rng.uniform(0.4, 1.1), rng.uniform(0.4, 1.1))  # voxels (z, y, x)
-    subtype = (record or {}).get("tumor_histologic_subtype") or "clear_cell_rcc"
-    fields = [_coarse_field(rng, n) for _ in range(3)]
-    t_base = {"clear_cell_rcc": 40 + 130 * ph["tumor"], "papillary": 35 + 35 * ph["tumor"],
-              "chromophobe": 40 + 80 * ph["tumor"], "clear_cell_papillary_rcc": 40 + 90 * ph["tumor"],
-              "oncocytoma": 40 + 100 * ph["tumor"], "angiomyolipoma": 20 + 40 * ph["tumor"]}.get(
-        subtype, 40 + 90 * ph["tumor"])
-    t_base += rng.normal(0, 10)
-    layers = _kidney_layers(label, (sz, sy, sx), cortex_mm=5.0, fat_mm=12.0)
-    tum_dist = None
-    if (label == 2).any() and layers is not None:
-        box = layers[0]
-        tum_dist = ndimage.distance_transform_edt(label[box] == 2, sampling=(sz, sy, sx)).astype(np.float32)
-    cortex_mm = rng.uniform(4, 8)
-    perirenal_mm = rng.uniform(5, 14)
-    cy, ay, ax = anat["body"]
-    fat, wall = anat["fat"], anat["wall"]
+    look = make_look(style, rng, record, n, anat)
+    kid = _kidney_layers(label, (sz, sy, sx))
     Y = ((np.arange(h) - h / 2 + 0.5) * sy)[None, :, None]
     X = ((np.arange(w) - w / 2 + 0.5) * sx)[None, None, :]
     out = np.empty((n, h, w), dtype=np.int16)
-    noise_rng = np.random.default_rng(rng.integers(0, 2 ** 63))
     for z0 in range(0, n, _SLAB):
         a, b = max(0, z0 - _MARGIN), min(n, z0 + _SLAB + _MARGIN)
         zi = np.arange(a, b)
-        Z = (zi * sz)[:, None, None].astype(np.float64)
-        k = b - a
-        t0, t1, t2 = (_sample_field(f, zi.astype(np.float64), n, h, w) for f in fields)
-        wob = 1 + 0.03 * np.sin(Z / 40.0)  # the torso changes a little along z
-        hu = np.full((k, h, w), _HU["air"], dtype=np.float32)
-        body = _ellipse(Y, X, (cy, 0), (ay * wob, ax * wob))
-        hu[np.broadcast_to(body, hu.shape)] = _HU["fat"] + 8 * t0[np.broadcast_to(body, hu.shape)]
-        muscle = _ellipse(Y, X, (cy, 0), (ay * wob - fat, ax * wob - fat))
-        hu[np.broadcast_to(muscle, hu.shape)] = _HU["muscle"]
-        cav = np.broadcast_to(_ellipse(Y, X, (cy, 0), (ay * wob - fat - wall, ax * wob - fat - wall)), hu.shape)
-        mix = 1 / (1 + np.exp(-1.8 * t1))  # mesentery: fat/soft tissue texture
-        hu[cav] = (-90 + 125 * mix[cav])
-        for (bz, by, bx, rz, ry, rx, kind) in anat["bowel"]:
-            m = _ellipsoid(Z, Y, X, (bz, by, bx), (rz, ry, rx)) & cav
-            hu[m] = _HU[kind] + (ph["blood"] * 0.1 if kind == "soft" else 0)
-            wallm = _ellipsoid(Z, Y, X, (bz, by, bx), (rz + 2, ry + 2, rx + 2)) & cav & ~m
-            hu[wallm] = 40 + 0.3 * ph["liver"]
-        lz, ly, lx, lrz, lry, lrx = anat["liver"]
-        m = _ellipsoid(Z, Y, X, (lz, ly, lx), (lrz, lry, lrx)) & cav
-        hu[m] = _HU["liver"] + ph["liver"] + 6 * t2[m]
-        szc, syc, sxc, srz, sry, srx = anat["spleen"]
-        m = _ellipsoid(Z, Y, X, (szc, syc, sxc), (srz, sry, srx)) & cav
-        hu[m] = _HU["spleen"] + ph["spleen"] + 15 * t2[m] * (phase_name == "corticomedullary")
-        spy, spx, spr = anat["spine"]
-        for side in (-1, 1):  # psoas grows towards the pelvis
-            pr = (spr * 0.6 + anat["psoas"] * Z / 6.0).clip(max=2.2 * spr)
-            m = np.broadcast_to(((Y - spy) / (0.9 * pr)) ** 2 + ((X - spx - side * (spr + pr * 0.8)) / pr) ** 2 <= 1,
-                                hu.shape)
-            hu[m] = _HU["muscle"] + 5 * t0[m]
-        vert = np.broadcast_to(_ellipse(Y, X, (spy, spx), (spr, spr * 1.1)), hu.shape)
-        hu[vert] = _HU["cortical"]
-        inner = np.broadcast_to(_ellipse(Y, X, (spy, spx), (spr - 2.5, spr * 1.1 - 2.5)), hu.shape)
-        hu[inner] = _HU["cancellous"] + 40 * t1[inner]
-        canal = np.broadcast_to(_ellipse(Y, X, (spy + spr + 9, spx), (7, 8)), hu.shape)
-        post = np.broadcast_to(_ellipse(Y, X, (spy + spr + 10, spx), (13, 16)), hu.shape)
-        hu[post & ~canal] = _HU["cortical"] * 0.7
-        hu[canal] = 20
-        for (vy, vx, vr), enh in ((anat["aorta"][:3], 1.0), (anat["ivc"][:3], 0.8 if phase_name != "corticomedullary" else 0.3)):
-            m = np.broadcast_to(_ellipse(Y, X, (vy, vx), (vr, vr)), hu.shape)
-            hu[m] = 40 + enh * ph["blood"]
-        # kidneys and tumour from the label map
-        if layers is not None:
-            box, inside, outside = layers
-            bz0, bz1 = max(a, box[0].start), min(b, box[0].stop)
-            if bz0 < bz1:
-                sl_out = (slice(bz0 - a, bz1 - a), box[1], box[2])
-                sl_box = slice(bz0 - box[0].start, bz1 - box[0].start)
-                lab = label[bz0:bz1, box[1], box[2]]
-                sub = hu[sl_out]
-                d_in, d_out = inside[sl_box], outside[sl_box]
-                tx = t2[sl_out]
-                peri = (d_out > 0) & (d_out <= perirenal_mm) & (sub > -200) & (sub < 150)
-                sub[peri] = -95 + 10 * tx[peri]
-                kid = lab == 1
-                cortex = kid & (d_in <= cortex_mm)
-                sub[kid] = 30 + ph["medulla"] + 8 * tx[kid]
-                sub[cortex] = 30 + ph["cortex"] + 8 * tx[cortex]
-                tum = lab == 2
-                if tum.any():
-                    td = tum_dist[sl_box]
-                    val = t_base + 25 * tx
-                    if subtype == "clear_cell_rcc" or (record or {}).get("tumor_necrosis"):
-                        core = td > max(4.0, 0.55 * float(tum_dist.max()))
-                        val = np.where(core, 20 + 8 * tx, val)  # necrosis: low, non-enhancing centre
-                    elif subtype == "oncocytoma":
-                        val = np.where(td > 0.75 * float(tum_dist.max()), t_base - 50, val)  # central scar
-                    elif subtype == "angiomyolipoma":
-                        val = np.where(tx > 0.2, -60 + 20 * tx, val)  # macroscopic fat
-                    sub[tum] = val[tum]
-                hu[sl_out] = sub
-        # partial volume, scanner calibration, noise
-        hu = ndimage.gaussian_filter(hu, sigma=blur, mode="nearest")
-        hu = hu * gain + offset
-        hu += noise_rng.normal(0, noise_sd, size=hu.shape).astype(np.float32)
+        hu = np.full((b - a, h, w), HU["air"], dtype=np.float32)
+        s = _Slab(a, b, hu, np.zeros(hu.shape, np.int8), (zi * sz)[:, None, None].astype(np.float64), Y, X,
+                  look.textures(zi, n, h, w))
+        cav = _paint_torso(s, anat, look)
+        _paint_organs(s, anat, look, cav)
+        _paint_kidneys(s, label, kid, look)
+        hu = look.scanner(s.hu, s.tissue, s.tex, Y, X)
         keep = slice(z0 - a, z0 - a + min(_SLAB, n - z0))
         out[z0:z0 + _SLAB] = np.clip(np.rint(hu[keep]), -1024, 3071).astype(np.int16)
     return out
 
 
-def render_from_labels(label_path: Path, record: Optional[dict], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(CT int16, raw labels, affine) around a real KiTS label map (any orientation; painted in I,P,L)."""
+def render_from_labels(label_path: Path, record: Optional[dict], seed: int, style: str = "default"
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(CT int16, raw labels, affine) around a real KiTS label map (any orientation; painted in I,P,L).
+
+    Args:
+        label_path: a ``segmentation.nii.gz``; its parent folder's name is the case id.
+        record: the case's clinical record, or None.
+        seed: the run's seed (with the case id, it seeds the case's generator).
+        style: the look, one of :data:`hpc_dfs.data.synth_looks.STYLES` (the anatomy does not depend on it).
+
+    Raises:
+        ValueError: an unknown style.
+    """
     import nibabel as nib
     from hpc_dfs.data.geometry import canonical_transform, voxel_spacing
 
@@ -423,7 +435,7 @@ def render_from_labels(label_path: Path, record: Optional[dict], seed: int) -> t
         box = ((float(Ym.min()), float(Ym.max())), (float(Xm.min()), float(Xm.max())))
     bmi = float((record or {}).get("body_mass_index") or (record or {}).get("bmi") or 28.0)
     anat = _anatomy(rng, h * sy, w * sx, n * sz, bmi, kidney_centres=centres or None, kidney_box=box)
-    ct_can = render_ct(lab, (sz, sy, sx), anat, record, rng)
+    ct_can = render_ct(lab, (sz, sy, sx), anat, record, rng, style=style)
     inv = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("I", "P", "L")),
                                           nib.orientations.io_orientation(img.affine))
     ct = np.ascontiguousarray(nib.orientations.apply_orientation(ct_can, inv))

@@ -160,7 +160,7 @@ def _write_case(case_dir: Path, cid: str, lab_path: Optional[Path], record: Opti
             return True, phantom_case(int(cid[5:]), cfg, cfg.seed, render=False)[3]
         return True, None
     if lab_path is not None:
-        ct, _raw, affine = render_from_labels(lab_path, record, cfg.seed)
+        ct, _raw, affine = render_from_labels(lab_path, record, cfg.seed, style=cfg.style)
         save_nifti_atomic(ct, affine, case_dir / IMAGE_NAME, dtype=np.int16)
         write_bytes(case_dir / LABEL_NAME, lab_path.read_bytes())  # the real file, as is
         return False, None

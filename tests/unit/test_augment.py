@@ -118,3 +118,94 @@ def test_bad_inputs_and_config():
 def test_derive_seed_mixes():
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
     assert len({derive_seed(0, e, i) for e in range(3) for i in range(50)}) == 150
+
+
+# ----------------------------------------------------------------------------- domain randomisation
+DR = {**OFF, "domain_random_prob": 1.0}
+
+
+def _regions(x, label):
+    """Mean intensity of each class region, per sample: [B, 3]."""
+    return torch.stack([(x[:, 0] * (label == c)).sum((1, 2)) / (label == c).sum((1, 2)) for c in range(3)], 1)
+
+
+def test_domain_randomisation_is_off_by_default_and_deterministic():
+    assert AugmentConfig().domain_random_prob == 0.0
+    image, label = _batch(8)
+    aug = SliceAugmenter(AugmentConfig(**DR), seed=4)
+    a, ya = aug(image, label, range(8), epoch=1)
+    b, _ = aug(image, label, range(8), epoch=1)
+    assert torch.equal(a, b) and torch.equal(ya, label)            # the label is not touched
+    assert torch.isfinite(a).all() and (a - image).abs().mean() > 0.05
+    c, _ = aug(image, label, range(8), epoch=2)
+    assert not torch.equal(a, c)
+
+
+def test_domain_randomisation_does_not_depend_on_the_batch():
+    cfg = dataclasses.replace(AugmentConfig(), domain_random_prob=0.7, bias_prob=0.7, blur_prob=0.7, lowres_prob=0.7)
+    aug = SliceAugmenter(cfg, seed=2)
+    image, label = _batch(8)
+    whole, _ = aug(image, label, range(40, 48), epoch=1)
+    for lo, hi in ((0, 1), (1, 5), (5, 8)):
+        part, _ = aug(image[lo:hi], label[lo:hi], range(40 + lo, 40 + hi), epoch=1)
+        torch.testing.assert_close(part, whole[lo:hi], rtol=0, atol=1e-5)
+
+
+def test_kidney_and_tumour_get_no_fixed_intensity():
+    image, label = _batch(32)
+    x, _ = SliceAugmenter(AugmentConfig(**DR), seed=0)(image, label, range(32))
+    m = _regions(x, label)
+    std = x.flatten(1).std(1)
+    kidney_vs_bg, tumour_vs_kidney = (m[:, 1] - m[:, 0]) / std, (m[:, 2] - m[:, 1]) / std
+    assert (kidney_vs_bg < 0).any() and (kidney_vs_bg > 0).any()   # brighter in some samples, darker in others
+    assert (tumour_vs_kidney < 0).any() and (tumour_vs_kidney > 0).any()
+    m0 = _regions(image, label)
+    assert ((m0[:, 1] - m0[:, 0]) > 0).all() and ((m0[:, 2] - m0[:, 1]) > 0).all()  # the input had one ordering
+
+
+def test_monotone_curves_keep_the_tissue_order_and_others_reorder():
+    image, label = _batch(24)
+    image = label.float()[:, None] + 0.01 * torch.rand(24, 1, 40, 48, generator=torch.Generator().manual_seed(0))
+    still = dict(region_shift=0.0, region_texture=[0.0, 0.0])
+    x, _ = SliceAugmenter(AugmentConfig(**{**DR, **still, "remap_monotone": 1.0}), seed=1)(image, label, range(24))
+    m = _regions(x, label)
+    assert (m[:, 1] >= m[:, 0] - 1e-4).all() and (m[:, 2] >= m[:, 1] - 1e-4).all()
+    x, _ = SliceAugmenter(AugmentConfig(**{**DR, **still, "remap_monotone": 0.0}), seed=1)(image, label, range(24))
+    m = _regions(x, label)
+    assert ((m[:, 1] < m[:, 0]) | (m[:, 2] < m[:, 1])).float().mean() > 0.25
+
+
+def test_region_shift_moves_only_the_label_regions():
+    """remap_points=2 + monotone is the identity curve, so only the region shifts act."""
+    image, label = _batch(6)
+    cfg = AugmentConfig(**{**DR, "remap_points": 2, "remap_monotone": 1.0, "region_texture": [0.0, 0.0],
+                           "region_edge": 1.0, "region_shift": 2.0})
+    x, _ = SliceAugmenter(cfg, seed=5)(image, label, range(6))
+    far = torch.zeros_like(label, dtype=torch.bool)
+    far[:, 34:, :] = True                                            # > 3 sigma of edge smoothing from the kidney
+    torch.testing.assert_close(x[:, 0][far], image[:, 0][far], rtol=0, atol=1e-4)
+    std = image.flatten(1).std(1)
+    core = torch.zeros_like(far)
+    core[:, 24:28, 14:18] = True                                     # kidney, away from its edges and the tumour
+    d = (x - image)[:, 0][core].view(6, -1)
+    assert (d.std(1) < 1e-2).all()                                   # one shift per region and sample
+    assert (d.mean(1).abs() <= 2.0 * std + 1e-4).all() and d.mean(1).abs().max() > 0.1
+
+
+def test_domain_randomisation_config_is_checked():
+    with pytest.raises(ConfigError, match="augmentation.domain_random_prob"):
+        load(AugmentConfig, overrides=["domain_random_prob=1.5"])
+    with pytest.raises(ConfigError, match="augmentation.remap_points"):
+        load(AugmentConfig, overrides=["remap_points=1"])
+    with pytest.raises(ConfigError, match="augmentation.region_texture"):
+        load(AugmentConfig, overrides=["region_texture=[0.5, 0.1]"])
+
+
+def test_domain_randomisation_treats_2p5d_context_channels_alike():
+    """With k context slices as channels, every channel gets the same curve, region shifts and textures."""
+    image, label = _batch(4)
+    ctx = image.repeat(1, 3, 1, 1)                                   # [B,3,H,W]: three identical slices
+    x, _ = SliceAugmenter(dataclasses.replace(AugmentConfig(), domain_random_prob=1.0), seed=6)(ctx, label, range(4))
+    assert x.shape == ctx.shape and (x - ctx).abs().mean() > 0.05
+    torch.testing.assert_close(x[:, 0], x[:, 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(x[:, 0], x[:, 2], rtol=0, atol=1e-5)

@@ -113,3 +113,94 @@ def test_from_labels_bad_arguments_are_config_errors(tmp_path, problem, phrase):
     with pytest.raises(ConfigError, match=phrase) as err:
         run_synth(tmp_path / "out", cfg)
     assert err.value.code == 2 and not (tmp_path / "out").exists()
+
+
+    assert run_synth(tmp_path, cfg) == 2
+
+
+# ----------------------------------------------------------------------------- styles (domain randomisation)
+def test_default_style_renders_as_before_styles_existed():
+    """Voxels of one small phantom recorded before render_ct was split into a painter and looks (+-1 HU)."""
+    from hpc_dfs.data.synth import phantom_case
+
+    ct, _, _, _ = phantom_case(1, SynthConfig(seed=5, size=48, min_slices=6, max_slices=8), 5)
+    assert ct.shape == (7, 48, 48)
+    idx = [13718, 10272, 8243, 4351, 4964, 660, 1213, 266, 2826, 13116, 10473, 14720, 8122, 9783, 15656, 11765,
+           10197, 8767, 9030, 15080, 4473, 13158, 10819, 44]
+    before = [-933, -921, 116, -940, -869, -33, 99, -926, -925, -71, 18, 94, 75, -914, -899, -950, 131, -944, -882, 9,
+              -916, -915, -14, -954]
+    assert np.abs(ct.reshape(-1)[idx].astype(int) - before).max() <= 1
+    assert abs(int(ct.astype(np.int64).sum()) - (-8882927)) <= 200
+
+
+def _styled(style: str, k: int, size: int = 64):
+    from hpc_dfs.data.synth import phantom_case
+
+    return phantom_case(k, SynthConfig(seed=3, size=size, min_slices=8, max_slices=10, style=style), 3)
+
+
+@pytest.mark.parametrize("style", ["random", "streak"])
+def test_styles_are_deterministic_and_change_only_the_look(style):
+    ct, lab, aff, rec = _styled(style, 2)
+    ct2, lab2, _, _ = _styled(style, 2)
+    assert np.array_equal(ct, ct2) and np.array_equal(lab, lab2)
+    ct_d, lab_d, aff_d, rec_d = _styled("default", 2)
+    assert np.array_equal(lab, lab_d) and np.array_equal(aff, aff_d) and rec == rec_d  # same case, other look
+    assert ct.dtype == np.int16 and ct.shape == ct_d.shape and not np.array_equal(ct, ct_d)
+    assert np.abs(ct.astype(float) - ct_d).mean() > 10
+
+
+def test_random_style_draws_each_structure_per_case():
+    """Kidney intensity is not one fixed value across cases, yet tumour and kidney stay apart within a case."""
+    kidney, gap = [], []
+    for k in range(8):
+        ct, lab, _, _ = _styled("random", k, size=48)
+        hu = ct.astype(float)
+        kidney.append(hu[lab == 1].mean())
+        gap.append(abs(hu[lab == 2].mean() - hu[lab == 1].mean()))
+    default = [_styled("default", k, size=48) for k in range(8)]
+    spread_default = np.std([c.astype(float)[lab == 1].mean() for c, lab, _, _ in default])
+    assert np.std(kidney) > 100 and np.std(kidney) > 2 * spread_default
+    assert np.median(gap) > 30
+
+
+def test_random_look_keeps_its_contrast_constraints():
+    from hpc_dfs.data.synth_looks import MIN_CONTRAST, RandomLook
+
+    for k in range(40):
+        look = RandomLook(np.random.default_rng([1, k]), 10)
+        m = look.mean
+        assert abs(m["tumour"] - m["cortex"]) >= MIN_CONTRAST and abs(m["tumour"] - m["medulla"]) >= MIN_CONTRAST
+        around = ["perirenal"] if look.has_rim else ["mesentery", "psoas", "liver", "spleen", "muscle"]
+        assert all(abs(m["cortex"] - m[t]) >= MIN_CONTRAST for t in around)
+
+
+def test_streak_style_has_no_fat_rim():
+    """The held-out look paints no perirenal fat: fat is not commoner next to the kidney than a little further out."""
+    from scipy import ndimage
+
+    excess = {}
+    for style in ("default", "streak"):
+        diffs = []
+        for k in range(5):
+            ct, lab, _, _ = _styled(style, k, size=96)
+            d = ndimage.distance_transform_edt(lab == 0, sampling=(1e3, 1, 1))  # in-plane pixels to the kidney
+            fat = (ct > -160) & (ct < -40)
+            diffs.append(fat[(d > 0) & (d <= 2)].mean() - fat[(d > 5) & (d <= 8)].mean())
+        excess[style] = float(np.mean(diffs))
+    assert excess["default"] > 0.15 and excess["streak"] < 0.05, excess
+
+
+def test_style_is_a_synth_setting(tmp_path):
+    from hpc_dfs.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="style"):
+        load(SynthConfig, overrides=["style=photoreal"])
+    cfg = load(SynthConfig, overrides=["style=random", "cases=1", "size=48", "min_slices=6", "max_slices=6"])
+    assert run_synth(tmp_path / "r", cfg) == 0
+    assert run_synth(tmp_path / "d", SynthConfig(cases="1", size=48, min_slices=6, max_slices=6)) == 0
+    name = "case_00000/segmentation.nii.gz"
+    assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "r" / name)).dataobj),
+                          np.asanyarray(nib.load(str(tmp_path / "d" / name)).dataobj))
+    img = [np.asanyarray(nib.load(str(tmp_path / d / "case_00000/imaging.nii.gz")).dataobj) for d in ("r", "d")]
+    assert not np.array_equal(*img)
