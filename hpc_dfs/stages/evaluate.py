@@ -39,7 +39,8 @@ kidney components (``label > 0``), or the centre of the grid when the ground tru
 Each ground-truth tumour component is then
 
 - **hit**: at least one voxel of it is predicted tumour;
-- **wrong kidney**: not hit, and a false-positive tumour component lies on the other side of the midline;
+- **wrong kidney**: not hit, and the largest false-positive tumour component lies on the other side of
+  the midline (the model found "the" tumour, in the other kidney);
 - **missed**: otherwise.
 
 A **false-positive component** is a predicted tumour component that touches no ground-truth tumour
@@ -237,7 +238,7 @@ def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel
     touching = set(np.unique(p_lab[(gt == 2) & (p_lab > 0)]).tolist())
     fp = [i for i in range(1, n_p + 1) if i not in touching]
     p_x = _centroid_x(p_lab, n_p, affine)
-    fp_sides = {_side(p_x[i - 1], mid) for i in fp}
+    largest_fp_side = _side(p_x[max(fp, key=lambda i: (p_sizes[i], -i)) - 1], mid) if fp else None
     g_x = _centroid_x(g_lab, n_g, affine)
     g_sizes = np.bincount(g_lab.ravel(), minlength=n_g + 1)
     tumors = []
@@ -245,7 +246,7 @@ def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel
         side = _side(g_x[i - 1], mid)
         if np.any(pred[g_lab == i] == 2):
             status = "hit"
-        elif fp_sides - {side}:
+        elif largest_fp_side not in (None, side):
             status = "wrong kidney"
         else:
             status = "missed"
@@ -519,8 +520,8 @@ def to_markdown(result: dict) -> str:
                   f"one empty: Dice = IoU = SD = 0, HD95 undefined (-, left out of the mean: tumour HD95 over "
                   f"{m['n_cases'] - m['n_tumor_hd95_undefined']} of {m['n_cases']} cases). "
                   f"Detection: a ground-truth tumour component is hit when a voxel of it is predicted tumour, "
-                  f"in the wrong kidney when not hit and a false-positive tumour component lies on the other side of "
-                  f"the midline, else missed.", ""]
+                  f"in the wrong kidney when not hit and the largest false-positive tumour component lies on the other "
+                  f"side of the midline, else missed.", ""]
     return "\n".join(lines)
 
 
@@ -582,9 +583,9 @@ def _definitions(cfg: EvaluateConfig) -> dict[str, str]:
             "empty": "both empty: dice=iou=surface_dice=1, hd95=0; one empty: dice=iou=surface_dice=0, "
                      "hd95=null (left out of means)",
             "detection": "6-connected components; a ground-truth tumour component is hit when a voxel of it is "
-                         "predicted tumour, wrong kidney when not hit and a false-positive tumour component lies on "
-                         "the other side of the midline (between the two largest ground-truth kidney components, "
-                         "world x), else missed; a false-positive component touches no ground-truth tumour",
+                         "predicted tumour, wrong kidney when not hit and the largest false-positive tumour component "
+                         "lies on the other side of the midline (between the two largest ground-truth kidney "
+                         "components, world x), else missed; a false-positive component touches no ground-truth tumour",
             "missing": "a missing prediction is scored as all background (mean_all); mean is over evaluated cases"}
 
 
