@@ -290,7 +290,9 @@ def run_facts(ctx: dict) -> dict[str, Any]:
                                                  f"{num(cfg.base_lr, 'lr')} x {cfg.lr_scale(world):.3g}, "
                                                  f"{cfg.lr_scaling} scaling)")
     secs = total_seconds(rows)
-    facts["total training time"] = f"{secs / 60:.1f} min ({secs:.0f} s, from metrics.jsonl)" if secs else None
+    if secs:
+        facts["total training time"] = (f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.1f} min ({secs:.0f} s)") + \
+            " (from metrics.jsonl: first to last epoch end, plus the first epoch's steps)"
     mc = meta.get("model_config") or {}
     facts["model"] = f"{mc.get('name')} ({meta.get('n_parameters') or (best or {}).get('n_parameters')} parameters)"
     facts.update(environment_rows(meta, ctx["pred_summary"]))
@@ -304,8 +306,8 @@ def config_rows(cfg, model_config: dict, world: int | None) -> dict[str, Any]:
     if cfg is None:
         return {}
     rows: dict[str, Any] = {"optimizer": cfg.optimizer, "base learning rate (per batch_size)": num(cfg.base_lr, "lr"),
-                            "LR schedule": cfg.schedule, "warm-up epochs": cfg.warmup_epochs,
-                            "weight decay": cfg.weight_decay}
+                            "LR schedule": cfg.schedule, "warm-up epochs": f"{cfg.warmup_epochs:g}",
+                            "weight decay": f"{cfg.weight_decay:g}"}
     if cfg.optimizer == "sgd":
         rows["momentum"] = f"{cfg.momentum} ({'Nesterov' if cfg.nesterov else 'classical'})"
     if cfg.schedule == "plateau":
@@ -315,12 +317,12 @@ def config_rows(cfg, model_config: dict, world: int | None) -> dict[str, Any]:
                                                      if world else "auto (batch x ranks)")
     rows["steps per epoch"] = cfg.steps_per_epoch or "auto (one pass over the training slices)"
     rows["max steps"] = cfg.max_steps or "no limit"
-    rows["tumour share of each batch (fg_fraction)"] = cfg.fg_fraction
+    rows["tumour share of each batch (fg_fraction)"] = f"{cfg.fg_fraction:g}"
     rows["loss weights (Dice / CE / risk)"] = f"{cfg.dice_weight} / {cfg.ce_weight} / {cfg.risk_weight}"
     rows["augmentation"] = "on" if cfg.augment else "off"
     rows["synchronised BatchNorm"] = cfg.sync_bn if model_config.get("norm", "batch") == "batch" else \
         f"n/a ({model_config.get('norm')} norm)"
-    rows["gradient clip"] = cfg.grad_clip or "off"
+    rows["gradient clip (global norm)"] = f"{cfg.grad_clip:g}" if cfg.grad_clip else "off"
     if cfg.compression != "none" or cfg.adasum:
         rows["Horovod"] = f"compression {cfg.compression}, adasum {cfg.adasum}"
     rows["validation fold / every"] = f"fold {cfg.val_fold}, every {cfg.val_every} epoch(s)"
@@ -458,6 +460,7 @@ def curves_png(rows: list[dict], best_ep: int | None = None, n_val: int | None =
         n_val: validation cases behind the Dice and validation loss; n_risk: cases with a risk label.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from hpc_dfs.visualize import figure_png
     nv = f" (validation n={n_val})" if n_val else ""
@@ -482,6 +485,7 @@ def curves_png(rows: list[dict], best_ep: int | None = None, n_val: int | None =
             ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
