@@ -370,7 +370,11 @@ def detection_warnings(evaluation: dict | None) -> list[str]:
     """One line per ground-truth tumour missed or found in the wrong kidney (missing predictions included)."""
     out = []
     ev = evaluation or {}
-    for c in ev.get("cases", []) + ev.get("missing_cases", []):
+    rows = ev.get("cases", []) + ev.get("missing_cases", [])
+    if rows and not any("tumors" in c for c in rows):
+        return [f"{ev.get('pred_dir', 'this evaluation')}: eval.json has no tumour-detection columns (an older "
+                "`hpc-dfs evaluate`); rerun evaluate to see which tumours were missed"]
+    for c in rows:
         for t in c.get("tumors") or []:
             if t.get("status") == "missed":
                 out.append(f"{c['case_id']}: tumour of {num(t.get('ml'), 'ml')} ml ({t.get('side')} kidney) missed"
@@ -390,8 +394,8 @@ def evaluation_warnings(evaluation: dict | None) -> list[str]:
     m = m or {}
     td = m.get("tumor_dice")
     if _finite(td) and td < TUMOR_DICE_WARN:
-        low = [c["case_id"] for c in evaluation.get("cases", []) if _finite(c.get("tumor_dice"))
-               and c["tumor_dice"] < TUMOR_DICE_WARN]
+        low = [c["case_id"] for c in evaluation.get("cases", []) + evaluation.get("missing_cases", [])
+               if _finite(c.get("tumor_dice")) and c["tumor_dice"] < TUMOR_DICE_WARN]
         out.append(f"mean tumour Dice {num(td)} is below {TUMOR_DICE_WARN} (n={m.get('n_cases')}); "
                    f"cases below it: {', '.join(low) or 'none evaluated'}")
     if evaluation.get("missing_predictions"):
