@@ -136,6 +136,8 @@ def test_warnings_name_missed_tumours_chance_auc_and_tolerances():
                      "tumors": [{"ml": 1.0, "side": "left", "status": "hit"}]}],
           "mean": {"n_cases": 1, "tumor_dice": 0.9}, "tolerances_mm": {"kidney": 2.178, "tumor": 1.536}}
     assert rp.detection_warnings(ok) + rp.evaluation_warnings(ok) == []
+    old = {"pred_dir": "p", "cases": [{"case_id": "c", "tumor_dice": 0.9}], "mean": {"n_cases": 1, "tumor_dice": 0.9}}
+    assert "no tumour-detection columns" in rp.detection_warnings(old)[0]  # an older eval.json: not "none missed"
     # AUC intervals: n=16 around 0.5 contains chance; a clean separation on 200 cases does not
     lo, hi = rp.auc_ci_hanley(0.56, 11, 5)
     assert lo < 0.5 < hi
