@@ -368,6 +368,7 @@ def case_id_of(pred_name: str) -> str | None:
 
 
 def find_ground_truth(gt_dir: Path, case_id: str) -> Path | None:
+    """The ground-truth label file of ``case_id`` under ``gt_dir`` (``GT_NAMES`` in order), or None."""
     for name in GT_NAMES:
         p = gt_dir / case_id / name
         if p.exists():
@@ -654,6 +655,7 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The folders (``type=Path``) and the :class:`EvaluateConfig` settings as flags."""
     parser.add_argument("--pred", type=Path, required=True, help="directory with prediction_XXXXX.nii.gz")
     parser.add_argument("--gt", type=Path, required=True,
                         help="KiTS-layout directory with case_XXXXX/segmentation.nii.gz")

@@ -89,6 +89,7 @@ class ReportError(HpcDfsError, ValueError):
 
 # ----------------------------------------------------------------------------- small HTML helpers
 def esc(v: Any) -> str:
+    """HTML-escaped text of ``v``."""
     return html.escape(str(v))
 
 
@@ -134,14 +135,17 @@ def kv_table(d: dict, cls: str = "") -> str:
 
 
 def img_tag(png: bytes, alt: str) -> str:
+    """An ``<img>`` with ``png`` embedded as base64 (no file, no request)."""
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
 def figure(png: bytes, alt: str, caption: str) -> str:
+    """A captioned embedded picture (``caption`` is HTML)."""
     return f"<figure>{img_tag(png, alt)}<figcaption>{caption}</figcaption></figure>"
 
 
 def missing(what: str, how: str) -> str:
+    """One line naming a missing source and the command that makes it."""
     return f'<p class="missing">{esc(what)} &mdash; {esc(how)}</p>'
 
 
@@ -443,6 +447,7 @@ def training_warnings(ctx: dict) -> list[str]:
 
 
 def warnings_box(lines: list[str]) -> str:
+    """The warnings box at the top of the page (a green box when there is nothing to warn of)."""
     if not lines:
         return "<div class='ok'><h3>No warnings</h3><p>No tumour missed, and none of the checks below fired.</p></div>"
     items = "".join(f"<li>{esc(w)}</li>" for w in lines)
@@ -505,6 +510,7 @@ METRIC_COLUMNS = (("epoch", "epoch", "int"), ("train_loss", "train loss", "loss"
 
 
 def section_curves(run: Path, rows: list[dict], ctx: dict) -> str:
+    """Loss, Dice, risk and LR per epoch (best epoch marked) and every epoch's metrics in a table."""
     out = ["<h2>Training curves</h2>"]
     n_val = (((ctx["last"] or ctx["best"] or {}).get("metrics")) or {}).get("n_val_cases")
     counts = val_risk_counts(ctx["manifest"], ctx["cfg"])
@@ -530,6 +536,7 @@ def section_curves(run: Path, rows: list[dict], ctx: dict) -> str:
 
 
 def section_validation(ctx: dict) -> str:
+    """Validation metrics of the best and the last epoch, each with its n."""
     out = ["<h2>Validation metrics</h2>"]
     last_m = ((ctx["last"] or {}).get("metrics")) or {}
     best_m = ((ctx["best"] or {}).get("metrics")) or {}
@@ -555,6 +562,7 @@ def section_validation(ctx: dict) -> str:
 
 # ----------------------------------------------------------------------------- run and data
 def section_run(ctx: dict) -> str:
+    """Run facts and the configuration that applies to the run."""
     meta = ctx["last"] or ctx["best"]
     if meta is None:
         return "<h2>Run</h2>" + missing(f"no checkpoint in {ctx['run'] / 'checkpoints'}",
@@ -611,6 +619,7 @@ def feature_sets(meta: dict | None, clin_metrics: dict | None) -> str:
 
 
 def section_data(ctx: dict) -> str:
+    """Case counts and split (``--shards``), preprocessing, fingerprint and the clinical features."""
     meta, manifest, shards = ctx["best"] or ctx["last"], ctx["manifest"], ctx["shards"]
     out = ["<h2>Data</h2>"]
     if meta and meta.get("preprocessing"):
@@ -670,6 +679,7 @@ CASE_HEAD = ("case", "rank", "kidney Dice", "tumour Dice", "KiTS19 score", "tumo
 
 
 def case_table(evaluation: dict) -> str:
+    """Per-case metrics and detection, ranked by ``RANK_METRIC`` (worst first), with the means and their n."""
     rows = []
     for i, c in enumerate(ranked_cases(evaluation), 1):
         name = c["case_id"] + (" (no prediction)" if c.get("status") == "missing prediction" else "")
@@ -690,6 +700,7 @@ def case_table(evaluation: dict) -> str:
 
 
 def section_evaluation(evaluation: dict | None, eval_path: Path | None) -> str:
+    """The evaluation: ranked per-case table, detection rule, effect of post-processing."""
     out = ["<h2>Evaluation</h2>"]
     if evaluation is None:
         return out[0] + missing("no evaluation", "run `hpc-dfs evaluate --pred PRED --gt DATA --out EVAL.json` and "
@@ -758,6 +769,7 @@ def overlay_choice(ranked: list[dict], limit: int = MAX_OVERLAYS) -> list[tuple[
 
 
 def section_overlays(evaluation: dict | None, pred: Path | None) -> str:
+    """Overlays of the worst and best cases through the ground-truth tumour."""
     if not evaluation or not (evaluation.get("cases") or evaluation.get("missing_cases")):
         return ""
     out = ["<h2>Best and worst cases</h2>",
@@ -797,6 +809,7 @@ def truth_labels(evaluation: dict | None, summary: dict) -> dict[str, Any]:
 
 
 def section_prediction(pred: Path | None, evaluation: dict | None) -> str:
+    """Prediction summary; per case volumes, P(malignant) and the true label."""
     out = ["<h2>Prediction</h2>"]
     if pred is None or not (pred / "summary.json").is_file():
         return out[0] + missing("no prediction summary",
@@ -932,6 +945,7 @@ def clinical_table(models: dict, source: Path) -> str:
 
 
 def clinical_warnings(stats: dict, positive: str) -> list[str]:
+    """Warnings for clinical AUCs whose interval contains 0.5, and for SHAP of such a GRU."""
     out = [f"clinical {s['label']}: AUC {s['auc']:.2f} for {positive} (95 % CI {s['ci'][0]:.2f}-{s['ci'][1]:.2f}, "
            f"n={s['n']}) is not distinguishable from chance (0.5)" for s in stats.values() if s["chance"]]
     gru = stats.get("gru")
@@ -961,6 +975,7 @@ def _captions(clin: Path, positive: str, negative: str) -> dict[str, str]:
 
 
 def section_clinical(clin: Path | None, ctx: dict) -> str:
+    """Clinical metrics, ROC and calibration plots, and the captioned pictures of ``hpc-dfs clinical``."""
     out = ["<h2>Clinical model</h2>"]
     if clin is None or not clin.is_dir():
         return out[0] + missing("no clinical results", "run `hpc-dfs clinical --data FILE --folds 5 --seed 0 --out "
@@ -1109,6 +1124,7 @@ def build_report(run: Path, pred: Path | None = None, eval_path: Path | None = N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The report's arguments: the run folder and the other stages' outputs (``type=Path``)."""
     parser.add_argument("run", type=Path, help="run folder written by `hpc-dfs train` (RUN)")
     parser.add_argument("--pred", type=Path, default=None, help="predictions folder (default RUN/pred)")
     parser.add_argument("--eval", dest="eval_path", type=Path, default=None,
