@@ -78,19 +78,20 @@ class PredictConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``hpc-dfs evaluate``: KiTS19 Dice, IoU, HD95 and KiTS21 surface Dice per case."""
+    """``hpc-dfs evaluate``: KiTS19 Dice, IoU, HD95, KiTS21 surface Dice and tumour detection per case.
 
-    pred: str = field(default="", metadata={"help": "directory with prediction_XXXXX.nii.gz"})
-    gt: str = field(default="", metadata={"help": "KiTS-layout directory with case_XXXXX/segmentation.nii.gz"})
-    out: str = field(default="", metadata={"help": "output JSON (CSV and markdown are written beside it)"})
-    pred_raw: str = field(default="", metadata={"help": "predictions before post-processing, to report its effect "
-                                                        "(default: PRED/raw when it exists)"})
+    Settings only; the folders (``--pred``, ``--gt``, ``--out``, ``--pred-raw``) are command-line arguments.
+    """
+
     hd_percentile: float = field(default=95.0, metadata={"help": "percentile of the Hausdorff distance"})
     kidney_tolerance_mm: float = field(default=KITS21_NSD_TOLERANCES_MM["kidney_and_mass"],
                                        metadata={"help": "surface-Dice tolerance of kidney+masses (KiTS21)"})
     tumor_tolerance_mm: float = field(default=KITS21_NSD_TOLERANCES_MM["tumor"],
                                       metadata={"help": "surface-Dice tolerance of tumour (KiTS21)"})
     surface_metrics: bool = field(default=True, metadata={"help": "compute HD95 and surface Dice (slower)"})
+    strict: bool = field(default=False, metadata={
+        "help": "a ground-truth case without a prediction is an error (exit 3); by default it is scored as an "
+                "all-background prediction (Dice 0, as KiTS) in mean_all"})
 
     def validate(self) -> None:
         if not 0 < self.hd_percentile <= 100:

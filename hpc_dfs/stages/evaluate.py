@@ -1,6 +1,7 @@
 """KiTS metrics of predicted label maps against ground truth: ``hpc-dfs evaluate``.
 
     hpc-dfs evaluate --pred runs/r1/pred --gt data/kits --out runs/r1/eval.json
+    hpc-dfs evaluate --pred runs/r1/pred --gt data/kits --out runs/r1/eval.json --strict   # missing = error
     mpirun -np 8 hpc-dfs evaluate --pred runs/r1/pred --gt data/kits --out runs/r1/eval.json  # cases split over ranks
 
 Predictions are matched to ground truth by KiTS naming: ``PRED/prediction_XXXXX.nii.gz`` is compared
@@ -30,6 +31,34 @@ only one empty      0       0      0             null
 An undefined HD95 is written as ``null`` and left out of the mean; ``mean.n_hd95_undefined`` counts
 them. Every other metric is defined for every case.
 
+**Tumour detection** (per case, :func:`tumour_detection`). Components are 6-connected (face
+neighbours, as in :mod:`hpc_dfs.postprocess`). Every ground-truth tumour component (``label == 2``)
+is put on the patient's left or right by the world x (RAS, from the ground truth's affine) of its
+centroid against a midline: the midpoint between the x centroids of the two largest ground-truth
+kidney components (``label > 0``), or the centre of the grid when the ground truth has fewer than two.
+Each ground-truth tumour component is then
+
+- **hit**: at least one voxel of it is predicted tumour;
+- **wrong kidney**: not hit, and the largest false-positive tumour component lies on the other side of
+  the midline (the model found "the" tumour, in the other kidney);
+- **missed**: otherwise.
+
+A **false-positive component** is a predicted tumour component that touches no ground-truth tumour
+voxel. Columns: ``tumor_ml_gt``, ``tumor_ml_pred``, ``n_tumors_gt``, ``n_tumors_hit``,
+``n_tumors_missed``, ``n_tumors_wrong_kidney``, ``n_fp_components``, ``fp_ml`` and a one-word
+``detection`` (``hit``, ``missed``, ``wrong kidney``, ``partial``, ``no tumour``); the JSON also lists
+every component (``tumors``: volume, side, status).
+
+**Missing predictions** (a ground-truth case without ``prediction_XXXXX``) are scored as an
+all-background prediction, as KiTS does: Dice 0 for a region the ground truth has (1 when it has
+none), every tumour missed. Their rows are ``missing_cases`` in the JSON and marked in the tables;
+``mean`` is over the evaluated predictions (``mean.n_cases``), and ``mean_all`` over every
+ground-truth case, missing ones counted (``mean_all.n_cases``, ``mean_all.n_missing``). ``--strict``
+makes a missing prediction an error (exit code 3) instead.
+
+**Labels.** A prediction may hold only 0 (background), 1 (kidney) and 2 (tumour); any other value is
+an error naming the case (ground truth may also hold KiTS21's 3, cyst, counted as kidney).
+
 Outputs (all atomic): ``FILE.json`` (``{"cases": [...], "mean": {...}, ...}``), ``FILE.csv`` and
 ``FILE.md``. When raw (not post-processed) predictions are available (``--pred-raw``, or ``PRED/raw``
 written by ``predict --save-raw``) the Dice of both is reported, so the effect of post-processing is
@@ -55,6 +84,7 @@ from hpc_dfs import config as cfgmod
 from hpc_dfs import dist, fsutil
 from hpc_dfs.config.predict import EvaluateConfig
 from hpc_dfs.data.layout import PRED_RE
+from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError
 from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs evaluate --help` shows this module's whole docstring
@@ -67,10 +97,17 @@ REGIONS = ("kidney", "tumor")
 COLUMNS = ("kidney_dice", "tumor_dice", "kits_score", "kidney_iou", "tumor_iou", "mean_iou", "kidney_hd95",
            "tumor_hd95", "kidney_surface_dice", "tumor_surface_dice", "kidney_ml_gt", "kidney_ml_pred",
            "tumor_ml_gt", "tumor_ml_pred")
+#: Detection columns (integers and volumes, see the module docstring), after ``COLUMNS`` in the CSV.
+DETECTION_COLUMNS = ("n_tumors_gt", "n_tumors_hit", "n_tumors_missed", "n_tumors_wrong_kidney", "n_fp_components",
+                     "fp_ml")
+PRED_LABELS = (0, 1, 2)
+GT_LABELS = (0, 1, 2, 3)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(HpcDfsError, ValueError):
     """A prediction cannot be evaluated; the message names the files and the problem."""
+
+    code = EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------- regions
@@ -144,9 +181,113 @@ def surface_dice(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float)
     return float(nsd.item())
 
 
+# ----------------------------------------------------------------------------- tumour detection
+def kits_affine(spacing) -> np.ndarray:
+    """The affine of a KiTS19 array (axes I, P, L; spacing per array axis) used when none is given."""
+    s = [float(v) for v in spacing]
+    return np.array([[0, 0, -s[2], 0], [0, -s[1], 0, 0], [-s[0], 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    from scipy import ndimage
+    return ndimage.label(mask)  # 6-connectivity (face neighbours), as hpc_dfs.postprocess
+
+
+def _centroid_x(lab: np.ndarray, n: int, affine: np.ndarray) -> np.ndarray:
+    """World x (RAS mm) of the centroid of components 1..n of ``lab``."""
+    from scipy import ndimage
+    if n == 0:
+        return np.zeros(0)
+    cents = np.asarray(ndimage.center_of_mass(np.ones(lab.shape), lab, range(1, n + 1)), dtype=np.float64)
+    return (np.c_[cents, np.ones(n)] @ np.asarray(affine, dtype=np.float64).T)[:, 0]
+
+
+def kidney_midline_x(gt: np.ndarray, affine: np.ndarray) -> float:
+    """Midline (world x, mm) between the two largest ground-truth kidney components, else the grid centre."""
+    lab, n = _components(gt > 0)
+    if n >= 2:
+        sizes = np.bincount(lab.ravel())[1:]
+        two = np.argsort(-sizes, kind="stable")[:2]
+        xs = _centroid_x(lab, n, affine)[two]
+        return float(xs.mean())
+    centre = (np.asarray(gt.shape, dtype=np.float64) - 1) / 2.0
+    return float((np.asarray(affine, dtype=np.float64) @ np.append(centre, 1.0))[0])
+
+
+def _side(x: float, mid: float) -> str:
+    return "right" if x > mid else "left"  # RAS: world x grows towards the patient's right
+
+
+def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel_ml: float) -> dict[str, Any]:
+    """Per ground-truth tumour component: hit, missed or wrong kidney; and the false-positive components.
+
+    Args:
+        pred: predicted label map.
+        gt: ground-truth label map on the same grid.
+        affine: the ground truth's voxel-to-world (RAS mm) affine (sides of the body).
+        voxel_ml: volume of one voxel in ml.
+
+    Returns:
+        the ``DETECTION_COLUMNS``, ``detection`` (one word) and ``tumors`` (one dict per component).
+    """
+    mid = kidney_midline_x(gt, affine)
+    g_lab, n_g = _components(gt == 2)
+    p_lab, n_p = _components(pred == 2)
+    p_sizes = np.bincount(p_lab.ravel(), minlength=n_p + 1)
+    touching = set(np.unique(p_lab[(gt == 2) & (p_lab > 0)]).tolist())
+    fp = [i for i in range(1, n_p + 1) if i not in touching]
+    p_x = _centroid_x(p_lab, n_p, affine)
+    largest_fp_side = _side(p_x[max(fp, key=lambda i: (p_sizes[i], -i)) - 1], mid) if fp else None
+    g_x = _centroid_x(g_lab, n_g, affine)
+    g_sizes = np.bincount(g_lab.ravel(), minlength=n_g + 1)
+    tumors = []
+    for i in range(1, n_g + 1):
+        side = _side(g_x[i - 1], mid)
+        if np.any(pred[g_lab == i] == 2):
+            status = "hit"
+        elif largest_fp_side not in (None, side):
+            status = "wrong kidney"
+        else:
+            status = "missed"
+        tumors.append({"ml": float(g_sizes[i] * voxel_ml), "side": side, "status": status})
+    counts = {k: sum(t["status"] == k for t in tumors) for k in ("hit", "missed", "wrong kidney")}
+    statuses = {t["status"] for t in tumors}
+    word = "no tumour" if not tumors else (statuses.pop() if len(statuses) == 1 else "partial")
+    return {"n_tumors_gt": n_g, "n_tumors_hit": counts["hit"], "n_tumors_missed": counts["missed"],
+            "n_tumors_wrong_kidney": counts["wrong kidney"], "n_fp_components": len(fp),
+            "fp_ml": float(sum(int(p_sizes[i]) for i in fp) * voxel_ml), "detection": word, "tumors": tumors,
+            "midline_x_mm": mid}
+
+
 # ----------------------------------------------------------------------------- one case
-def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, spacing, cfg: EvaluateConfig | None = None) -> dict[str, Any]:
-    """All metrics of one predicted label map against its ground truth (same shape, spacing in mm per axis)."""
+def _surface_metrics(pm: dict, gm: dict, spacing, cfg: EvaluateConfig) -> dict[str, Any]:
+    tol = {"kidney": cfg.kidney_tolerance_mm, "tumor": cfg.tumor_tolerance_mm}
+    out: dict[str, Any] = {}
+    for r in REGIONS:
+        if cfg.surface_metrics:
+            out[f"{r}_hd95"] = hausdorff(pm[r], gm[r], spacing, cfg.hd_percentile)
+            out[f"{r}_surface_dice"] = surface_dice(pm[r], gm[r], spacing, tol[r])
+        else:
+            out[f"{r}_hd95"] = None
+            out[f"{r}_surface_dice"] = None
+    return out
+
+
+def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, spacing, cfg: EvaluateConfig | None = None,
+                    affine: np.ndarray | None = None) -> dict[str, Any]:
+    """All metrics of one predicted label map against its ground truth.
+
+    Args:
+        pred: predicted label map.
+        gt: ground-truth label map, same shape.
+        spacing: voxel spacing in mm per array axis.
+        cfg: metric settings (tolerances, HD percentile); defaults to :class:`EvaluateConfig`.
+        affine: the ground truth's affine, for the body sides of the detection columns (default
+            :func:`kits_affine`).
+
+    Raises:
+        EvaluationError: the shapes differ.
+    """
     cfg = cfg or EvaluateConfig()
     if pred.shape != gt.shape:
         raise EvaluationError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
@@ -159,18 +300,21 @@ def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, spacing, cfg: EvaluateConf
     for r in REGIONS:
         out[f"{r}_iou"] = iou(pm[r], gm[r])
     out["mean_iou"] = (out["kidney_iou"] + out["tumor_iou"]) / 2.0
-    tol = {"kidney": cfg.kidney_tolerance_mm, "tumor": cfg.tumor_tolerance_mm}
-    for r in REGIONS:
-        if cfg.surface_metrics:
-            out[f"{r}_hd95"] = hausdorff(pm[r], gm[r], spacing, cfg.hd_percentile)
-            out[f"{r}_surface_dice"] = surface_dice(pm[r], gm[r], spacing, tol[r])
-        else:
-            out[f"{r}_hd95"] = None
-            out[f"{r}_surface_dice"] = None
+    out.update(_surface_metrics(pm, gm, spacing, cfg))
     for r in REGIONS:
         out[f"{r}_ml_gt"] = int(np.count_nonzero(gm[r])) * voxel_ml
         out[f"{r}_ml_pred"] = int(np.count_nonzero(pm[r])) * voxel_ml
+    out.update(tumour_detection(pred, gt, kits_affine(spacing) if affine is None else affine, voxel_ml))
+    out["spacing_mm"] = [float(v) for v in spacing]
     return out
+
+
+def check_labels(data: np.ndarray, allowed: tuple[int, ...], path: Path) -> None:
+    """Raise :class:`EvaluationError` naming ``path`` when ``data`` holds a value outside ``allowed``."""
+    bad = sorted(set(np.unique(data).tolist()) - set(allowed))
+    if bad:
+        raise EvaluationError(f"{path}: label value(s) {', '.join(map(str, bad[:5]))} outside "
+                              f"{{{', '.join(map(str, allowed))}}}")
 
 
 def _load_label(path: Path):
@@ -189,15 +333,30 @@ def _load_label(path: Path):
 
 
 def evaluate_files(pred_path: Path, gt_path: Path, cfg: EvaluateConfig | None = None) -> dict[str, Any]:
-    """Metrics of one prediction file against one ground-truth file (spacing from the ground truth)."""
+    """Metrics of one prediction file against one ground-truth file (spacing and affine of the ground truth).
+
+    Raises:
+        EvaluationError: a file cannot be read, holds labels outside its set, or the grids differ.
+    """
     pred, p_aff, _ = _load_label(pred_path)
     gt, g_aff, spacing = _load_label(gt_path)
+    check_labels(pred, PRED_LABELS, pred_path)
+    check_labels(gt, GT_LABELS, gt_path)
     if pred.shape != gt.shape:
         raise EvaluationError(f"{pred_path.name} has shape {pred.shape} but {gt_path} has shape {gt.shape}; a "
                               f"prediction must be on the ground truth's grid")
     if not np.allclose(p_aff, g_aff, atol=1e-3):
         log.warning("%s: affine differs from %s (evaluating on the voxel grid anyway)", pred_path.name, gt_path)
-    return evaluate_arrays(pred, gt, spacing, cfg)
+    return evaluate_arrays(pred, gt, spacing, cfg, affine=g_aff)
+
+
+def evaluate_missing(gt_path: Path, cfg: EvaluateConfig | None = None) -> dict[str, Any]:
+    """A ground-truth case without a prediction, scored as an all-background prediction (KiTS)."""
+    gt, g_aff, spacing = _load_label(gt_path)
+    check_labels(gt, GT_LABELS, gt_path)
+    row = evaluate_arrays(np.zeros_like(gt), gt, spacing, cfg, affine=g_aff)
+    row["status"] = "missing prediction"
+    return row
 
 
 # ----------------------------------------------------------------------------- matching
@@ -208,6 +367,7 @@ def case_id_of(pred_name: str) -> str | None:
 
 
 def find_ground_truth(gt_dir: Path, case_id: str) -> Path | None:
+    """The ground-truth label file of ``case_id`` under ``gt_dir`` (``GT_NAMES`` in order), or None."""
     for name in GT_NAMES:
         p = gt_dir / case_id / name
         if p.exists():
@@ -245,14 +405,25 @@ def _mean(values) -> float | None:
 
 
 def summarise(cases: list[dict]) -> dict[str, Any]:
-    """Mean of every metric over cases (None values left out), with counts."""
+    """Mean of every metric over cases (None values left out), with counts and detection totals."""
     mean: dict[str, Any] = {"n_cases": len(cases)}
     for k in COLUMNS:
         mean[k] = _mean(c.get(k) for c in cases)
     for r in REGIONS:
         mean[f"n_{r}_hd95_undefined"] = sum(1 for c in cases if c.get(f"{r}_hd95") is None)
     mean["n_hd95_undefined"] = mean["n_kidney_hd95_undefined"] + mean["n_tumor_hd95_undefined"]
+    for k in DETECTION_COLUMNS:  # totals over cases, not means
+        mean[k] = sum(c.get(k) or 0 for c in cases)
     return mean
+
+
+def summarise_all(cases: list[dict], missing_rows: list[dict]) -> dict[str, Any]:
+    """Means over every ground-truth case, missing predictions scored as all background (KiTS)."""
+    out = summarise(cases + missing_rows)
+    out["n_missing"] = len(missing_rows)
+    out["rule"] = ("a missing prediction is scored as an all-background prediction: Dice 0 where the ground truth "
+                   "has the region, every tumour missed")
+    return out
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -263,15 +434,27 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return str(int(v))
+    return repr(float(v))
+
+
 def to_csv(result: dict) -> str:
+    """The per-case table as CSV: ``COLUMNS``, ``DETECTION_COLUMNS``, ``detection``, ``status``, then the mean."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     extra = [k for k in ("kidney_dice_raw", "tumor_dice_raw", "kits_score_raw") if any(k in c for c in result["cases"])]
-    w.writerow(["case_id", *COLUMNS, *extra])
-    for c in result["cases"]:
-        w.writerow([c["case_id"], *("" if c.get(k) is None else repr(float(c[k])) for k in (*COLUMNS, *extra))])
-    m = result["mean"]
-    w.writerow(["mean", *("" if m.get(k) is None else repr(float(m[k])) for k in (*COLUMNS, *extra))])
+    keys = (*COLUMNS, *extra, *DETECTION_COLUMNS)
+    w.writerow(["case_id", *keys, "detection", "status"])
+    for c in result["cases"] + result.get("missing_cases", []):
+        w.writerow([c["case_id"], *(_csv_cell(c.get(k)) for k in keys), c.get("detection", ""),
+                    c.get("status", "evaluated")])
+    for label, m in (("mean_all", result.get("mean_all")), ("mean", result["mean"])):  # "mean" last
+        if m is not None and (label == "mean" or m.get("n_missing")):
+            w.writerow([label, *(_csv_cell(m.get(k)) for k in keys), "", f"n={m['n_cases']}"])
     return buf.getvalue()
 
 
@@ -279,17 +462,44 @@ MD_HEAD = ("case", "kidney Dice", "tumour Dice", "KiTS19 score", "mean IoU", "ki
            "kidney SD", "tumour SD")
 MD_KEYS = ("kidney_dice", "tumor_dice", "kits_score", "mean_iou", "kidney_hd95", "tumor_hd95", "kidney_surface_dice",
            "tumor_surface_dice")
+DETECTION_HEAD = ("case", "tumour ml (truth)", "tumour ml (predicted)", "tumours", "hit", "missed", "wrong kidney",
+                  "false-positive components", "false-positive ml", "detection")
+DETECTION_KEYS = ("tumor_ml_gt", "tumor_ml_pred", "n_tumors_gt", "n_tumors_hit", "n_tumors_missed",
+                  "n_tumors_wrong_kidney", "n_fp_components", "fp_ml", "detection")
+
+
+def _md_metrics(result: dict) -> list[str]:
+    lines = ["| " + " | ".join(MD_HEAD) + " |", "|" + "---|" * len(MD_HEAD)]
+    for c in result["cases"]:
+        lines.append("| " + " | ".join([c["case_id"], *(_fmt(c.get(k)) for k in MD_KEYS)]) + " |")
+    for c in result.get("missing_cases", []):
+        lines.append("| " + " | ".join([f"{c['case_id']} (no prediction)", *(_fmt(c.get(k)) for k in MD_KEYS)]) + " |")
+    m = result["mean"]
+    lines.append(f"| **mean (n={m['n_cases']})** | " + " | ".join(f"**{_fmt(m.get(k))}**" for k in MD_KEYS) + " |")
+    ma = result.get("mean_all")
+    if ma and ma.get("n_missing"):
+        lines.append(f"| **mean, missing = 0 (n={ma['n_cases']})** | "
+                     + " | ".join(f"**{_fmt(ma.get(k))}**" for k in MD_KEYS) + " |")
+    return lines
+
+
+def _md_detection(result: dict) -> list[str]:
+    lines = ["", "## Tumour detection", "", "| " + " | ".join(DETECTION_HEAD) + " |",
+             "|" + "---|" * len(DETECTION_HEAD)]
+    for c in result["cases"] + result.get("missing_cases", []):
+        lines.append("| " + " | ".join([c["case_id"], *(_fmt(c.get(k), 1) for k in DETECTION_KEYS)]) + " |")
+    return lines
 
 
 def to_markdown(result: dict) -> str:
+    """The evaluation as markdown: metrics, tumour detection, post-processing, errors and definitions."""
+    m = result["mean"]
     lines = ["# Evaluation", "",
              f"Predictions `{result['pred_dir']}` against ground truth `{result['gt_dir']}`: "
-             f"{result['mean']['n_cases']} cases.", "",
-             "| " + " | ".join(MD_HEAD) + " |", "|" + "---|" * len(MD_HEAD)]
-    for c in result["cases"]:
-        lines.append("| " + " | ".join([c["case_id"], *(_fmt(c.get(k)) for k in MD_KEYS)]) + " |")
-    m = result["mean"]
-    lines.append("| **mean** | " + " | ".join(f"**{_fmt(m.get(k))}**" for k in MD_KEYS) + " |")
+             f"{m['n_cases']} cases evaluated"
+             + (f", {len(result['missing_predictions'])} without a prediction" if result.get("missing_predictions")
+                else "") + ".", ""]
+    lines += _md_metrics(result) + _md_detection(result)
     pp = result.get("postprocessing")
     if pp:
         lines += ["", "## Effect of post-processing (mean Dice)", "", "| | kidney Dice | tumour Dice | KiTS19 score |",
@@ -301,68 +511,125 @@ def to_markdown(result: dict) -> str:
         lines += ["", "## Cases that could not be evaluated", ""] + [f"- {e['case_id']}: {e['error']}"
                                                                       for e in result["errors"]]
     if result.get("missing_predictions"):
-        lines += ["", f"Ground-truth cases without a prediction: {', '.join(result['missing_predictions'])}"]
+        lines += ["", f"Ground-truth cases without a prediction (scored as all background in `mean, missing = 0`): "
+                      f"{', '.join(result['missing_predictions'])}"]
     t = result["tolerances_mm"]
     lines += ["", f"Kidney = label > 0 (composite), tumour = label == 2. SD = surface Dice at the KiTS21 tolerances "
                   f"({t['kidney']:.3f} mm kidney, {t['tumor']:.3f} mm tumour). "
                   f"Both empty: Dice = IoU = SD = 1, HD95 = 0; "
-                  f"one empty: Dice = IoU = SD = 0, HD95 undefined (-, left out of the mean).", ""]
+                  f"one empty: Dice = IoU = SD = 0, HD95 undefined (-, left out of the mean: tumour HD95 over "
+                  f"{m['n_cases'] - m['n_tumor_hd95_undefined']} of {m['n_cases']} cases). "
+                  f"Detection: a ground-truth tumour component is hit when a voxel of it is predicted tumour, "
+                  f"in the wrong kidney when not hit and the largest false-positive tumour component lies on the other "
+                  f"side of the midline, else missed.", ""]
     return "\n".join(lines)
 
 
-def evaluate_dirs(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate every prediction in ``cfg.pred``; returns the result dict (not written)."""
-    pred_dir, gt_dir = Path(cfg.pred), Path(cfg.gt)
-    pairs, missing = match_predictions(pred_dir, gt_dir)
-    raw_dir = Path(cfg.pred_raw) if cfg.pred_raw else (pred_dir / "raw" if (pred_dir / "raw").is_dir() else None)
-    if cfg.pred_raw and not raw_dir.is_dir():
-        raise EvaluationError(f"--pred-raw directory {raw_dir} does not exist")
+def _raw_dice(raw_dir: Path, pred_path: Path, gt_path: Path) -> dict[str, float]:
+    raw_path = raw_dir / pred_path.name
+    if not raw_path.exists():
+        raise EvaluationError(f"raw prediction {raw_path} is missing (post-processed one exists)")
+    raw_pred, _, _ = _load_label(raw_path)
+    check_labels(raw_pred, PRED_LABELS, raw_path)
+    gt, _, _ = _load_label(gt_path)
+    if raw_pred.shape != gt.shape:
+        raise EvaluationError(f"{raw_path} has shape {raw_pred.shape} but {gt_path} has {gt.shape}")
+    gm, rm = region_masks(gt), region_masks(raw_pred)
+    row = {"kidney_dice_raw": dice(rm["kidney"], gm["kidney"]), "tumor_dice_raw": dice(rm["tumor"], gm["tumor"])}
+    row["kits_score_raw"] = (row["kidney_dice_raw"] + row["tumor_dice_raw"]) / 2
+    return row
+
+
+def _evaluate_one(cid: str, pred_path: Path | None, gt_path: Path | None, gt_dir: Path, raw_dir: Path | None,
+                  cfg: EvaluateConfig) -> dict[str, Any]:
+    if gt_path is None:
+        raise EvaluationError(f"{pred_path.name} has no ground truth: none of {', '.join(GT_NAMES)} in {gt_dir / cid}")
+    if pred_path is None:
+        return {"case_id": cid, **evaluate_missing(gt_path, cfg)}
+    row = {"case_id": cid, **evaluate_files(pred_path, gt_path, cfg)}
+    if raw_dir is not None:
+        row.update(_raw_dice(raw_dir, pred_path, gt_path))
+    log.info("%s: kidney Dice %.4f, tumour Dice %.4f, detection %s", cid, row["kidney_dice"], row["tumor_dice"],
+             row["detection"])
+    return row
+
+
+def _evaluate_share(work: list, gt_dir: Path, raw_dir: Path | None, cfg: EvaluateConfig) -> tuple[list, list]:
+    """This rank's share of the work, gathered on every rank in case order: (rows, errors)."""
     rank, world = dist.rank(), dist.size()
-    mine = pairs
+    mine = work
     if world > 1:  # each rank evaluates a share, balanced by file size; results are gathered in case order
         from hpc_dfs.data.reader import partition_balanced
-        mine = partition_balanced([(p, p[1].stat().st_size) for p in pairs], rank, world)
-    cases, errors = [], []
+        mine = partition_balanced([(w, (w[1] or w[2]).stat().st_size) for w in work], rank, world)
+    rows, errors = [], []
     for cid, pred_path, gt_path in mine:
         try:
-            if gt_path is None:
-                raise EvaluationError(f"{pred_path.name} has no ground truth: none of {', '.join(GT_NAMES)} in "
-                                      f"{gt_dir / cid}")
-            row = {"case_id": cid, **evaluate_files(pred_path, gt_path, cfg)}
-            if raw_dir is not None:
-                raw_path = raw_dir / pred_path.name
-                if not raw_path.exists():
-                    raise EvaluationError(f"raw prediction {raw_path} is missing (post-processed one exists)")
-                raw_pred, _, _ = _load_label(raw_path)
-                gt, _, spacing = _load_label(gt_path)
-                if raw_pred.shape != gt.shape:
-                    raise EvaluationError(f"{raw_path} has shape {raw_pred.shape} but {gt_path} has {gt.shape}")
-                gm, rm = region_masks(gt), region_masks(raw_pred)
-                row["kidney_dice_raw"] = dice(rm["kidney"], gm["kidney"])
-                row["tumor_dice_raw"] = dice(rm["tumor"], gm["tumor"])
-                row["kits_score_raw"] = (row["kidney_dice_raw"] + row["tumor_dice_raw"]) / 2
-            cases.append(row)
-            log.info("%s: kidney Dice %.4f, tumour Dice %.4f", cid, row["kidney_dice"], row["tumor_dice"])
+            rows.append(_evaluate_one(cid, pred_path, gt_path, gt_dir, raw_dir, cfg))
         except EvaluationError as e:
             log.error("%s: %s", cid, e)
             errors.append({"case_id": cid, "error": str(e)})
     if world > 1:
-        parts = dist.allgather_object((cases, errors))
-        cases = sorted((c for part in parts for c in part[0]), key=lambda c: c["case_id"])
-        errors = sorted((e for part in parts for e in part[1]), key=lambda e: e["case_id"])
-    if rank == 0:
+        parts = dist.allgather_object((rows, errors))
+        rows = [r for part in parts for r in part[0]]
+        errors = [e for part in parts for e in part[1]]
+    return sorted(rows, key=lambda c: c["case_id"]), sorted(errors, key=lambda e: e["case_id"])
+
+
+def _definitions(cfg: EvaluateConfig) -> dict[str, str]:
+    return {"kidney": "label > 0", "tumor": "label == 2", "kits_score": "(kidney_dice + tumor_dice) / 2",
+            "mean_iou": "(kidney_iou + tumor_iou) / 2",
+            "hd95": f"MONAI compute_hausdorff_distance, percentile {cfg.hd_percentile}, mm",
+            "surface_dice": "MONAI compute_surface_dice(use_subvoxels=True), KiTS21 tolerances",
+            "empty": "both empty: dice=iou=surface_dice=1, hd95=0; one empty: dice=iou=surface_dice=0, "
+                     "hd95=null (left out of means)",
+            "detection": "6-connected components; a ground-truth tumour component is hit when a voxel of it is "
+                         "predicted tumour, wrong kidney when not hit and the largest false-positive tumour component "
+                         "lies on the other side of the midline (between the two largest ground-truth kidney "
+                         "components, world x), else missed; a false-positive component touches no ground-truth tumour",
+            "missing": "a missing prediction is scored as all background (mean_all); mean is over evaluated cases"}
+
+
+def _raw_dir(pred_dir: Path, pred_raw: Path | None) -> Path | None:
+    if pred_raw is not None:
+        if not pred_raw.is_dir():
+            raise EvaluationError(f"--pred-raw directory {pred_raw} does not exist")
+        return pred_raw
+    return pred_dir / "raw" if (pred_dir / "raw").is_dir() else None
+
+
+def evaluate_dirs(pred_dir: Path, gt_dir: Path, cfg: EvaluateConfig | None = None,
+                  pred_raw: Path | None = None) -> dict[str, Any]:
+    """Evaluate every prediction in ``pred_dir`` against ``gt_dir``; returns the result dict (not written).
+
+    Args:
+        pred_dir: folder with ``prediction_XXXXX.nii.gz``.
+        gt_dir: KiTS-layout folder with ``case_XXXXX/segmentation.nii.gz``.
+        cfg: metric settings; ``cfg.strict`` makes a missing prediction an error.
+        pred_raw: predictions before post-processing (default ``pred_dir/raw`` when it exists).
+
+    Raises:
+        EvaluationError: a folder is missing or empty, or (``strict``) a ground-truth case has no prediction.
+    """
+    cfg = cfg or EvaluateConfig()
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    pairs, missing = match_predictions(pred_dir, gt_dir)
+    if missing and cfg.strict:
+        raise EvaluationError(f"{len(missing)} ground-truth case(s) have no prediction in {pred_dir}: "
+                              f"{', '.join(missing)} (--strict)", code=EXIT_DATA)
+    raw_dir = _raw_dir(pred_dir, pred_raw)
+    work = pairs + [(c, None, find_ground_truth(gt_dir, c)) for c in missing]
+    rows, errors = _evaluate_share(work, gt_dir, raw_dir, cfg)
+    cases = [r for r in rows if r.get("status") != "missing prediction"]
+    missing_rows = [r for r in rows if r.get("status") == "missing prediction"]
+    if dist.rank() == 0:
         for c in missing:
-            log.warning("%s has ground truth but no prediction in %s", c, pred_dir)
+            log.warning("%s has ground truth but no prediction in %s: scored as all background in mean_all "
+                        "(--strict makes it an error)", c, pred_dir)
     result: dict[str, Any] = {
-        "pred_dir": str(pred_dir), "gt_dir": str(gt_dir),
-        "definitions": {"kidney": "label > 0", "tumor": "label == 2", "kits_score": "(kidney_dice + tumor_dice) / 2",
-                        "mean_iou": "(kidney_iou + tumor_iou) / 2",
-                        "hd95": f"MONAI compute_hausdorff_distance, percentile {cfg.hd_percentile}, mm",
-                        "surface_dice": "MONAI compute_surface_dice(use_subvoxels=True), KiTS21 tolerances",
-                        "empty": "both empty: dice=iou=surface_dice=1, hd95=0; one empty: dice=iou=surface_dice=0, "
-                                 "hd95=null (left out of means)"},
+        "pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "definitions": _definitions(cfg),
         "tolerances_mm": {"kidney": cfg.kidney_tolerance_mm, "tumor": cfg.tumor_tolerance_mm},
-        "cases": cases, "mean": summarise(cases), "errors": errors, "missing_predictions": missing,
+        "cases": cases, "mean": summarise(cases), "missing_cases": missing_rows,
+        "mean_all": summarise_all(cases, missing_rows), "errors": errors, "missing_predictions": missing,
     }
     if raw_dir is not None and cases:
         raw = {k: _mean(c[f"{k}_raw"] for c in cases) for k in ("kidney_dice", "tumor_dice", "kits_score")}
@@ -387,27 +654,41 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The folders (``type=Path``) and the :class:`EvaluateConfig` settings as flags."""
+    parser.add_argument("--pred", type=Path, required=True, help="directory with prediction_XXXXX.nii.gz")
+    parser.add_argument("--gt", type=Path, required=True,
+                        help="KiTS-layout directory with case_XXXXX/segmentation.nii.gz")
+    parser.add_argument("--out", type=Path, required=True, help="output JSON (CSV and markdown are written beside it)")
+    parser.add_argument("--pred-raw", type=Path, default=None,
+                        help="predictions before post-processing, to report its effect (default: PRED/raw when it "
+                             "exists)")
     cfgmod.add_arguments(parser, EvaluateConfig)
 
 
 def main(args: argparse.Namespace) -> int:
+    """``hpc-dfs evaluate``: exit 0, or 1 when some predictions could not be evaluated.
+
+    Raises:
+        HpcDfsError: a bad setting or folder (code 2), or a missing prediction under ``--strict`` (code 3).
+    """
     dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
-    try:
-        cfg = cfgmod.from_args(EvaluateConfig, args)
-        for name in ("pred", "gt", "out"):
-            if not getattr(cfg, name):
-                raise cfgmod.ConfigError(f"--{name} is required")
-        result = evaluate_dirs(cfg)
-    except (cfgmod.ConfigError, EvaluationError) as e:
-        log.error("%s", e)
-        return 2
+    cfg = cfgmod.from_args(EvaluateConfig, args)
+    pred_dir = cfgmod.require_path(args.pred, "dir", "--pred")
+    gt_dir = cfgmod.require_path(args.gt, "dir", "--gt")
+    pred_raw = cfgmod.require_path(args.pred_raw, "dir", "--pred-raw") if args.pred_raw else None
+    result = evaluate_dirs(pred_dir, gt_dir, cfg, pred_raw)
     if dist.rank() != 0:
         return 1 if result["errors"] else 0
-    paths = write_outputs(result, Path(cfg.out))
-    m = result["mean"]
+    paths = write_outputs(result, args.out)
+    m, ma = result["mean"], result["mean_all"]
     if result["cases"]:
-        log.info("%d cases: kidney Dice %.4f, tumour Dice %.4f, KiTS19 score %.4f -> %s", m["n_cases"],
-                 m["kidney_dice"], m["tumor_dice"], m["kits_score"], ", ".join(map(str, paths)))
+        log.info("%d cases: kidney Dice %.4f, tumour Dice %.4f, KiTS19 score %.4f; tumours %d hit, %d missed, %d in "
+                 "the wrong kidney, %d false-positive components -> %s", m["n_cases"], m["kidney_dice"],
+                 m["tumor_dice"], m["kits_score"], ma["n_tumors_hit"], ma["n_tumors_missed"],
+                 ma["n_tumors_wrong_kidney"], ma["n_fp_components"], ", ".join(map(str, paths)))
+    if ma["n_missing"]:
+        log.warning("with the %d missing prediction(s) scored as all background (n=%d): kidney Dice %.4f, tumour "
+                    "Dice %.4f", ma["n_missing"], ma["n_cases"], ma["kidney_dice"], ma["tumor_dice"])
     if result["errors"]:
         log.error("%d of %d predictions could not be evaluated (listed in %s)", len(result["errors"]),
                   len(result["errors"]) + len(result["cases"]), paths[0])

@@ -163,3 +163,86 @@ def test_cli_end_to_end(tmp_path):
     errs = {e["case_id"]: e["error"] for e in res["errors"]}
     assert "no ground truth" in errs["case_00042"] and "shape (8, 20, 15)" in errs["case_00009"]
     assert len(res["cases"]) == 3
+
+
+def _two_kidneys():
+    """Ground truth with a kidney on each side (array axis 2 = patient's left, KiTS) and a tumour in one."""
+    gt = np.zeros((10, 20, 40), np.uint8)
+    gt[2:8, 5:15, 3:13] = 1
+    gt[2:8, 5:15, 27:37] = 1
+    gt[3:6, 7:10, 5:8] = 2       # 27 voxels = 0.027 ml at 1 mm
+    return gt
+
+
+def test_detection_hit_missed_wrong_kidney_and_false_positives():
+    gt = _two_kidneys()
+    cfg = EvaluateConfig(surface_metrics=False)
+    hit = ev.evaluate_arrays(gt.copy(), gt, (1, 1, 1), cfg)
+    assert (hit["detection"], hit["n_tumors_gt"], hit["n_tumors_hit"], hit["n_fp_components"]) == ("hit", 1, 1, 0)
+    assert hit["tumor_ml_gt"] == pytest.approx(0.027) and hit["tumors"][0]["ml"] == pytest.approx(0.027)
+    assert hit["tumors"][0]["side"] != ev.tumour_detection(np.flip(gt, 2), np.flip(gt, 2), ev.kits_affine((1, 1, 1)),
+                                                          0.001)["tumors"][0]["side"]  # mirrored: the other side
+
+    none = np.where(gt == 2, 1, gt).astype(np.uint8)
+    missed = ev.evaluate_arrays(none, gt, (1, 1, 1), cfg)
+    assert (missed["detection"], missed["n_tumors_missed"], missed["n_fp_components"]) == ("missed", 1, 0)
+
+    other = none.copy()
+    other[3:6, 7:10, 30:33] = 2  # a tumour predicted in the other kidney only
+    wrong = ev.evaluate_arrays(other, gt, (1, 1, 1), cfg)
+    assert (wrong["detection"], wrong["n_tumors_wrong_kidney"], wrong["n_fp_components"]) == ("wrong kidney", 1, 1)
+    assert wrong["fp_ml"] == pytest.approx(0.027) and wrong["tumor_dice"] == 0.0
+
+    same = none.copy()
+    same[3:6, 11:14, 9:12] = 2  # a false positive in the same kidney, not touching the tumour: still missed
+    near = ev.evaluate_arrays(same, gt, (1, 1, 1), cfg)
+    assert (near["detection"], near["n_tumors_missed"], near["n_fp_components"]) == ("missed", 1, 1)
+
+    both = gt.copy()
+    both[3:6, 7:10, 30:33] = 2  # hit plus a false positive elsewhere
+    b = ev.evaluate_arrays(both, gt, (1, 1, 1), cfg)
+    assert (b["detection"], b["n_tumors_hit"], b["n_fp_components"]) == ("hit", 1, 1)
+    empty = ev.evaluate_arrays(np.zeros_like(gt), np.where(gt == 2, 1, gt).astype(np.uint8), (1, 1, 1), cfg)
+    assert (empty["detection"], empty["n_tumors_gt"]) == ("no tumour", 0)
+
+
+def test_missing_prediction_counts_as_zero_and_strict_fails(tmp_path):
+    """KiTS: a missing prediction scores Dice 0 (mean_all, n visible); --strict makes it an error (exit 3)."""
+    from hpc_dfs.cli import main
+    aff = ev.kits_affine((2.5, 0.8, 0.8))
+    gt = _two_kidneys()
+    for i in range(2):
+        _save(tmp_path / "gt" / f"case_{i:05d}" / "segmentation.nii.gz", gt, aff)
+    _save(tmp_path / "pred" / "prediction_00000.nii.gz", gt, aff)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out", str(out),
+                 "--no-surface-metrics"]) == 0
+    res = json.loads(out.read_text())
+    assert res["mean"]["n_cases"] == 1 and res["mean"]["tumor_dice"] == 1.0
+    ma = res["mean_all"]
+    assert (ma["n_cases"], ma["n_missing"], ma["tumor_dice"], ma["kidney_dice"]) == (2, 1, 0.5, 0.5)
+    assert ma["n_tumors_missed"] == 1 and res["missing_cases"][0]["detection"] == "missed"
+    md = out.with_suffix(".md").read_text()
+    assert "mean (n=1)" in md and "mean, missing = 0 (n=2)" in md and "case_00001 (no prediction)" in md
+    assert "## Tumour detection" in md
+    rows = {r["case_id"]: r for r in csv.DictReader(out.with_suffix(".csv").open())}
+    assert rows["case_00001"]["status"] == "missing prediction" and rows["case_00000"]["n_tumors_hit"] == "1"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out", str(out),
+                 "--strict"]) == 3
+
+
+def test_label_outside_0_1_2_is_an_error_naming_the_case(tmp_path, capsys):
+    from hpc_dfs.cli import main
+    aff = ev.kits_affine((1, 1, 1))
+    gt = _two_kidneys()
+    _save(tmp_path / "gt" / "case_00003" / "segmentation.nii.gz", gt, aff)
+    bad = gt.copy()
+    bad[0, 0, 0] = 9
+    _save(tmp_path / "pred" / "prediction_00003.nii.gz", bad, aff)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out", str(out),
+                 "--no-surface-metrics"]) == 1
+    err = json.loads(out.read_text())["errors"]
+    assert err[0]["case_id"] == "case_00003" and "label value(s) 9 outside {0, 1, 2}" in err[0]["error"]
+    assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path / "gt"), "--out", str(out)]) == 2
+    assert "--pred" in capsys.readouterr().err
