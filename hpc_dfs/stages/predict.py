@@ -62,7 +62,7 @@ from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError  # the stage contr
 from hpc_dfs import __version__, dist, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
-from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME
+from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_NAMES
 from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs predict --help` shows this module's whole docstring
@@ -396,7 +396,7 @@ def _transform(case: CaseInput, image: np.ndarray, affine: np.ndarray, preproces
 def _write_case(case: CaseInput, cfg: PredictConfig, out_dir: Path, img, maps: dict[str, np.ndarray],
                 image: np.ndarray, affine: np.ndarray) -> dict[str, Path]:
     """Write the case's files (``maps``: ``clean``, ``raw`` labels and ``native`` probabilities ``(C, ...)``)."""
-    from hpc_dfs.visualize import save_overlay
+    from hpc_dfs.visualize import save_case_overlay
     sfx = case.suffix
     files = {"prediction": out_dir / f"prediction_{sfx}.nii.gz"}
     fsutil.write_bytes(files["prediction"], nifti_gz_bytes(maps["clean"], img, cfg.compress_level))
@@ -409,8 +409,23 @@ def _write_case(case: CaseInput, cfg: PredictConfig, out_dir: Path, img, maps: d
         fsutil.write_bytes(files["probabilities"], nifti_gz_bytes(probabilities, img, cfg.compress_level))
     if cfg.overlays:
         files["overlay"] = out_dir / f"overlay_{sfx}.png"
-        save_overlay(files["overlay"], image, maps["clean"], affine, title=case.case_id)
+        save_case_overlay(files["overlay"], image, maps["clean"], _ground_truth(case, image.shape), affine,
+                          title=case.case_id)
     return files
+
+
+def _ground_truth(case: CaseInput, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The case's ground truth beside its image, for the overlay (prediction | truth | errors); None if absent."""
+    import nibabel as nib
+    for name in LABEL_NAMES:
+        path = case.image_path.parent / name
+        if path.is_file():
+            try:
+                gt = np.asanyarray(nib.load(str(path)).dataobj)
+            except Exception:  # an unreadable truth only costs the overlay its truth panel
+                return None
+            return gt.astype(np.uint8) if gt.shape == tuple(shape) else None
+    return None
 
 
 _STEPS = ("start", "load", "preprocess", "inference", "restore", "postprocess", "write")
