@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from hpc_dfs.config import ConfigError
 
-__all__ = ["SynthConfig", "PreprocessConfig", "parse_label_map"]
+__all__ = ["SynthConfig", "PreprocessConfig", "RefineConfig", "parse_label_map"]
 
 
 @dataclass
@@ -42,6 +42,37 @@ class SynthConfig:
             raise ConfigError(f"synth needs 4 <= min_slices <= max_slices, got {self.min_slices}, {self.max_slices}")
         if self.from_labels is None and not self.cases.strip().isdigit():
             raise ConfigError(f"--cases must be a count for phantoms, got '{self.cases}'")
+
+
+@dataclass
+class RefineConfig:
+    """Stage 2 of the cascade (``refine``): windows around every ground-truth kidney, at a finer in-plane
+    spacing, written into each shard's ``refine`` group (see :mod:`hpc_dfs.data.refine`)."""
+
+    enabled: bool = field(default=True, metadata={"help": "write the stage-2 windows (refine group) into the shards"})
+    spacing: str = field(default="auto", metadata={
+        "help": "in-plane spacing of stage 2 in mm: 'auto' (median in-plane spacing of the data, nnU-Net's "
+                "full resolution), 'finest', or a number"})
+    slice_size: list[int] = field(default_factory=lambda: [128, 128], metadata={
+        "help": "H,W of a training window's slices (multiples of 16; predict grows them for larger boxes)"})
+    margin_mm: float = field(default=15.0, metadata={"help": "margin added on every side of a kidney box, mm"})
+    min_box_mm: list[float] = field(default_factory=lambda: [30.0, 48.0, 48.0], metadata={
+        "help": "least box extent (z, y, x) in mm"})
+    max_boxes: int = field(default=2, metadata={"help": "kidney components kept per case (2: one per kidney)"})
+
+    def validate(self) -> None:
+        if len(self.slice_size) != 2 or min(self.slice_size) < 16 or any(v % 16 for v in self.slice_size):
+            raise ConfigError(f"refine.slice_size must be two multiples of 16, got {self.slice_size}")
+        if self.spacing not in ("auto", "finest"):
+            try:
+                if float(self.spacing) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"refine.spacing must be 'auto', 'finest' or a positive number, "
+                                  f"got '{self.spacing}'") from None
+        if self.margin_mm < 0 or len(self.min_box_mm) != 3 or min(self.min_box_mm) < 0 or self.max_boxes < 1:
+            raise ConfigError("refine needs margin_mm >= 0, three min_box_mm >= 0 and max_boxes >= 1, got "
+                              f"{self.margin_mm}, {self.min_box_mm}, {self.max_boxes}")
 
 
 @dataclass
@@ -78,6 +109,8 @@ class PreprocessConfig:
     compression: Literal["lzf", "gzip", "none"] = field(default="lzf", metadata={
         "help": "HDF5 compression of the slice datasets (lzf: fastest decode, see bench/bench_reader.py)"})
     compression_level: int = field(default=1, metadata={"help": "gzip level when compression=gzip"})
+    refine: RefineConfig = field(default_factory=RefineConfig, metadata={
+        "help": "stage-2 (refine) windows: refine.enabled, refine.spacing, refine.slice_size, ..."})
 
     def validate(self) -> None:
         if len(self.slice_size) != 2 or min(self.slice_size) < 8:

@@ -134,10 +134,16 @@ def spatial_params(fp: dict, cfg) -> dict:
         in_plane = None
     else:
         in_plane = [float(cfg.in_plane_spacing)] * 2
-    return {"target_spacing": [cfg.z_spacing, *(in_plane or [None, None])],
-            "in_plane_mode": "fit" if in_plane is None else "spacing",
-            "slice_size": [int(hs), int(ws)],
-            "orientation": ["I", "P", "L"]}
+    params = {"target_spacing": [cfg.z_spacing, *(in_plane or [None, None])],
+              "in_plane_mode": "fit" if in_plane is None else "spacing",
+              "slice_size": [int(hs), int(ws)],
+              "orientation": ["I", "P", "L"]}
+    refine = getattr(cfg, "refine", None)
+    if refine is not None and refine.enabled:  # stage 2 of the cascade (hpc_dfs.data.refine)
+        from hpc_dfs.data.refine import refine_plan
+        params["refine"] = refine_plan(fp, refine.spacing, refine.slice_size, refine.margin_mm, refine.min_box_mm,
+                                       refine.max_boxes)
+    return params
 
 
 def intensity_params(fg: dict, cfg) -> dict:

@@ -22,6 +22,7 @@ from hpc_dfs.data.fingerprint import CasePart
 from hpc_dfs.data.geometry import make_geometry, prepare_label, resample_image
 from hpc_dfs.data.kits_io import (CLASSES, IMAGE_NAME, LABEL_MAPS, CaseError, KitsCase, detect_dataset,
                                   find_label_file, list_cases, load_case, read_header)
+from hpc_dfs.data.refine import refine_windows
 from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
 
@@ -141,11 +142,13 @@ class CaseItem:
     spacing: tuple[float, ...]      # native voxel size along the stored axes, mm
     affine: np.ndarray              # native 4x4
     source_files: list[str]         # names of the files it was read from
+    refine: Optional[dict] = None   # stage-2 windows in HU (hpc_dfs.data.refine.refine_windows), when planned
 
     @property
     def nbytes(self) -> int:
         """Memory held by the arrays (what the cache counts)."""
-        return self.hu.nbytes + self.labels.nbytes
+        extra = 0 if self.refine is None else self.refine["hu"].nbytes + self.refine["label"].nbytes
+        return self.hu.nbytes + self.labels.nbytes + extra
 
 
 def load_item(case_dir: Path, label_map: dict[int, int], spatial: dict,
@@ -169,6 +172,8 @@ def load_item(case_dir: Path, label_map: dict[int, int], spatial: dict,
     hu, geom = resample_image(case.image, case.affine, spatial)
     item = CaseItem(case.case_id, hu, prepare_label(case.label, geom), geom, case.image.shape, case.spacing,
                     case.affine, [p.name for p in (case.image_path, case.label_path) if p is not None])
+    if "refine" in spatial:  # the native volume is in memory only here: cut the stage-2 windows now
+        item.refine = refine_windows(case.image, case.label, case.affine, spatial)
     return item, part
 
 
