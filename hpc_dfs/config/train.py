@@ -270,8 +270,8 @@ class TrainConfig:
     threads: int = field(default=0, metadata=_h("torch threads per rank; 0 = cores // ranks per node"))
     seed: int = field(default=0, metadata=_h("seed of the model init, batch sequence, augmentation and dropout"))
     deterministic: bool = field(default=False, metadata=_h(
-        "deterministic algorithms (torch.use_deterministic_algorithms), bit-reproducible on CPU, and rank-invariant "
-        "dropout and gradient sums: see `hpc-dfs train --help` for what equals the 1-rank run"))
+        "deterministic algorithms (torch.use_deterministic_algorithms), bit-reproducible on CPU; dropout masks drawn "
+        "from (seed, step, global sample index), so N ranks match 1 rank (see 'Rank invariance' below)"))
     log_every: int = field(default=50, metadata=_h("log a progress line every N steps (no TTY)"))
     tensorboard: bool = field(default=False, metadata=_h("also write TensorBoard events to RUN/tb"))
     # --- set with --set model.KEY=... / augmentation.KEY=...

@@ -26,6 +26,7 @@ from hpc_dfs.data.augment import SliceAugmenter, derive_seed
 from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_balanced
 from hpc_dfs.fsutil import write_text
 from hpc_dfs.log import get_logger
+from hpc_dfs.models.dropout import per_sample_dropout
 from hpc_dfs.training import checkpoint as ckpt
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, score, summarise
 from hpc_dfs.training.optim import build_optimizer, build_scheduler, scaled_lrs, step_scheduler, warmup_factor
@@ -36,6 +37,8 @@ from hpc_dfs.training.state import TrainState
 __all__ = ["Trainer"]
 
 log = get_logger("hpc_dfs.train")
+
+_DROPOUT_SALT = 0xD80F   # separates the dropout seeds from the augmentation's (seed, epoch, index)
 
 
 class _Timer:
@@ -99,7 +102,8 @@ class Trainer:
             self._restore()
         dist.broadcast_model(self.model)
         self._open_outputs()
-        self._running_epoch = self.state.epoch
+        self._running_epoch = self.state.epoch      # train_epoch sets it; train_step alone continues the state
+        self.epoch_stats = _EpochStats()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -255,13 +259,19 @@ class Trainer:
         first = micro_index * self.micro_global + self.rank * self.local_batch   # global index of sample 0
         if self.augmenter is not None:
             image, label = self.augmenter(image, label, range(first, first + image.shape[0]), self._running_epoch)
-        with self.autocast():
+        with self.autocast(), per_sample_dropout(self.model, self._dropout_seeds(first, image.shape[0])):
             outputs = self._forward(image, clinical)
         loss, _ = self.loss_fn(outputs, label, risk)
         share = float(loss.detach()) / self.k
         loss = loss / self.k
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return share
+
+    def _dropout_seeds(self, first: int, n: int) -> list[int] | None:
+        """Deterministic mode: each sample's dropout mask from (seed, step, global index), as its augmentation."""
+        if not self.cfg.deterministic:
+            return None          # the rank's own RNG stream
+        return [derive_seed(self.cfg.seed, _DROPOUT_SALT, self.state.step, first + j) for j in range(n)]
 
     def _optimizer_step(self) -> None:
         """Average the gradients over ranks (or Adasum the updates), clip, step."""
@@ -384,7 +394,8 @@ class Trainer:
             ckpt.restore_rng(self.state.rng[self.rank])
         if meta["world_size"] != self.world and dist.is_main():
             log.warning("resuming a %d-rank run on %d ranks: the batch sequence is the same (global batch %d), "
-                        "rank-local RNG streams (dropout) are not", meta["world_size"], self.world, self.gb)
+                        "rank-local RNG streams (dropout) are not unless --deterministic", meta["world_size"],
+                        self.world, self.gb)
         log.info("resumed from %s: epoch %d, step %d", self.ckpt_dir / "last.pt", self.state.epoch, self.state.step)
         # optimizer state first: Horovod initialises an empty state (ranks != 0) with a zero-gradient step,
         # which weight decay turns into a change of those ranks' weights; the model broadcast then undoes it
