@@ -56,7 +56,8 @@ def test_train_step_at_size_1(shards, tmp_path):
     stats = tr.train_step(batch)
     assert tr.state.step == 1 and math.isfinite(stats["loss"]) and stats["loss"] > 0
     assert stats["lr"] == pytest.approx(tr.cfg.optim.base_lr)     # lr_scale 1: no warm-up ramp
-    moved = [k for k, v in tr.model.state_dict().items() if torch.is_floating_point(v) and not torch.equal(v, before[k])]
+    moved = [k for k, v in tr.model.state_dict().items()
+             if torch.is_floating_point(v) and not torch.equal(v, before[k])]
     assert moved, "one step changed no weight"
     assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(tr.cfg.optim.base_lr)   # warm-up factor undone
 
