@@ -105,3 +105,14 @@ def test_predict_and_report_show_the_schema_message(tmp_path):
     with pytest.raises(ReportError) as r:
         load_checkpoint_meta(foreign)
     assert str(r.value) == str(direct.value) and "foreign.pt lacks keys ['model']" in str(r.value)
+
+
+def test_old_flat_config_still_loads_for_predict_and_report(tmp_path):
+    """Checkpoints from before the config had sections hold a flat ``config``: they still load (CONTRACTS 3)."""
+    old = _full_state()
+    old["config"] = {"epochs": 2, "lr": None, "optimizer": "adam", "batch_size": 16}
+    path = tmp_path / "old.pt"
+    ckpt.save(old, path)
+    assert ckpt.load(path)["config"]["lr"] is None
+    assert ckpt.load(path, require=ckpt.INFERENCE_KEYS)["model_config"] == {"name": "unet"}
+    assert ckpt.read_meta(path)["config"]["epochs"] == 2
