@@ -128,9 +128,11 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     if unknown:
         moved = _moved_to(cls, unknown[0])
         if moved:
+            more = sum(1 for k in unknown[1:] if _moved_to(cls, k))
+            also = f"; {more} more key(s) of the old flat layout too" if more else ""
             raise ConfigError(f"config key '{prefix}{unknown[0]}' is now '{prefix}{moved}' (the settings are grouped "
                               f"in sections: write it in the [{prefix}{moved.rsplit('.', 1)[0]}] table or as "
-                              f"--set {prefix}{moved}=...)")
+                              f"--set {prefix}{moved}=...){also}")
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
