@@ -33,7 +33,7 @@ from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 T = TypeVar("T")
 
 __all__ = ["ConfigError", "load", "from_dict", "to_dict", "add_arguments", "from_args", "parse_override",
-           "require_path"]
+           "require_path", "nest_flat"]
 
 
 class ConfigError(HpcDfsError, ValueError):
@@ -158,6 +158,27 @@ def _moved_to(cls: type, key: str) -> str | None:
     """``section.key`` when exactly one nested section of ``cls`` has a field named ``key``."""
     hits = [f"{f.name}.{key}" for f, tp in _sections(cls) if key in {g.name for g in dataclasses.fields(tp)}]
     return hits[0] if len(hits) == 1 else None
+
+
+def nest_flat(cls: type, data: dict) -> dict:
+    """Move top-level keys of an old flat layout into the one nested section of ``cls`` that has them.
+
+    For reading what older versions stored (a checkpoint's ``config``); user input is not migrated but
+    refused with the new key's name (:func:`from_dict`). Keys no section has are kept, so
+    :func:`from_dict` still names them.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k in names}
+    for k, v in data.items():
+        moved = None if k in names else _moved_to(cls, k)
+        if moved is None:
+            out.setdefault(k, v)
+            continue
+        section, key = moved.split(".", 1)
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section].setdefault(key, v)
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from hpc_dfs.config import ConfigError
+from hpc_dfs.config import ConfigError, from_dict, nest_flat
 from hpc_dfs.config.model import ModelConfig
 
 __all__ = ["TrainConfig", "AugmentConfig", "ScheduleConfig", "DataConfig", "OptimConfig", "LossConfig",
@@ -86,8 +86,8 @@ class AugmentConfig:
     noise_prob: float = field(default=0.3, metadata={"help": "probability of white Gaussian noise"})
     noise_std: list[float] = field(default_factory=lambda: [0.0, 0.15], metadata={"help": "noise std, slice std units"})
     texture_prob: float = field(default=0.3, metadata={"help": "probability of correlated (textured) noise"})
-    texture_std: list[float] = field(default_factory=lambda: [0.0, 0.15],
-                                     metadata={"help": "texture std, slice std units"})
+    texture_std: list[float] = field(default_factory=lambda: [0.0, 0.15], metadata={
+        "help": "texture std, slice std units"})
     texture_sigma: list[float] = field(default_factory=lambda: [1.0, 3.0], metadata={"help": "texture grain, px"})
 
     def validate(self) -> None:
@@ -281,6 +281,16 @@ class TrainConfig:
     def validate(self) -> None:
         _at_least("", self, ("log_every",), 1)
         _at_least("", self, ("threads",), 0)
+
+    @classmethod
+    def from_stored(cls, data: dict) -> "TrainConfig":
+        """The config a checkpoint stored (``config``), in either layout: sections, or the flat one of runs
+        trained before the sections (``{"lr": ..., "epochs": ...}``), which is moved into them.
+
+        Raises:
+            ConfigError: a key or value that no version of TrainConfig had.
+        """
+        return from_dict(cls, nest_flat(cls, data))
 
     # ------------------------------------------------------------------ derived values
     def resolve_global_batch(self, world_size: int) -> int:

@@ -18,7 +18,8 @@ file -- missing, truncated, not a torch file, not a dict, or a dict without our 
 
 ``config`` is the run's :class:`~hpc_dfs.config.train.TrainConfig` as a dict, kept for the record (report
 shows it; nothing rebuilds a run from it): checkpoints written before the config had sections hold a flat
-dict there and still load for predict and report. ``model_config`` is what rebuilds the network.
+dict there and still load for predict and report; ``TrainConfig.from_stored`` reads either layout.
+``model_config`` is what rebuilds the network.
 """
 from __future__ import annotations
 

@@ -228,3 +228,19 @@ def test_preemption_flag_and_agreement():
     finally:
         p.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is not p._handle
+
+
+def test_stored_config_of_either_layout_reads_back():
+    """A checkpoint's ``config``: sections now, flat before them; ``from_stored`` reads both (report uses it)."""
+    from hpc_dfs.config import to_dict
+    cfg = _cfg("optim.lr=0.02", "schedule.epochs=7", "data.batch_size=8", "horovod.sync_bn=false", "seed=5",
+               "model.base_channels=8")
+    nested = to_dict(cfg)
+    flat = {k: v for k, v in nested.items() if k not in ("schedule", "data", "optim", "loss", "horovod", "checkpoint")}
+    for section in ("schedule", "data", "optim", "loss", "horovod", "checkpoint"):
+        flat.update(nested[section])
+    assert "lr" in flat and "optim" not in flat                      # the pre-sections layout
+    assert TrainConfig.from_stored(nested) == cfg == TrainConfig.from_stored(flat)
+    with pytest.raises(ConfigError, match=r"is now '(optim|horovod|data|schedule)\.[a-z_]+'.*more key"):
+        from hpc_dfs.config import from_dict
+        from_dict(TrainConfig, flat)                                 # user input is refused, not migrated
