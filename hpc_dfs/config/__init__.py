@@ -6,7 +6,11 @@ this package. The machinery here is shared:
 - :func:`load` builds a dataclass from an optional TOML file and ``key=value`` overrides
   (``--set optim.lr=0.01``), validating names and types, and failing with one clear message.
 - :func:`add_arguments` turns the scalar top-level fields of a dataclass into ``--flag`` options,
-  so ``hpc-dfs train --epochs 3`` works without hand-written argparse code.
+  so ``hpc-dfs train --epochs 3`` works without hand-written argparse code. A nested section whose
+  field carries ``metadata={"flags": True}`` gets flags too, named after its fields alone
+  (``TrainConfig.optim.lr`` is ``--lr``), in an argument group of its own.
+- A key at the wrong level (a flat ``lr`` where the dataclass has ``optim.lr``) is refused with a
+  message naming the key it moved to.
 - :func:`from_args` combines ``--config FILE``, ``--set`` and the generated flags (in that order
   of precedence: file < --set < explicit flags).
 - :func:`to_dict` gives plain JSON/TOML-able dicts (for checkpoints and manifests).
@@ -28,7 +32,8 @@ from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load", "from_dict", "to_dict", "add_arguments", "from_args", "parse_override", "require_path"]
+__all__ = ["ConfigError", "load", "from_dict", "to_dict", "add_arguments", "from_args", "parse_override",
+           "require_path", "nest_flat"]
 
 
 class ConfigError(HpcDfsError, ValueError):
@@ -121,6 +126,13 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
+        moved = _moved_to(cls, unknown[0])
+        if moved:
+            more = sum(1 for k in unknown[1:] if _moved_to(cls, k))
+            also = f"; {more} more key(s) of the old flat layout too" if more else ""
+            raise ConfigError(f"config key '{prefix}{unknown[0]}' is now '{prefix}{moved}' (the settings are grouped "
+                              f"in sections: write it in the [{prefix}{moved.rsplit('.', 1)[0]}] table or as "
+                              f"--set {prefix}{moved}=...){also}")
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
@@ -129,6 +141,44 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     if callable(validate):
         validate()
     return obj
+
+
+def _sections(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """The nested dataclass fields of ``cls`` with their types."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out.append((f, tp))
+    return out
+
+
+def _moved_to(cls: type, key: str) -> str | None:
+    """``section.key`` when exactly one nested section of ``cls`` has a field named ``key``."""
+    hits = [f"{f.name}.{key}" for f, tp in _sections(cls) if key in {g.name for g in dataclasses.fields(tp)}]
+    return hits[0] if len(hits) == 1 else None
+
+
+def nest_flat(cls: type, data: dict) -> dict:
+    """Move top-level keys of an old flat layout into the one nested section of ``cls`` that has them.
+
+    For reading what older versions stored (a checkpoint's ``config``); user input is not migrated but
+    refused with the new key's name (:func:`from_dict`). Keys no section has are kept, so
+    :func:`from_dict` still names them.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k in names}
+    for k, v in data.items():
+        moved = None if k in names else _moved_to(cls, k)
+        if moved is None:
+            out.setdefault(k, v)
+            continue
+        section, key = moved.split(".", 1)
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section].setdefault(key, v)
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -188,38 +238,49 @@ def _field_help(f: dataclasses.Field) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: typing.Iterable[str] = ()) -> None:
-    """Add ``--config``, ``--set`` and one ``--flag`` per scalar top-level field of ``cls``."""
+    """Add ``--config``, ``--set`` and one ``--flag`` per scalar field of ``cls`` and of its flagged sections.
+
+    Args:
+        parser: the verb's parser.
+        cls: the stage's config dataclass.
+        skip: field names (top level or in a flagged section) that get no flag (the verb adds its own).
+    """
     skip = set(skip)
     parser.add_argument("--config", type=Path, default=None, help="TOML file with settings for this stage")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting, nested ones too (e.g. --set model.base_channels=16); repeatable")
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
     group = parser.add_argument_group(f"{cls.__name__} settings (defaults shown; also settable in --config)")
+    _add_flags(group, cls, cls(), "", skip)
+    for f, tp in _sections(cls):
+        if f.metadata.get("flags"):
+            sub = parser.add_argument_group(f"[{f.name}] {_field_help(f)} (--set {f.name}.KEY=VALUE or these flags)")
+            _add_flags(sub, tp, getattr(cls(), f.name), f.name + ".", skip)
+
+
+def _add_flags(group, cls: type, defaults: Any, prefix: str, skip: set) -> None:
+    """One ``--field-name`` per scalar field of ``cls``; the value lands in ``cfg__PREFIXfield``."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         tp, _ = _strip_optional(hints[f.name])
-        if dataclasses.is_dataclass(tp):
+        if f.name in skip or dataclasses.is_dataclass(tp):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         help_text = f"{_field_help(f)} (default: {shown})".strip()
+        dest = f"cfg__{prefix}{f.name}"
         if tp is bool:
-            group.add_argument(flag, dest=f"cfg__{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kwargs: dict = {"dest": dest, "default": None, "help": help_text, "metavar": f.name.upper()}
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+            del kwargs["metavar"]
+        elif tp in (int, float):
+            kwargs["type"] = tp
         else:
-            kwargs: dict = {"dest": f"cfg__{f.name}", "default": None, "help": help_text,
-                            "metavar": f.name.upper()}
-            if typing.get_origin(tp) is typing.Literal:
-                kwargs["choices"] = list(typing.get_args(tp))
-                del kwargs["metavar"]
-            elif tp in (int, float):
-                kwargs["type"] = tp
-            else:
-                kwargs["type"] = str
-            group.add_argument(flag, **kwargs)
+            kwargs["type"] = str
+        group.add_argument(flag, **kwargs)
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

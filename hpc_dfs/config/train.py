@@ -1,13 +1,18 @@
 """Settings of ``hpc-dfs train`` (:class:`TrainConfig`) and its augmentation (:class:`AugmentConfig`).
 
-Defaults suit a GPU cluster; tests and demos pass small sizes explicitly. Every field can be set in a
-TOML file (``--config FILE``), with ``--set key=value`` (nested ones too, e.g.
-``--set model.base_channels=8`` or ``--set augmentation.noise_prob=0.5``) or, for top-level scalars,
-with a ``--flag`` (``--epochs 2 --global-batch-size 32``).
+Defaults suit a GPU cluster; tests and demos pass small sizes explicitly. The settings are grouped in
+sections -- ``schedule``, ``data``, ``optim``, ``loss``, ``horovod``, ``checkpoint``, ``model``,
+``augmentation`` -- plus a few top-level ones (seed, determinism, precision, threads, logging). Every
+field can be set in a TOML file (``--config FILE``, one ``[section]`` table each), with
+``--set section.key=value`` (``--set optim.lr=1e-3``, ``--set model.base_channels=8``) or, for the
+fields of the first six sections and the top-level ones, with a ``--flag`` named after the field alone
+(``--epochs 2 --global-batch-size 32 --lr 1e-3``; ``hpc-dfs train --help`` lists them by section). A
+flat key of the old layout (``lr = 0.01`` at the top of a TOML file) is refused with a message naming
+its new key (``optim.lr``).
 
 Batch and learning-rate semantics (Horovod's recipe, made explicit):
 
-- ``batch_size`` is the per-rank batch of Horovod's usual weak scaling, and ``lr`` is the learning
+- ``data.batch_size`` is the per-rank batch of Horovod's usual weak scaling, and ``lr`` is the learning
   rate for a batch of that size. With ``global_batch_size = 0`` the global batch is
   ``batch_size x ranks``.
 - ``global_batch_size > 0`` fixes the global batch whatever the number of ranks; it is split evenly
@@ -29,10 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from hpc_dfs.config import ConfigError
+from hpc_dfs.config import ConfigError, from_dict, nest_flat
 from hpc_dfs.config.model import ModelConfig
 
-__all__ = ["TrainConfig", "AugmentConfig", "EXIT_PREEMPTED"]
+__all__ = ["TrainConfig", "AugmentConfig", "ScheduleConfig", "DataConfig", "OptimConfig", "LossConfig",
+           "HorovodConfig", "CheckpointConfig", "EXIT_PREEMPTED"]
 
 #: exit status of a run that stopped on SIGUSR1/SIGTERM after writing ``last.pt`` (EX_TEMPFAIL):
 #: the sbatch script turns it into ``scontrol requeue`` and the requeued job passes ``--resume``.
@@ -125,126 +131,202 @@ class AugmentConfig:
             raise ConfigError(f"augmentation.region_edge must be in [0, 10] px, got {self.region_edge}")
 
 
-@dataclass
-class TrainConfig:
-    """``hpc-dfs train``: the DFS fusion model, trained data-parallel with Horovod."""
+def _h(text: str) -> dict:
+    return {"help": text}
 
-    # --- schedule
-    epochs: int = field(default=100, metadata={"help": "training epochs"})
-    steps_per_epoch: int = field(default=0, metadata={
-        "help": "optimizer steps per epoch; 0 = one pass over the training slices"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps in all; 0 = no limit"})
-    # --- batch
-    batch_size: int = field(default=16, metadata={
-        "help": "per-rank batch (Horovod weak scaling) and the batch `lr` is given for"})
-    global_batch_size: int = field(default=0, metadata={
-        "help": "fixed global batch split over ranks (must divide by ranks x backward_passes_per_step); "
-                "0 = batch_size x ranks"})
-    fg_fraction: float = field(default=0.33, metadata={
-        "help": "share of each global batch drawn from slices that contain tumour (else kidney)"})
-    # --- loss (hpc_dfs.models.DFSLoss)
-    dice_weight: float = field(default=1.0, metadata={"help": "weight of the batch Dice term"})
-    ce_weight: float = field(default=1.0, metadata={"help": "weight of the cross-entropy term"})
-    risk_weight: float = field(default=0.1, metadata={"help": "weight of the risk BCE term"})
-    # --- optimizer and learning rate
-    optimizer: Literal["sgd", "adam"] = field(default="adam", metadata={
-        "help": "adam: Adam + ReduceLROnPlateau (the paper's RUSP-Net recipe; learns kidney fastest); "
-                "sgd: SGD + Nesterov momentum with a poly schedule (the DFS paper's optimizer)"})
-    lr: Optional[float] = field(default=None, metadata={
-        "help": "learning rate for a batch of batch_size; default 0.01 (sgd) or 1e-3 (adam)"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum for SGD"})
-    weight_decay: float = field(default=3e-5, metadata={"help": "L2 weight decay"})
-    scheduler: Literal["auto", "poly", "cosine", "plateau", "none"] = field(default="auto", metadata={
-        "help": "per-epoch LR schedule; auto = poly (sgd) or plateau on val loss (adam)"})
-    plateau_factor: float = field(default=0.1, metadata={"help": "ReduceLROnPlateau factor"})
-    plateau_patience: int = field(default=10, metadata={"help": "ReduceLROnPlateau patience (epochs)"})
-    lr_scaling: Literal["linear", "sqrt", "none"] = field(default="linear", metadata={
-        "help": "scale lr by (global batch / batch_size): = world size in weak scaling"})
-    warmup_epochs: float = field(default=2.0, metadata={"help": "linear LR warm-up from lr to the scaled lr"})
-    grad_clip: float = field(default=12.0, metadata={"help": "clip the global gradient norm; 0 = off"})
-    # --- Horovod
-    compression: Literal["none", "fp16"] = field(default="none", metadata={"help": "gradient compression on the wire"})
-    adasum: bool = field(default=False, metadata={"help": "Adasum gradient reduction instead of averaging"})
-    backward_passes_per_step: int = field(default=1, metadata={
-        "help": "gradient accumulation: local backward passes per allreduce + optimizer step"})
-    sync_bn: bool = field(default=True, metadata={
-        "help": "synchronise BatchNorm statistics across ranks (global-batch statistics)"})
-    timeline: Optional[str] = field(default=None, metadata={"help": "write a Horovod Timeline (JSON) to this path"})
-    autotune: bool = field(default=False, metadata={"help": "Horovod autotuning of fusion buffer and cycle time"})
-    autotune_log: Optional[str] = field(default=None, metadata={"help": "CSV log of the autotuner"})
-    stall_timeout: int = field(default=60, metadata={
-        "help": "seconds after which a stalled collective (a dead or hung rank) shuts the job down"})
-    # --- precision and performance
-    amp: Literal["auto", "off", "fp16", "bf16"] = field(default="auto", metadata={
-        "help": "mixed precision on CUDA (auto = fp16 with GradScaler); always fp32 on CPU"})
-    threads: int = field(default=0, metadata={"help": "torch threads per rank; 0 = cores // ranks per node"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
-    # --- determinism, validation, checkpoints, logging
-    seed: int = field(default=0, metadata={"help": "seed of the model init, batch sequence and augmentation"})
-    deterministic: bool = field(default=False, metadata={
-        "help": "deterministic algorithms (torch.use_deterministic_algorithms); bit-reproducible on CPU"})
-    augment: bool = field(default=True, metadata={"help": "training augmentation (see augmentation.*)"})
-    val_fold: int = field(default=0, metadata={"help": "manifest fold held out for validation"})
-    val_batch_size: int = field(default=32, metadata={"help": "slices per validation forward pass"})
-    val_every: int = field(default=1, metadata={"help": "validate every N epochs (and after the last)"})
-    keep_last: int = field(default=3, metadata={"help": "keep the last K epoch checkpoints besides last/best"})
-    log_every: int = field(default=50, metadata={"help": "log a progress line every N steps (no TTY)"})
-    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events to RUN/tb"})
-    # --- nested
-    model: ModelConfig = field(default_factory=ModelConfig)
-    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+
+def _section(cls: type, text: str, flags: bool = True):
+    """A nested section; ``flags`` gives each of its scalar fields a ``--flag`` of its own name."""
+    return field(default_factory=cls, metadata={"help": text, "flags": flags})
+
+
+def _at_least(section: str, obj, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        if getattr(obj, name) < low:
+            key = f"{section}.{name}" if section else name
+            raise ConfigError(f"{key} must be >= {low}, got {getattr(obj, name)}")
+
+
+@dataclass
+class ScheduleConfig:
+    """How long to train and how often to validate."""
+
+    epochs: int = field(default=100, metadata=_h("training epochs"))
+    steps_per_epoch: int = field(default=0, metadata=_h(
+        "optimizer steps per epoch; 0 = one pass over the training slices"))
+    max_steps: int = field(default=0, metadata=_h("stop after this many optimizer steps in all; 0 = no limit"))
+    val_every: int = field(default=1, metadata=_h("validate every N epochs (and after the last)"))
+    val_fold: int = field(default=0, metadata=_h("manifest fold held out for validation"))
 
     def validate(self) -> None:
-        positive = ("epochs", "batch_size", "backward_passes_per_step", "val_batch_size", "val_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps_per_epoch", "max_steps", "global_batch_size", "keep_last", "threads", "num_workers",
-                     "val_fold"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.fg_fraction <= 1.0:
-            raise ConfigError(f"fg_fraction must be in [0, 1], got {self.fg_fraction}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not 0.0 < self.plateau_factor < 1.0:
-            raise ConfigError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
-        if min(self.dice_weight, self.ce_weight, self.risk_weight) < 0:
-            raise ConfigError("dice_weight, ce_weight and risk_weight must be >= 0")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_epochs, weight_decay and grad_clip must be >= 0")
-        if self.stall_timeout < 5:
-            raise ConfigError(f"stall_timeout must be >= 5 seconds, got {self.stall_timeout}")
+        _at_least("schedule", self, ("epochs", "val_every"), 1)
+        _at_least("schedule", self, ("steps_per_epoch", "max_steps", "val_fold"), 0)
 
-    # ------------------------------------------------------------------ derived values
+
+@dataclass
+class DataConfig:
+    """Batches, sampling, loading and augmentation on/off."""
+
+    batch_size: int = field(default=16, metadata=_h(
+        "per-rank batch (Horovod weak scaling) and the batch `lr` is given for"))
+    global_batch_size: int = field(default=0, metadata=_h(
+        "fixed global batch split over ranks (must divide by ranks x backward_passes_per_step); "
+        "0 = batch_size x ranks"))
+    fg_fraction: float = field(default=0.33, metadata=_h(
+        "share of each global batch drawn from slices that contain tumour (else kidney)"))
+    val_batch_size: int = field(default=32, metadata=_h("slices per validation forward pass"))
+    num_workers: int = field(default=2, metadata=_h("DataLoader worker processes per rank"))
+    augment: bool = field(default=True, metadata=_h("training augmentation (see augmentation.*)"))
+
+    def validate(self) -> None:
+        _at_least("data", self, ("batch_size", "val_batch_size"), 1)
+        _at_least("data", self, ("global_batch_size", "num_workers"), 0)
+        if not 0.0 <= self.fg_fraction <= 1.0:
+            raise ConfigError(f"data.fg_fraction must be in [0, 1], got {self.fg_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning rate, its schedule, warm-up and clipping."""
+
+    optimizer: Literal["sgd", "adam"] = field(default="adam", metadata=_h(
+        "adam: Adam + ReduceLROnPlateau (the paper's RUSP-Net recipe; learns kidney fastest); "
+        "sgd: SGD + Nesterov momentum with a poly schedule (the DFS paper's optimizer)"))
+    lr: Optional[float] = field(default=None, metadata=_h(
+        "learning rate for a batch of batch_size; default 0.01 (sgd) or 1e-3 (adam)"))
+    momentum: float = field(default=0.9, metadata=_h("SGD momentum"))
+    nesterov: bool = field(default=True, metadata=_h("Nesterov momentum for SGD"))
+    weight_decay: float = field(default=3e-5, metadata=_h("L2 weight decay"))
+    scheduler: Literal["auto", "poly", "cosine", "plateau", "none"] = field(default="auto", metadata=_h(
+        "per-epoch LR schedule; auto = poly (sgd) or plateau on val loss (adam)"))
+    plateau_factor: float = field(default=0.1, metadata=_h("ReduceLROnPlateau factor"))
+    plateau_patience: int = field(default=10, metadata=_h("ReduceLROnPlateau patience (epochs)"))
+    lr_scaling: Literal["linear", "sqrt", "none"] = field(default="linear", metadata=_h(
+        "scale lr by (global batch / batch_size): = world size in weak scaling"))
+    warmup_epochs: float = field(default=2.0, metadata=_h("linear LR warm-up from lr to the scaled lr"))
+    grad_clip: float = field(default=12.0, metadata=_h("clip the global gradient norm; 0 = off"))
+
+    def validate(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ConfigError(f"optim.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_epochs, optim.weight_decay and optim.grad_clip must be >= 0")
+
     @property
     def base_lr(self) -> float:
         """``lr`` or the optimizer's default."""
         return self.lr if self.lr is not None else (0.01 if self.optimizer == "sgd" else 1e-3)
 
     @property
-    def schedule(self) -> str:
+    def lr_schedule(self) -> str:
         """The LR schedule after resolving ``auto``."""
         if self.scheduler != "auto":
             return self.scheduler
         return "poly" if self.optimizer == "sgd" else "plateau"
 
+
+@dataclass
+class LossConfig:
+    """Weights of the DFS loss terms (:class:`hpc_dfs.models.DFSLoss`)."""
+
+    dice_weight: float = field(default=1.0, metadata=_h("weight of the batch Dice term"))
+    ce_weight: float = field(default=1.0, metadata=_h("weight of the cross-entropy term"))
+    risk_weight: float = field(default=0.1, metadata=_h("weight of the risk BCE term"))
+
+    def validate(self) -> None:
+        if min(self.dice_weight, self.ce_weight, self.risk_weight) < 0:
+            raise ConfigError("loss.dice_weight, loss.ce_weight and loss.risk_weight must be >= 0")
+
+
+@dataclass
+class HorovodConfig:
+    """Gradient reduction, accumulation, BatchNorm synchronisation and Horovod's tools."""
+
+    compression: Literal["none", "fp16"] = field(default="none", metadata=_h("gradient compression on the wire"))
+    adasum: bool = field(default=False, metadata=_h("Adasum gradient reduction instead of averaging"))
+    backward_passes_per_step: int = field(default=1, metadata=_h(
+        "gradient accumulation: local backward passes per allreduce + optimizer step"))
+    sync_bn: bool = field(default=True, metadata=_h(
+        "synchronise BatchNorm statistics across ranks (global-batch statistics)"))
+    timeline: Optional[str] = field(default=None, metadata=_h("write a Horovod Timeline (JSON) to this path"))
+    autotune: bool = field(default=False, metadata=_h("Horovod autotuning of fusion buffer and cycle time"))
+    autotune_log: Optional[str] = field(default=None, metadata=_h("CSV log of the autotuner"))
+    stall_timeout: int = field(default=60, metadata=_h(
+        "seconds after which a stalled collective (a dead or hung rank) shuts the job down"))
+
+    def validate(self) -> None:
+        _at_least("horovod", self, ("backward_passes_per_step",), 1)
+        if self.stall_timeout < 5:
+            raise ConfigError(f"horovod.stall_timeout must be >= 5 seconds, got {self.stall_timeout}")
+
+
+@dataclass
+class CheckpointConfig:
+    """What is kept in ``RUN/checkpoints`` besides ``last.pt`` and ``best.pt``."""
+
+    keep_last: int = field(default=3, metadata=_h("keep the last K epoch checkpoints besides last/best"))
+
+    def validate(self) -> None:
+        _at_least("checkpoint", self, ("keep_last",), 0)
+
+
+@dataclass
+class TrainConfig:
+    """``hpc-dfs train``: the DFS fusion model, trained data-parallel with Horovod."""
+
+    schedule: ScheduleConfig = _section(ScheduleConfig, "epochs, steps, validation")
+    data: DataConfig = _section(DataConfig, "batches and loading")
+    optim: OptimConfig = _section(OptimConfig, "optimizer and learning rate")
+    loss: LossConfig = _section(LossConfig, "loss weights")
+    horovod: HorovodConfig = _section(HorovodConfig, "gradient reduction")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpoints kept")
+    # --- precision, performance, determinism, logging
+    amp: Literal["auto", "off", "fp16", "bf16"] = field(default="auto", metadata=_h(
+        "mixed precision on CUDA (auto = fp16 with GradScaler); always fp32 on CPU"))
+    threads: int = field(default=0, metadata=_h("torch threads per rank; 0 = cores // ranks per node"))
+    seed: int = field(default=0, metadata=_h("seed of the model init, batch sequence, augmentation and dropout"))
+    deterministic: bool = field(default=False, metadata=_h(
+        "deterministic algorithms (torch.use_deterministic_algorithms), bit-reproducible on CPU; dropout masks drawn "
+        "from (seed, step, global sample index), so N ranks match 1 rank (see 'Rank invariance' below)"))
+    log_every: int = field(default=50, metadata=_h("log a progress line every N steps (no TTY)"))
+    tensorboard: bool = field(default=False, metadata=_h("also write TensorBoard events to RUN/tb"))
+    # --- set with --set model.KEY=... / augmentation.KEY=...
+    model: ModelConfig = _section(ModelConfig, "the network", flags=False)
+    augmentation: AugmentConfig = _section(AugmentConfig, "training augmentation", flags=False)
+
+    def validate(self) -> None:
+        _at_least("", self, ("log_every",), 1)
+        _at_least("", self, ("threads",), 0)
+
+    @classmethod
+    def from_stored(cls, data: dict) -> "TrainConfig":
+        """The config a checkpoint stored (``config``), in either layout: sections, or the flat one of runs
+        trained before the sections (``{"lr": ..., "epochs": ...}``), which is moved into them.
+
+        Raises:
+            ConfigError: a key or value that no version of TrainConfig had.
+        """
+        return from_dict(cls, nest_flat(cls, data))
+
+    # ------------------------------------------------------------------ derived values
     def resolve_global_batch(self, world_size: int) -> int:
         """The global batch for ``world_size`` ranks; raises :class:`ConfigError` if it cannot be split."""
-        gb = self.global_batch_size or self.batch_size * world_size * self.backward_passes_per_step
-        parts = world_size * self.backward_passes_per_step
+        k = self.horovod.backward_passes_per_step
+        gb = self.data.global_batch_size or self.data.batch_size * world_size * k
+        parts = world_size * k
         if gb % parts:
             raise ConfigError(
                 f"global_batch_size {gb} cannot be split evenly over {world_size} ranks x "
-                f"{self.backward_passes_per_step} backward passes per step ({parts} parts): choose a multiple of {parts}")
+                f"{k} backward passes per step ({parts} parts): choose a multiple of {parts}")
         return gb
 
     def lr_scale(self, world_size: int) -> float:
-        """Factor applied to ``lr`` (see the module docstring)."""
-        if self.adasum or self.lr_scaling == "none":
+        """Factor applied to ``optim.lr`` (see the module docstring)."""
+        if self.horovod.adasum or self.optim.lr_scaling == "none":
             return 1.0
-        ratio = self.resolve_global_batch(world_size) / float(self.batch_size)
-        return ratio if self.lr_scaling == "linear" else ratio ** 0.5
+        ratio = self.resolve_global_batch(world_size) / float(self.data.batch_size)
+        return ratio if self.optim.lr_scaling == "linear" else ratio ** 0.5

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .dropout import SampleDropout
+
 __all__ = ["ClinicalGRU", "ClinicalEncoder"]
 
 
@@ -44,7 +46,7 @@ class ClinicalGRU(nn.Module):
             raise ValueError(f"ClinicalGRU needs at least one clinical feature, got n_features={n_features}")
         self.n_features = n_features
         self.gru = nn.GRU(input_size=1, hidden_size=hidden, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = SampleDropout(dropout)
         self.fc = nn.Linear(hidden, 1)
 
     def hidden_state(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ class ClinicalEncoder(nn.Module):
         self.n_features = n_features
         self.embed_dim = embed_dim
         self.gru = nn.GRU(input_size=1, hidden_size=hidden, batch_first=True)
-        self.proj = nn.Sequential(nn.Linear(hidden, embed_dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.proj = nn.Sequential(nn.Linear(hidden, embed_dim), nn.ReLU(inplace=True), SampleDropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, F]`` -> embedding ``[B, embed_dim]``."""

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .clinical_gru import ClinicalEncoder
+from .dropout import SampleDropout
 from .rusp_net import RUSPNet
 
 __all__ = ["DFSFusion", "FiLM", "FUSIONS"]
@@ -99,7 +100,7 @@ class DFSFusion(nn.Module):
             risk_in += self.backbone.bottleneck_channels + self.backbone.decoder_channels
         if fusion in ("clinical", "late", "film"):
             risk_in += embed_dim
-        self.risk_head = nn.Sequential(nn.Linear(risk_in, risk_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        self.risk_head = nn.Sequential(nn.Linear(risk_in, risk_hidden), nn.ReLU(inplace=True), SampleDropout(dropout),
                                        nn.Linear(risk_hidden, 1))
 
     def forward(self, image: torch.Tensor, clinical: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -163,23 +163,14 @@ def _canonical(obj: Any) -> str:
 
 
 def load_replica(path: str | Path, weight: float, device) -> Replica:
-    """Load a checkpoint (``weights_only=True``) and build its model in eval mode."""
-    import torch
-
+    """Load a checkpoint (``weights_only=True``, through the schema) and build its model in eval mode."""
     from hpc_dfs.models import build_model
+    from hpc_dfs.training import checkpoint as ckpt_schema
     path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PredictError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): "
-                           f"{type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict):
-        raise PredictError(f"checkpoint {path} holds a {type(ckpt).__name__}, not an hpc-dfs checkpoint dict")
-    for key in ("model", "model_config"):
-        if key not in ckpt:
-            raise PredictError(f"checkpoint {path} has no '{key}': not written by `hpc-dfs train`")
+        ckpt = ckpt_schema.load(path, require=ckpt_schema.INFERENCE_KEYS)
+    except ckpt_schema.CheckpointError as e:   # the schema's message; PredictError keeps the ranks' agreement
+        raise PredictError(str(e)) from None
     pre = ckpt.get("preprocessing")
     if not isinstance(pre, dict) or not pre:
         raise PredictError(f"checkpoint {path} has no preprocessing parameters ('preprocessing'), so a new case "

@@ -167,16 +167,12 @@ def find_checkpoint(run: Path) -> Path | None:
 
 
 def load_checkpoint_meta(path: Path) -> dict:
-    """Everything of a checkpoint except the tensors (model, optimizer, RNG states)."""
-    import torch
+    """Everything of a checkpoint except the tensors (model, optimizer, RNG states), read through the schema."""
+    from hpc_dfs.training import checkpoint as ckpt_schema
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ReportError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {e}") from None
-    meta = {k: v for k, v in ck.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
-    if isinstance(ck.get("model"), dict):
-        meta["n_parameters"] = int(sum(t.numel() for t in ck["model"].values() if hasattr(t, "numel")))
-    return meta
+        return ckpt_schema.read_meta(path)
+    except ckpt_schema.CheckpointError as e:
+        raise ReportError(str(e)) from None
 
 
 def read_metrics(run: Path) -> list[dict]:

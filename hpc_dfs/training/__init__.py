@@ -1,4 +1,4 @@
-"""Helpers of the training loop in :mod:`hpc_dfs.stages.train`: checkpoints, metrics, curves and signals.
-
-The loop itself stays in ``hpc_dfs/train.py`` so that it reads top to bottom.
+"""The training library under :mod:`hpc_dfs.stages.train`: the loop (:mod:`.trainer`), its state
+(:mod:`.state`), the set-up checks (:mod:`.plan`), optimizer and schedule (:mod:`.optim`), checkpoints
+(:mod:`.checkpoint`, the one schema), metrics, curves and signals.
 """

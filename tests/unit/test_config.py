@@ -74,3 +74,38 @@ def test_parse_override_types():
     assert parse_override("s=hello") == (["s"], "hello")
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+@dataclass
+class Sched:
+    warmup: float = 0.0
+    name: str = "poly"
+
+
+@dataclass
+class Sectioned:
+    optim: Optim = field(default_factory=Optim, metadata={"help": "optimizer", "flags": True})
+    sched: Sched = field(default_factory=Sched, metadata={"help": "schedule", "flags": True})
+    hidden: Optim = field(default_factory=Optim)          # no "flags": settable with --set only
+    seed: int = 0
+
+
+def test_flagged_sections_get_flags_by_field_name():
+    p = argparse.ArgumentParser()
+    add_arguments(p, Sectioned, skip=("name",))
+    args = p.parse_args(["--lr", "0.5", "--warmup", "2", "--seed", "7", "--set", "hidden.lr=0.25"])
+    cfg = from_args(Sectioned, args)
+    assert (cfg.optim.lr, cfg.sched.warmup, cfg.seed, cfg.hidden.lr) == (0.5, 2.0, 7, 0.25)
+    assert "[optim] optimizer" in p.format_help() and "--name" not in p.format_help()
+
+
+def test_a_key_at_the_wrong_level_names_its_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'warmup' is now 'sched.warmup'"):
+        load(Sectioned, overrides=["warmup=1"])
+    toml = tmp_path / "flat.toml"
+    toml.write_text("warmup = 1.0\n")
+    with pytest.raises(ConfigError, match=r"\[sched\] table"):
+        load(Sectioned, toml)
+    # 'lr' is in two sections (optim, hidden): no guess, the plain unknown-key message
+    with pytest.raises(ConfigError, match=r"unknown config key 'lr' \(known:"):
+        load(Sectioned, overrides=["lr=1"])

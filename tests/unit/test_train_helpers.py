@@ -14,8 +14,8 @@ import torch
 
 from hpc_dfs.config import ConfigError, add_arguments, from_args, load
 from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
-from hpc_dfs.stages.train import _warmup_factor
 from hpc_dfs.training import checkpoint as ckpt
+from hpc_dfs.training.optim import warmup_factor as _warmup_factor
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, score, summarise
 from hpc_dfs.training.plots import plot_curves
 from hpc_dfs.training.signals import Preemption
@@ -24,26 +24,31 @@ torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- config
+def _cfg(*overrides: str) -> TrainConfig:
+    return load(TrainConfig, overrides=overrides)
+
+
 def test_global_batch_and_lr_scaling():
-    weak = TrainConfig(batch_size=16)
+    weak = _cfg("data.batch_size=16")
     assert weak.resolve_global_batch(4) == 64 and weak.lr_scale(4) == 4.0      # Horovod's lr x size
-    fixed = TrainConfig(batch_size=16, global_batch_size=64)
+    fixed = _cfg("data.batch_size=16", "data.global_batch_size=64")
     assert fixed.lr_scale(2) == fixed.lr_scale(4) == 4.0                         # independent of ranks
-    assert TrainConfig(global_batch_size=64, lr_scaling="sqrt").lr_scale(8) == 2.0
-    assert TrainConfig(adasum=True).lr_scale(8) == 1.0
-    accum = TrainConfig(batch_size=8, backward_passes_per_step=2)
+    assert _cfg("data.global_batch_size=64", "optim.lr_scaling='sqrt'").lr_scale(8) == 2.0
+    assert _cfg("horovod.adasum=true").lr_scale(8) == 1.0
+    accum = _cfg("data.batch_size=8", "horovod.backward_passes_per_step=2")
     assert accum.resolve_global_batch(2) == 32 and accum.lr_scale(2) == 4.0
     with pytest.raises(ConfigError, match="cannot be split evenly over 3 ranks"):
-        TrainConfig(global_batch_size=16).resolve_global_batch(3)
+        _cfg("data.global_batch_size=16").resolve_global_batch(3)
     with pytest.raises(ConfigError, match="2 backward passes"):
-        TrainConfig(global_batch_size=6, backward_passes_per_step=2).resolve_global_batch(2)
+        _cfg("data.global_batch_size=6", "horovod.backward_passes_per_step=2").resolve_global_batch(2)
 
 
 def test_optimizer_defaults_follow_the_paper():
-    assert TrainConfig(optimizer="sgd").base_lr == 0.01 and TrainConfig(optimizer="sgd").schedule == "poly"
-    assert TrainConfig().optimizer == "adam"
-    adam = TrainConfig(optimizer="adam")
-    assert adam.base_lr == 1e-3 and adam.schedule == "plateau" and adam.plateau_factor == 0.1
+    sgd = _cfg("optim.optimizer='sgd'").optim
+    assert sgd.base_lr == 0.01 and sgd.lr_schedule == "poly"
+    assert TrainConfig().optim.optimizer == "adam"
+    adam = _cfg("optim.optimizer='adam'").optim
+    assert adam.base_lr == 1e-3 and adam.lr_schedule == "plateau" and adam.plateau_factor == 0.1
     assert adam.plateau_patience == 10
 
 
@@ -55,12 +60,24 @@ def test_warmup_ramps_from_unscaled_to_scaled_lr():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("epochs=0", "epochs must be >= 1"), ("fg_fraction=1.5", "fg_fraction"), ("momentum=1.0", "momentum"),
-    ("optimizer='lbfgs'", "optimizer"), ("model.base_channels=0", "model.base_channels"),
-    ("augmentation.flip_lr=2", "augmentation.flip_lr"), ("nosuch=1", "unknown config key 'nosuch'")])
+    ("schedule.epochs=0", "epochs must be >= 1"), ("data.fg_fraction=1.5", "fg_fraction"),
+    ("optim.momentum=1.0", "momentum"), ("optim.optimizer='lbfgs'", "optimizer"),
+    ("model.base_channels=0", "model.base_channels"), ("augmentation.flip_lr=2", "augmentation.flip_lr"),
+    ("nosuch=1", "unknown config key 'nosuch'"),
+    ("lr=0.01", r"config key 'lr' is now 'optim.lr'"), ("epochs=3", r"'epochs' is now 'schedule.epochs'")])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load(TrainConfig, overrides=[override])
+
+
+def test_old_flat_toml_names_the_new_key(tmp_path):
+    toml = tmp_path / "old.toml"
+    toml.write_text("lr = 0.01\nepochs = 3\n")
+    with pytest.raises(ConfigError, match=r"config key 'epochs' is now 'schedule.epochs'.*\[schedule\] table"):
+        load(TrainConfig, toml)
+    toml.write_text("[optim]\nlr = 0.01\n[schedule]\nepochs = 3\n")
+    cfg = load(TrainConfig, toml, ["optim.lr=1e-3"])
+    assert (cfg.optim.lr, cfg.schedule.epochs) == (1e-3, 3)
 
 
 def test_cli_flags_and_nested_overrides():
@@ -69,9 +86,25 @@ def test_cli_flags_and_nested_overrides():
     args = p.parse_args(["--epochs", "3", "--global-batch-size", "8", "--no-sync-bn", "--optimizer", "adam",
                          "--set", "model.base_channels=8", "--set", "augmentation.noise_prob=0.5"])
     cfg = from_args(TrainConfig, args)
-    assert (cfg.epochs, cfg.global_batch_size, cfg.sync_bn, cfg.optimizer) == (3, 8, False, "adam")
+    assert (cfg.schedule.epochs, cfg.data.global_batch_size, cfg.horovod.sync_bn, cfg.optim.optimizer) == \
+        (3, 8, False, "adam")
     assert cfg.model.base_channels == 8 and cfg.augmentation.noise_prob == 0.5
     assert EXIT_PREEMPTED == 75
+    # a flag beats --set of the same setting (file < --set < flags)
+    args = p.parse_args(["--set", "optim.lr=0.5", "--lr", "0.25", "--set", "optim.momentum=0.5"])
+    cfg = from_args(TrainConfig, args)
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.25, 0.5)
+
+
+def test_help_lists_every_setting_of_the_flagged_sections():
+    p = argparse.ArgumentParser()
+    add_arguments(p, TrainConfig)
+    text = p.format_help()
+    import dataclasses
+    for section in ("schedule", "data", "optim", "loss", "horovod", "checkpoint"):
+        assert f"[{section}]" in text
+        for f in dataclasses.fields(getattr(TrainConfig(), section)):
+            assert "--" + f.name.replace("_", "-") in text, f"{section}.{f.name} has no flag"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -195,3 +228,19 @@ def test_preemption_flag_and_agreement():
     finally:
         p.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is not p._handle
+
+
+def test_stored_config_of_either_layout_reads_back():
+    """A checkpoint's ``config``: sections now, flat before them; ``from_stored`` reads both (report uses it)."""
+    from hpc_dfs.config import to_dict
+    cfg = _cfg("optim.lr=0.02", "schedule.epochs=7", "data.batch_size=8", "horovod.sync_bn=false", "seed=5",
+               "model.base_channels=8")
+    nested = to_dict(cfg)
+    flat = {k: v for k, v in nested.items() if k not in ("schedule", "data", "optim", "loss", "horovod", "checkpoint")}
+    for section in ("schedule", "data", "optim", "loss", "horovod", "checkpoint"):
+        flat.update(nested[section])
+    assert "lr" in flat and "optim" not in flat                      # the pre-sections layout
+    assert TrainConfig.from_stored(nested) == cfg == TrainConfig.from_stored(flat)
+    with pytest.raises(ConfigError, match=r"is now '(optim|horovod|data|schedule)\.[a-z_]+'.*more key"):
+        from hpc_dfs.config import from_dict
+        from_dict(TrainConfig, flat)                                 # user input is refused, not migrated

@@ -1,0 +1,186 @@
+"""Everything that can be wrong with a training run's inputs, checked on every rank before any work.
+
+:func:`checked` runs a check on every rank and agrees on failures, so a bad setting stops the whole
+job with one message (exit 2) instead of leaving the other ranks waiting in a collective.
+:func:`prepare` returns the run's :class:`Plan`: global batch, manifest, train/validation cases and,
+on ``--resume``, the checkpoint rank 0 read.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from hpc_dfs import dist
+from hpc_dfs.config import ConfigError, to_dict
+from hpc_dfs.config.train import TrainConfig
+from hpc_dfs.data.reader import ShardError, ShardSet
+from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
+from hpc_dfs.fsutil import sha256_file
+from hpc_dfs.training import checkpoint as ckpt
+
+__all__ = ["Plan", "SetupError", "SEGMENTATION_MODELS", "checked", "prepare", "model_kwargs", "check_steps",
+           "check_resume_fits"]
+
+SEGMENTATION_MODELS = ("dfs_fusion", "rusp_net", "rusp_net_dw", "unet")
+
+
+class SetupError(HpcDfsError):
+    """Raised on every rank after rank 0 has logged every rank's setup problems; carries the exit code."""
+
+    code = EXIT_USAGE
+
+
+@dataclass
+class Plan:
+    """What :func:`prepare` found: the inputs of one run, the same on every rank (``state`` on rank 0 only)."""
+
+    global_batch: int
+    manifest: dict
+    manifest_sha: str
+    train_cases: list
+    val_cases: list
+    shardset: Any
+    model_kwargs: dict
+    state: Optional[dict] = None       # the checkpoint to resume from (rank 0)
+
+
+def checked(log, what: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank, agree on failures, and stop every rank if any failed.
+
+    Raises:
+        SetupError: on every rank when ``fn`` failed on any; rank 0 logged each distinct message once.
+    """
+    result, err = None, None
+    try:
+        result = fn()
+    except (HpcDfsError, ShardError, FileNotFoundError, ValueError, KeyError) as e:
+        err = str(e) or repr(e)
+    errors = dist.allgather_object(err)
+    if any(errors):
+        if dist.is_main():
+            for msg in dict.fromkeys(e for e in errors if e):
+                ranks = [r for r, e in enumerate(errors) if e == msg]
+                where = "" if len(ranks) == len(errors) else f" (rank{'s' if len(ranks) > 1 else ''} " \
+                                                             f"{', '.join(map(str, ranks))})"
+                log.error("%s: %s%s", what, msg, where)
+        raise SetupError(f"{what} (reported above)")
+    return result
+
+
+def _check_settings(cfg: TrainConfig, world: int) -> None:
+    if cfg.model.name not in SEGMENTATION_MODELS:
+        raise ConfigError(f"model.name '{cfg.model.name}' is not a segmentation model (train one of "
+                          f"{', '.join(SEGMENTATION_MODELS)}; clinical_gru is trained by `hpc-dfs clinical`)")
+    if cfg.horovod.adasum and world & (world - 1):
+        raise ConfigError(f"adasum needs a power-of-two number of ranks, got {world}")
+    if cfg.horovod.adasum and cfg.amp in ("auto", "fp16") and torch.cuda.is_available():
+        raise ConfigError("adasum cannot be combined with fp16 AMP: its GradScaler needs optimizer.skip_synchronize(), "
+                          "which Horovod's Adasum optimizer does not support; use --amp bf16 or --amp off")
+    if cfg.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            raise ConfigError("tensorboard=true but the tensorboard package is not installed "
+                              "(pip install 'hpc-dfs[tensorboard]')") from None
+
+
+def _read_shards(cfg: TrainConfig, shards_dir: Path) -> tuple[Any, Path, list, list]:
+    if not shards_dir.is_dir():
+        raise FileNotFoundError(f"shards folder {shards_dir} does not exist (write it with `hpc-dfs preprocess`)")
+    manifest_path = shards_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} is missing: {shards_dir} is not a finished `hpc-dfs preprocess` "
+                                "output")
+    shardset = ShardSet(shards_dir).validate(deep=False)
+    cases, fold = shardset.manifest["cases"], cfg.schedule.val_fold
+    val_cases = [c for c in cases if c.get("fold") == fold]
+    train_cases = [c for c in cases if c.get("fold") != fold]
+    if not val_cases:
+        folds = sorted({c.get("fold") for c in cases}, key=str)
+        raise ConfigError(f"no case of {manifest_path} is in validation fold {fold} (folds present: {folds})")
+    if not train_cases:
+        raise ConfigError(f"every case of {manifest_path} is in validation fold {fold}: nothing to train on")
+    return shardset, manifest_path, train_cases, val_cases
+
+
+def _read_resume_state(cfg: TrainConfig, last: Path, manifest_path: Path, manifest_sha: str, manifest: dict) -> dict:
+    """Rank 0: ``last.pt``, checked to fit these shards and model settings."""
+    state = ckpt.load(last)
+    if state["manifest_sha256"] != manifest_sha:
+        raise ckpt.CheckpointError(
+            f"{last} was trained on shards with manifest sha256 {state['manifest_sha256'][:12]}..., but "
+            f"{manifest_path} has {manifest_sha[:12]}...: the shards changed since; resume with the same "
+            "shards or start a new run")
+    old_model, new_model = state["model_config"], model_kwargs(cfg, manifest)
+    diff = sorted(k for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k))
+    if diff:
+        raise ckpt.CheckpointError(f"{last} holds a model with different settings ({', '.join(diff)}): "
+                                   "resume with the same model settings")
+    return state
+
+
+def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Plan:
+    """Check the settings, the shards and (``resume``) ``last.pt``; returns the plan.
+
+    Raises:
+        ConfigError, CheckpointError, ShardError, FileNotFoundError: the first problem found, naming it.
+    """
+    world = dist.size()
+    gb = cfg.resolve_global_batch(world)
+    _check_settings(cfg, world)
+    shardset, manifest_path, train_cases, val_cases = _read_shards(cfg, shards_dir)
+    manifest_sha = sha256_file(manifest_path)
+    state = None
+    last = out / "checkpoints" / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise ckpt.CheckpointError(f"--resume given but {last} does not exist")
+        if dist.is_main():  # rank 0 reads it; the others get what they need by broadcast
+            state = _read_resume_state(cfg, last, manifest_path, manifest_sha, shardset.manifest)
+    elif last.exists():
+        raise ConfigError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+    return Plan(global_batch=gb, manifest=shardset.manifest, manifest_sha=manifest_sha, train_cases=train_cases,
+                val_cases=val_cases, shardset=shardset, model_kwargs={}, state=state)
+
+
+def model_kwargs(cfg: TrainConfig, manifest: dict) -> dict:
+    """``build_model`` kwargs: the model settings plus the data's classes and clinical feature count.
+
+    Raises:
+        ConfigError: ``model.n_clinical`` contradicts the shards, or a clinical fusion has no clinical features.
+    """
+    kw = to_dict(cfg.model)
+    kw["n_classes"] = len(manifest["preprocessing"]["classes"])
+    n_features = int((manifest.get("clinical") or {}).get("n_features") or 0)
+    if kw["n_clinical"] and kw["n_clinical"] != n_features:
+        raise ConfigError(f"model.n_clinical = {kw['n_clinical']} but the shards have {n_features} clinical features "
+                          "(leave model.n_clinical at 0 to take the manifest's)")
+    kw["n_clinical"] = n_features
+    if kw.get("name") == "dfs_fusion" and kw.get("fusion", "film") != "image" and kw["n_clinical"] < 1:
+        raise ConfigError("the shards have no clinical features (manifest clinical.n_features = 0); "
+                          "use --set model.fusion=image or preprocess with clinical records")
+    return kw
+
+
+def check_steps(steps: int, natural: int, n_slices: int, gb: int) -> None:
+    """``steps_per_epoch`` must fit one pass over the training slices."""
+    if natural < 1:
+        raise ConfigError(f"the training set has {n_slices} slices, fewer than one global batch of {gb}")
+    if steps > natural:
+        raise ConfigError(f"steps_per_epoch {steps} exceeds the {natural} global batches of one pass over the "
+                          f"{n_slices} training slices")
+
+
+def check_resume_fits(state: dict | None, steps_per_epoch: int, gb: int, out: Path) -> None:
+    """On rank 0 (which read last.pt): the checkpoint's step must fall inside its epoch at this run's settings."""
+    if state is None:
+        return
+    epoch, step = int(state["epoch"]), int(state["step"])
+    if not 0 <= step - epoch * steps_per_epoch <= steps_per_epoch:
+        raise ckpt.CheckpointError(
+            f"{out / 'checkpoints' / 'last.pt'} is at epoch {epoch}, step {step}, which does not fit {steps_per_epoch} "
+            f"steps per epoch (global batch {gb}): resume with the run's batch and steps_per_epoch settings")

@@ -1,0 +1,118 @@
+"""The one checkpoint schema (hpc_dfs/training/checkpoint.py): a bad file gets the same clear error everywhere.
+
+Truncated files, foreign torch files (a dict without our keys, a bare tensor) and non-torch files are
+refused by ``checkpoint.load`` with a :class:`CheckpointError` (an ``HpcDfsError``) naming the file and
+the problem; ``predict`` and ``report`` show that same message.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpc_dfs.errors import HpcDfsError
+from hpc_dfs.training import checkpoint as ckpt
+
+torch.set_num_threads(1)
+
+
+def _full_state() -> dict:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": None, "scaler": None,
+            "epoch": 1, "step": 3, "rng": [ckpt.capture_rng()], "config": {"optim": {"lr": 1e-3}},
+            "model_config": {"name": "unet"}, "preprocessing": {"slice_size": [32, 32]},
+            "clinical": {"pipeline": None, "feature_names": [], "n_features": 0}, "classes": ["bg", "kidney"],
+            "manifest_sha256": "0" * 64, "metrics": {"best_score": -math.inf}, "hpc_dfs_version": "0",
+            "world_size": 1}
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt.save(_full_state(), path)
+    return path
+
+
+def test_schema_keys_are_the_typed_dict():
+    assert ckpt.REQUIRED_KEYS == tuple(ckpt.Checkpoint.__annotations__)
+    assert set(ckpt.INFERENCE_KEYS) <= set(ckpt.REQUIRED_KEYS) and issubclass(ckpt.CheckpointError, HpcDfsError)
+
+
+def test_good_checkpoint_loads_and_meta_drops_tensors(good):
+    assert ckpt.load(good)["step"] == 3
+    meta = ckpt.read_meta(good)
+    assert "model" not in meta and "optimizer" not in meta and "rng" not in meta
+    assert meta["n_parameters"] == 3 * 2 + 2 and meta["classes"] == ["bg", "kidney"]
+
+
+def test_truncated_file_is_refused(good, tmp_path):
+    cut = tmp_path / "cut.pt"
+    data = good.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    for read in (ckpt.load, ckpt.read_meta):
+        with pytest.raises(ckpt.CheckpointError, match=r"cut\.pt cannot be read .*truncated"):
+            read(cut)
+
+
+def test_non_torch_file_is_refused(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, I am not a checkpoint\n")
+    with pytest.raises(ckpt.CheckpointError, match=r"notes\.pt cannot be read"):
+        ckpt.load(text)
+
+
+def test_foreign_torch_files_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": torch.nn.Linear(2, 2).state_dict(), "epoch": 3}, foreign)   # someone else's dict
+    with pytest.raises(ckpt.CheckpointError, match=r"foreign\.pt lacks keys \['model'"):
+        ckpt.load(foreign, require=ckpt.INFERENCE_KEYS)
+    with pytest.raises(ckpt.CheckpointError, match=r"foreign\.pt lacks keys"):
+        ckpt.read_meta(foreign)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(ckpt.CheckpointError, match=r"tensor\.pt holds a Tensor, not a dict"):
+        ckpt.load(tensor)
+
+
+def test_inference_read_needs_only_the_model(tmp_path, good):
+    partial = tmp_path / "partial.pt"
+    state = ckpt.load(good)
+    torch.save({k: state[k] for k in ("model", "model_config", "preprocessing")}, partial)
+    assert set(ckpt.load(partial, require=ckpt.INFERENCE_KEYS)) == {"model", "model_config", "preprocessing"}
+    with pytest.raises(ckpt.CheckpointError, match="lacks keys .*'optimizer'"):
+        ckpt.load(partial)          # but --resume needs everything
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match=r"none\.pt does not exist"):
+        ckpt.load(tmp_path / "none.pt")
+
+
+def test_predict_and_report_show_the_schema_message(tmp_path):
+    from hpc_dfs.stages.predict import PredictError, load_replica
+    from hpc_dfs.stages.report import ReportError, load_checkpoint_meta
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ckpt.CheckpointError) as direct:
+        ckpt.load(foreign, require=ckpt.INFERENCE_KEYS)
+    with pytest.raises(PredictError) as p:
+        load_replica(foreign, 1.0, torch.device("cpu"))
+    assert str(p.value) == str(direct.value)
+    with pytest.raises(ckpt.CheckpointError) as direct:
+        ckpt.read_meta(foreign)
+    with pytest.raises(ReportError) as r:
+        load_checkpoint_meta(foreign)
+    assert str(r.value) == str(direct.value) and "foreign.pt lacks keys ['model']" in str(r.value)
+
+
+def test_old_flat_config_still_loads_for_predict_and_report(tmp_path):
+    """Checkpoints from before the config had sections hold a flat ``config``: they still load (CONTRACTS 3)."""
+    old = _full_state()
+    old["config"] = {"epochs": 2, "lr": None, "optimizer": "adam", "batch_size": 16}
+    path = tmp_path / "old.pt"
+    ckpt.save(old, path)
+    assert ckpt.load(path)["config"]["lr"] is None
+    assert ckpt.load(path, require=ckpt.INFERENCE_KEYS)["model_config"] == {"name": "unet"}
+    assert ckpt.read_meta(path)["config"]["epochs"] == 2
