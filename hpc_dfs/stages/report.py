@@ -227,13 +227,13 @@ def total_seconds(rows: list[dict]) -> float | None:
 
 def train_config(meta: dict | None):
     """The stored training configuration as a :class:`TrainConfig` (None when absent or unreadable)."""
-    from hpc_dfs.config import ConfigError, from_dict
+    from hpc_dfs.config import ConfigError
     from hpc_dfs.config.train import TrainConfig
     cfg = (meta or {}).get("config")
     if not isinstance(cfg, dict):
         return None
     try:
-        return from_dict(TrainConfig, cfg)
+        return TrainConfig.from_stored(cfg)   # sections, or the flat layout of older checkpoints
     except (ConfigError, TypeError):
         return None
 
@@ -277,18 +277,18 @@ def run_facts(ctx: dict) -> dict[str, Any]:
     world = meta.get("world_size")
     n_ep, b_ep = ctx["epochs"], ctx["best_epoch"]
     facts: dict[str, Any] = {
-        "epochs trained": f"{n_ep} of {cfg.epochs} configured" if cfg and n_ep is not None else n_ep,
+        "epochs trained": f"{n_ep} of {cfg.schedule.epochs} configured" if cfg and n_ep is not None else n_ep,
         "best epoch (best.pt)": f"{b_ep} (by validation mean Dice)" if b_ep is not None else None,
         "optimizer steps": meta.get("step"), "ranks (world size)": world}
     if cfg and isinstance(world, int):
         gb = cfg.resolve_global_batch(world)
-        facts["effective global batch"] = (f"{gb} (= {cfg.batch_size} per rank x {world} ranks"
-                                           + (f" x {cfg.backward_passes_per_step} passes" if
-                                              cfg.backward_passes_per_step > 1 else "") + ")"
-                                           if not cfg.global_batch_size else f"{gb} (fixed)")
-        facts["effective peak learning rate"] = (f"{num(cfg.base_lr * cfg.lr_scale(world), 'lr')} (= "
-                                                 f"{num(cfg.base_lr, 'lr')} x {cfg.lr_scale(world):.3g}, "
-                                                 f"{cfg.lr_scaling} scaling)")
+        facts["effective global batch"] = (f"{gb} (= {cfg.data.batch_size} per rank x {world} ranks"
+                                           + (f" x {cfg.horovod.backward_passes_per_step} passes" if
+                                              cfg.horovod.backward_passes_per_step > 1 else "") + ")"
+                                           if not cfg.data.global_batch_size else f"{gb} (fixed)")
+        facts["effective peak learning rate"] = (f"{num(cfg.optim.base_lr * cfg.lr_scale(world), 'lr')} (= "
+                                                 f"{num(cfg.optim.base_lr, 'lr')} x {cfg.lr_scale(world):.3g}, "
+                                                 f"{cfg.optim.lr_scaling} scaling)")
     secs = total_seconds(rows)
     if secs:
         facts["total training time"] = (f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.1f} min ({secs:.0f} s)") + \
@@ -305,27 +305,28 @@ def config_rows(cfg, model_config: dict, world: int | None) -> dict[str, Any]:
     """The training settings that apply to this run, zeros that mean "auto" spelled out."""
     if cfg is None:
         return {}
-    rows: dict[str, Any] = {"optimizer": cfg.optimizer, "base learning rate (per batch_size)": num(cfg.base_lr, "lr"),
-                            "LR schedule": cfg.schedule, "warm-up epochs": f"{cfg.warmup_epochs:g}",
-                            "weight decay": f"{cfg.weight_decay:g}"}
-    if cfg.optimizer == "sgd":
-        rows["momentum"] = f"{cfg.momentum} ({'Nesterov' if cfg.nesterov else 'classical'})"
-    if cfg.schedule == "plateau":
-        rows["plateau factor / patience"] = f"{cfg.plateau_factor} / {cfg.plateau_patience} epochs"
-    rows["batch per rank"] = cfg.batch_size
-    rows["global batch"] = cfg.global_batch_size or (f"auto (batch x ranks = {cfg.resolve_global_batch(world)})"
+    rows: dict[str, Any] = {"optimizer": cfg.optim.optimizer,
+                            "base learning rate (per batch_size)": num(cfg.optim.base_lr, "lr"),
+                            "LR schedule": cfg.optim.lr_schedule, "warm-up epochs": f"{cfg.optim.warmup_epochs:g}",
+                            "weight decay": f"{cfg.optim.weight_decay:g}"}
+    if cfg.optim.optimizer == "sgd":
+        rows["momentum"] = f"{cfg.optim.momentum} ({'Nesterov' if cfg.optim.nesterov else 'classical'})"
+    if cfg.optim.lr_schedule == "plateau":
+        rows["plateau factor / patience"] = f"{cfg.optim.plateau_factor} / {cfg.optim.plateau_patience} epochs"
+    rows["batch per rank"] = cfg.data.batch_size
+    rows["global batch"] = cfg.data.global_batch_size or (f"auto (batch x ranks = {cfg.resolve_global_batch(world)})"
                                                      if world else "auto (batch x ranks)")
-    rows["steps per epoch"] = cfg.steps_per_epoch or "auto (one pass over the training slices)"
-    rows["max steps"] = cfg.max_steps or "no limit"
-    rows["tumour share of each batch (fg_fraction)"] = f"{cfg.fg_fraction:g}"
-    rows["loss weights (Dice / CE / risk)"] = f"{cfg.dice_weight} / {cfg.ce_weight} / {cfg.risk_weight}"
-    rows["augmentation"] = "on" if cfg.augment else "off"
-    rows["synchronised BatchNorm"] = cfg.sync_bn if model_config.get("norm", "batch") == "batch" else \
+    rows["steps per epoch"] = cfg.schedule.steps_per_epoch or "auto (one pass over the training slices)"
+    rows["max steps"] = cfg.schedule.max_steps or "no limit"
+    rows["tumour share of each batch (fg_fraction)"] = f"{cfg.data.fg_fraction:g}"
+    rows["loss weights (Dice / CE / risk)"] = f"{cfg.loss.dice_weight} / {cfg.loss.ce_weight} / {cfg.loss.risk_weight}"
+    rows["augmentation"] = "on" if cfg.data.augment else "off"
+    rows["synchronised BatchNorm"] = cfg.horovod.sync_bn if model_config.get("norm", "batch") == "batch" else \
         f"n/a ({model_config.get('norm')} norm)"
-    rows["gradient clip (global norm)"] = f"{cfg.grad_clip:g}" if cfg.grad_clip else "off"
-    if cfg.compression != "none" or cfg.adasum:
-        rows["Horovod"] = f"compression {cfg.compression}, adasum {cfg.adasum}"
-    rows["validation fold / every"] = f"fold {cfg.val_fold}, every {cfg.val_every} epoch(s)"
+    rows["gradient clip (global norm)"] = f"{cfg.optim.grad_clip:g}" if cfg.optim.grad_clip else "off"
+    if cfg.horovod.compression != "none" or cfg.horovod.adasum:
+        rows["Horovod"] = f"compression {cfg.horovod.compression}, adasum {cfg.horovod.adasum}"
+    rows["validation fold / every"] = f"fold {cfg.schedule.val_fold}, every {cfg.schedule.val_every} epoch(s)"
     rows["seed"] = cfg.seed
     for k in ("name", "base_channels", "depth", "norm", "fusion", "n_clinical", "n_classes", "in_channels"):
         if k in model_config:
@@ -361,7 +362,7 @@ def val_risk_counts(manifest: dict | None, cfg) -> tuple[int, int] | None:
     """(malignant, benign) validation cases from the manifest's fold of the run (None when unknown)."""
     if not manifest or cfg is None:
         return None
-    labels = [c.get("risk_label") for c in manifest.get("cases", []) if c.get("fold") == cfg.val_fold]
+    labels = [c.get("risk_label") for c in manifest.get("cases", []) if c.get("fold") == cfg.schedule.val_fold]
     return sum(lab == 1 for lab in labels), sum(lab == 0 for lab in labels)
 
 
@@ -581,8 +582,8 @@ def _split_counts(manifest: dict, cfg, evaluation: dict | None) -> dict[str, Any
     risk = [c.get("risk_label") for c in cases]
     out: dict[str, Any] = {"cases": len(cases), "cases per fold": dict(sorted(folds.items(), key=str))}
     if cfg is not None:
-        n_val = folds.get(cfg.val_fold, 0)
-        out["train / validation cases"] = f"{len(cases) - n_val} / {n_val} (fold {cfg.val_fold})"
+        n_val = folds.get(cfg.schedule.val_fold, 0)
+        out["train / validation cases"] = f"{len(cases) - n_val} / {n_val} (fold {cfg.schedule.val_fold})"
     if evaluation:
         m = evaluation.get("mean_all") or evaluation.get("mean") or {}
         out["test cases (evaluated)"] = m.get("n_cases")

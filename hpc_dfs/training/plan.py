@@ -22,10 +22,11 @@ from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
 from hpc_dfs.training import checkpoint as ckpt
 
+from hpc_dfs.models import SEGMENTATION_MODELS
+
 __all__ = ["Plan", "SetupError", "SEGMENTATION_MODELS", "checked", "prepare", "model_kwargs", "check_steps",
            "check_resume_fits"]
 
-SEGMENTATION_MODELS = ("dfs_fusion", "rusp_net", "rusp_net_dw", "unet")
 
 
 class SetupError(HpcDfsError):

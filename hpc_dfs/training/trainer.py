@@ -336,7 +336,7 @@ class Trainer:
         if cfg.horovod.sync_bn:
             model = dist.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
-        self.uses_clinical = kw["name"] == "dfs_fusion"
+        self.uses_clinical = bool(getattr(self.model, "takes_clinical", False))
         # rank-distinct dropout streams; the data order and augmentation never use these
         torch.manual_seed(derive_seed(cfg.seed, 1_000_003, self.rank))
         self.ar_timer = _Timer()
