@@ -52,6 +52,8 @@ class PredictConfig:
     weights: list[float] = field(default_factory=list,
                                  metadata={"help": "one weight per checkpoint for the probability average "
                                                    "(default: equal)"})
+    refine_weights: list[float] = field(default_factory=list, metadata={
+        "help": "cascade: one weight per --refine-checkpoint for the average of stage-2 probabilities"})
     batch_size: int = field(default=32, metadata={"help": "slices per forward pass"})
     tta: bool = field(default=False, metadata={"help": "flip test-time augmentation (H, W and both flips)"})
     save_probabilities: bool = field(default=False, metadata={"help": "also write probabilities_XXXXX.nii.gz "
@@ -68,8 +70,9 @@ class PredictConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
-            raise ConfigError(f"--weights must be >= 0 with a positive sum, got {self.weights}")
+        for name, ws in (("--weights", self.weights), ("--refine-weights", self.refine_weights)):
+            if any(w < 0 for w in ws) or (ws and sum(ws) <= 0):
+                raise ConfigError(f"{name} must be >= 0 with a positive sum, got {ws}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 1 <= self.compress_level <= 9:

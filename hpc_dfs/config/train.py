@@ -177,10 +177,14 @@ class DataConfig:
     val_batch_size: int = field(default=32, metadata=_h("slices per validation forward pass"))
     num_workers: int = field(default=2, metadata=_h("DataLoader worker processes per rank"))
     augment: bool = field(default=True, metadata=_h("training augmentation (see augmentation.*)"))
+    context: int = field(default=0, metadata=_h(
+        "2.5D: neighbouring slices per input (odd), as channels; 0 = 1 for stage locate, 3 for stage refine"))
 
     def validate(self) -> None:
         _at_least("data", self, ("batch_size", "val_batch_size"), 1)
-        _at_least("data", self, ("global_batch_size", "num_workers"), 0)
+        _at_least("data", self, ("global_batch_size", "num_workers", "context"), 0)
+        if self.context and self.context % 2 == 0:
+            raise ConfigError(f"data.context must be odd (the slice and k//2 neighbours each side), got {self.context}")
         if not 0.0 <= self.fg_fraction <= 1.0:
             raise ConfigError(f"data.fg_fraction must be in [0, 1], got {self.fg_fraction}")
 
@@ -278,6 +282,9 @@ class CheckpointConfig:
 class TrainConfig:
     """``hpc-dfs train``: the DFS fusion model, trained data-parallel with Horovod."""
 
+    stage: Literal["locate", "refine", "both"] = field(default="locate", metadata=_h(
+        "cascade stage: 'locate' (whole slices, shards' main group), 'refine' (kidney windows at the finer "
+        "spacing, shards' refine group, 2.5D), or 'both' one after the other into RUN/locate and RUN/refine"))
     schedule: ScheduleConfig = _section(ScheduleConfig, "epochs, steps, validation")
     data: DataConfig = _section(DataConfig, "batches and loading")
     optim: OptimConfig = _section(OptimConfig, "optimizer and learning rate")
@@ -313,6 +320,11 @@ class TrainConfig:
         return from_dict(cls, nest_flat(cls, data))
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def context(self) -> int:
+        """Slices per input: ``data.context``, or its stage default (1 locate, 3 refine)."""
+        return self.data.context or (3 if self.stage == "refine" else 1)
+
     def resolve_global_batch(self, world_size: int) -> int:
         """The global batch for ``world_size`` ranks; raises :class:`ConfigError` if it cannot be split."""
         k = self.horovod.backward_passes_per_step

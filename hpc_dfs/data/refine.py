@@ -206,7 +206,8 @@ def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, pr
     found = []
     for box in boxes:
         crop, size = window(box, img_c.shape, sp, plan, fit=True)
-        sl, geom = prepare_image(np.asarray(img_c[crop], dtype=np.float32), aff_c, _resample_params(preprocessing, size))
+        params = _resample_params(preprocessing, size)
+        sl, geom = prepare_image(np.asarray(img_c[crop], dtype=np.float32), aff_c, params)
         total[(slice(None), *crop)] += restore_volume(infer(sl), geom)
         count[crop] += 1.0
         found.append({**box.to_json(), "window": [[s.start, s.stop] for s in crop], "slice_size": size})

@@ -63,6 +63,7 @@ from hpc_dfs import __version__, dist, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
 from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_NAMES
+from hpc_dfs.data.roi import context_indices
 from hpc_dfs.log import get_logger
 
 CLI_LONG_HELP = True  # `hpc-dfs predict --help` shows this module's whole docstring
@@ -156,6 +157,7 @@ class Replica:
     n_clinical: int = 0
     model_name: str = ""
     info: dict = field(default_factory=dict)
+    context: int = 1              # 2.5D: slices per input (the model's input channels)
 
 
 def _canonical(obj: Any) -> str:
@@ -192,7 +194,9 @@ def load_replica(path: str | Path, weight: float, device) -> Replica:
     takes = model.takes_clinical
     needs = takes and getattr(model, "clinical_encoder", None) is not None
     rep = Replica(path, float(weight), model, pre, classes, takes, needs, model_name=str(mcfg.get("name", "")),
-                  info={"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics")})
+                  info={"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics"),
+                        "stage": (ckpt.get("config") or {}).get("stage", "locate")},
+                  context=int(mcfg.get("in_channels", 1)))
     if needs:
         from hpc_dfs.data.clinical import ClinicalPipeline
         clin = ckpt.get("clinical") or {}
@@ -224,6 +228,29 @@ def load_replicas(paths: list[str], weights: list[float], device) -> list[Replic
         if r.classes != ref.classes:
             raise PredictError(f"checkpoints {ref.path} and {r.path} have different classes "
                                f"({ref.classes} vs {r.classes})")
+        if r.context != ref.context:
+            raise PredictError(f"checkpoints {ref.path} and {r.path} take {ref.context} and {r.context} slices "
+                               "per input; their probabilities cannot be averaged")
+    return reps
+
+
+def load_refine_replicas(paths: list[Path], weights: list[float], stage1: list[Replica], device) -> list[Replica]:
+    """Stage-2 (refine) checkpoints of the cascade; they must hold a refine plan and stage 1's classes.
+
+    Raises:
+        PredictError: a checkpoint without ``preprocessing.refine`` (not trained with ``--stage refine``), or
+            classes that differ from stage 1's.
+    """
+    if not paths:
+        return []
+    reps = load_replicas([str(p) for p in paths], weights, device)
+    for r in reps:
+        if "refine" not in r.preprocessing or r.info.get("stage") != "refine":
+            raise PredictError(f"--refine-checkpoint {r.path} was not trained with --stage refine "
+                               "(its checkpoint has no stage-2 plan, preprocessing.refine)")
+        if r.classes != stage1[0].classes:
+            raise PredictError(f"--refine-checkpoint {r.path} has classes {r.classes}, stage 1 has "
+                               f"{stage1[0].classes}")
     return reps
 
 
@@ -271,7 +298,8 @@ def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndar
 
     Args:
         reps: loaded checkpoints (weights summing to 1).
-        slices: normalised slices ``(n, H, W)`` from ``prepare_image``.
+        slices: normalised slices ``(n, H, W)`` from ``prepare_image`` (a replica of context k sees each slice
+            with its k // 2 neighbours on either side, clamped at the ends, as in training).
         clinical: per replica its feature vector, or None for models that take no clinical input.
         batch_size: slices per forward pass.
         tta: average over the four flips of each batch.
@@ -287,8 +315,9 @@ def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndar
         for rep, vec in zip(reps, clinical):
             rep_risk = 0.0
             has_risk = False
+            idx = context_indices(n, rep.context)  # 2.5D: each slice with its neighbours as channels
             for b0 in range(0, n, batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(slices[b0:b0 + batch_size]))[:, None].to(device)
+                x = torch.from_numpy(np.ascontiguousarray(slices[idx[b0:b0 + batch_size]])).to(device)
                 clin = None
                 if vec is not None:
                     clin = torch.from_numpy(vec)[None].expand(x.shape[0], -1).contiguous().to(device)
@@ -423,8 +452,12 @@ _STEPS = ("start", "load", "preprocess", "inference", "restore", "postprocess", 
 
 
 def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, records: dict[str, dict],
-                 clinical_source: Path | None, out_dir: Path, device) -> dict[str, Any]:
+                 clinical_source: Path | None, out_dir: Path, device,
+                 refine: list[Replica] | None = None) -> dict[str, Any]:
     """Segment one case and write its outputs; returns its summary row.
+
+    With ``refine`` replicas this is the cascade: stage 1's native probabilities give the kidney boxes,
+    stage 2 segments each box's window at its finer spacing, and its probabilities replace stage 1's there.
 
     Raises:
         CaseFailure: the case cannot be read, transformed or segmented; the message names the problem.
@@ -443,6 +476,9 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
     t["inference"] = time.perf_counter()
     native = restore_volume(probs, geometry)
     del probs
+    cascade = None
+    if refine:
+        native, cascade = _refine(case, image, affine, native, refine, cfg, records, clinical_source, device)
     label = np.argmax(native, axis=0).astype(np.uint8)
     if label.shape != image.shape:  # restore_volume guarantees it; this guards the contract
         raise CaseFailure(f"restored shape {label.shape} differs from the input's {image.shape}")
@@ -463,8 +499,25 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
         "volumes_ml": {name: int(np.count_nonzero(clean == i)) * voxel_ml
                        for i, name in enumerate(reps[0].classes) if i > 0},
         "postprocess": pp_info, "files": {k: v.name if k != "raw" else f"raw/{v.name}" for k, v in files.items()},
-        "seconds": seconds,
+        "seconds": seconds, **({"cascade": cascade} if cascade is not None else {}),
     }
+
+
+def _refine(case: CaseInput, image: np.ndarray, affine: np.ndarray, native: np.ndarray, refine: list[Replica],
+            cfg: PredictConfig, records: dict[str, dict], clinical_source: Path | None, device):
+    """Stage 2 of the cascade on one case: (native probabilities, the summary's ``cascade`` entry)."""
+    from hpc_dfs.data.refine import refine_in_boxes
+    clin, _ = _clinical_inputs(case, refine, records, clinical_source)
+
+    def infer(sl: np.ndarray) -> np.ndarray:
+        return infer_slices(refine, sl, clin, cfg.batch_size, cfg.tta, device)[0]
+
+    native, boxes = refine_in_boxes(image.astype(np.float32, copy=False), affine, native, refine[0].preprocessing,
+                                    infer)
+    if not boxes:
+        log.warning("%s: stage 1 found no kidney, so there is no box for stage 2; the stage-1 labels are kept",
+                    case.case_id)
+    return native, {"boxes": boxes, "stage": "refine" if boxes else "locate (no kidney found by stage 1)"}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -490,6 +543,8 @@ def _write_summary(rows: list[dict], setup: Setup, cfg: PredictConfig, paths: Pr
         "hpc_dfs_version": __version__, "world_size": dist.size(), "threads_per_rank": threads,
         "device": str(setup.device),
         "checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, **r.info} for r in reps],
+        "refine_checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, "context": r.context,
+                                **r.info} for r in setup.refine],
         "classes": reps[0].classes, "preprocessing": reps[0].preprocessing,
         "clinical_source": str(setup.clinical_source) if setup.clinical_source else None,
         "input": str(paths.input), "out": str(paths.out),
@@ -513,6 +568,7 @@ class PredictPaths:
     input: Path
     out: Path
     clinical: Path | None = None
+    refine_checkpoints: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -524,6 +580,7 @@ class Setup:
     reps: list[Replica]
     records: dict[str, dict]
     clinical_source: Path | None
+    refine: list[Replica] = field(default_factory=list)
 
 
 def _device(choice: str):
@@ -544,9 +601,12 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
         cfgmod.require_path(ckpt, "file", "--checkpoint")
     cases, data_root = discover_inputs(paths.input)
     reps = load_replicas([str(p) for p in paths.checkpoints], cfg.weights, device)
+    for ckpt in paths.refine_checkpoints:
+        cfgmod.require_path(ckpt, "file", "--refine-checkpoint")
+    refine = load_refine_replicas(paths.refine_checkpoints, cfg.refine_weights, reps, device)
     records, clinical_source = load_records(paths.clinical, data_root)
     paths.out.mkdir(parents=True, exist_ok=True)
-    return Setup(device, cases, reps, records, clinical_source)
+    return Setup(device, cases, reps, records, clinical_source, refine)
 
 
 def _setup_on_every_rank(cfg: PredictConfig, paths: PredictPaths) -> Setup:
@@ -574,7 +634,8 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
     rows = []
     for i, case in enumerate(cases):
         try:
-            row = predict_case(case, setup.reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device)
+            row = predict_case(case, setup.reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device,
+                               refine=setup.refine)
             log.info("[%d/%d] %s done in %.2f s%s", i + 1, len(cases), case.case_id, row["seconds"]["total"],
                      "" if row["risk_prob"] is None else f", risk {row['risk_prob']:.3f}")
         except CaseFailure as e:
@@ -628,6 +689,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``hpc-dfs predict`` options: the paths, then every :class:`PredictConfig` setting as a flag."""
     parser.add_argument("--checkpoint", dest="checkpoints", action="append", type=Path, default=[], metavar="CKPT",
                         help="checkpoint (.pt) written by `hpc-dfs train`; repeat to average several replicas")
+    parser.add_argument("--refine-checkpoint", dest="refine_checkpoints", action="append", type=Path, default=[],
+                        metavar="CKPT", help="cascade: a stage-2 checkpoint (`hpc-dfs train --stage refine`); repeat "
+                                             "to average several; without it predict runs stage 1 alone")
+    parser.add_argument("--refine-weights", dest="cfg__refine_weights", default=None, metavar="W1,W2,...",
+                        type=lambda s: [float(v) for v in s.split(",") if v.strip()],
+                        help="one weight per --refine-checkpoint (default equal)")
     parser.add_argument("--input", type=Path, default=None, metavar="PATH",
                         help="a case folder, a folder of case_XXXXX/ folders, or one imaging.nii.gz")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (created)")
@@ -639,7 +706,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postprocess", dest="cfg__postprocess.enabled", action=argparse.BooleanOptionalAction,
                         default=None, help="connected-component post-processing (default on; "
                                            "fine-tune with --set postprocess.<key>=...)")
-    cfgmod.add_arguments(parser, PredictConfig, skip=("weights",))
+    cfgmod.add_arguments(parser, PredictConfig, skip=("weights", "refine_weights"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -656,4 +723,8 @@ def main(args: argparse.Namespace) -> int:
     if cfg.weights and len(cfg.weights) != len(args.checkpoints):
         raise cfgmod.ConfigError(f"got {len(cfg.weights)} --weights for {len(args.checkpoints)} --checkpoint; give "
                                  f"one weight per checkpoint or none")
-    return run(cfg, PredictPaths(list(args.checkpoints), args.input, args.out, args.clinical))
+    if cfg.refine_weights and len(cfg.refine_weights) != len(args.refine_checkpoints):
+        raise cfgmod.ConfigError(f"got {len(cfg.refine_weights)} --refine-weights for "
+                                 f"{len(args.refine_checkpoints)} --refine-checkpoint")
+    return run(cfg, PredictPaths(list(args.checkpoints), args.input, args.out, args.clinical,
+                                 list(args.refine_checkpoints)))

@@ -51,6 +51,7 @@ Outputs (CONTRACTS.md section 3): ``RUN/checkpoints/{last,best,epoch_XXXX}.pt``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -115,17 +116,44 @@ def main(args: argparse.Namespace) -> int:
 def train(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool = False) -> int:
     """Check the inputs on every rank, build the :class:`~hpc_dfs.training.trainer.Trainer`, run it.
 
+    ``--stage both`` trains the cascade's two stages one after the other, into ``RUN/locate`` and
+    ``RUN/refine`` (a resumed run skips a stage whose ``last.pt`` says it finished).
+
     Returns:
         0 when done, :data:`EXIT_PREEMPTED` after a preemption checkpoint.
 
     Raises:
         SetupError: a bad setting, shard or checkpoint, on every rank (rank 0 logged it).
     """
-    log = get_logger("hpc_dfs.train")
     shards_dir, out = Path(shards_dir), Path(out)
+    if cfg.stage != "both":
+        return _train_stage(cfg, shards_dir, out, resume)
+    log = get_logger("hpc_dfs.train")
+    for stage in ("locate", "refine"):
+        sub, sub_out = dataclasses.replace(cfg, stage=stage), out / stage
+        if resume and _finished(sub_out, sub):
+            log.info("stage %s: %s already finished its %d epochs; skipped", stage, sub_out, sub.schedule.epochs)
+            continue
+        rc = _train_stage(sub, shards_dir, sub_out, resume and (sub_out / "checkpoints" / "last.pt").exists())
+        if rc:
+            return rc
+    return 0
+
+
+def _train_stage(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> int:
+    log = get_logger("hpc_dfs.train")
     plan = checked(log, "bad configuration", lambda: prepare(cfg, shards_dir, out, resume))
     plan.model_kwargs = checked(log, "bad configuration", lambda: model_kwargs(cfg, plan.manifest))
     return Trainer(cfg, plan, shards_dir, out, resume=resume).train()
+
+
+def _finished(out: Path, cfg: TrainConfig) -> bool:
+    """``RUN/checkpoints/last.pt`` records all the epochs asked for (a second ``--stage both --resume``)."""
+    from hpc_dfs.training import checkpoint as ckpt
+    last = out / "checkpoints" / "last.pt"
+    if not last.exists():
+        return False
+    return int(ckpt.read_meta(last).get("epoch", 0)) >= cfg.schedule.epochs
 
 
 def _horovod_environment(cfg: TrainConfig) -> None:

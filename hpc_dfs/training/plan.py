@@ -156,6 +156,13 @@ def model_kwargs(cfg: TrainConfig, manifest: dict) -> dict:
     """
     kw = to_dict(cfg.model)
     kw["n_classes"] = len(manifest["preprocessing"]["classes"])
+    if cfg.stage == "refine" and "refine" not in manifest["preprocessing"]:
+        raise ConfigError("--stage refine: the shards have no stage-2 windows (manifest preprocessing.refine); "
+                          "preprocess again with refine.enabled=true (the default)")
+    if kw["in_channels"] not in (1, cfg.context):
+        raise ConfigError(f"model.in_channels = {kw['in_channels']} contradicts data.context = {cfg.context} "
+                          "(the 2.5D slices are the channels; leave model.in_channels at 1)")
+    kw["in_channels"] = cfg.context
     n_features = int((manifest.get("clinical") or {}).get("n_features") or 0)
     if kw["n_clinical"] and kw["n_clinical"] != n_features:
         raise ConfigError(f"model.n_clinical = {kw['n_clinical']} but the shards have {n_features} clinical features "

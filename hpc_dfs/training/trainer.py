@@ -361,7 +361,8 @@ class Trainer:
         """Global batches independent of the number of ranks; this rank's validation cases."""
         cfg, plan = self.cfg, self.plan
         self.train_ids = [c["case_id"] for c in plan.train_cases]
-        self.train_ds = SliceDataset(self.shards_dir, self.train_ids)
+        group = "refine" if cfg.stage == "refine" else "main"  # the cascade stage picks the shards' group
+        self.train_ds = SliceDataset(self.shards_dir, self.train_ids, group=group, context=cfg.context)
         self.sampler = GlobalBatchSampler(self.train_ds, global_batch_size=self.micro_global, rank=self.rank,
                                           world_size=self.world, seed=cfg.seed, fg_fraction=cfg.data.fg_fraction)
         natural = self.sampler.n_batches // self.k
@@ -371,8 +372,10 @@ class Trainer:
         if self.resume:
             checked(log, "bad configuration",
                     lambda: check_resume_fits(plan.state, self.steps_per_epoch, self.gb, self.out))
-        mine = partition_balanced([(c["case_id"], c["n_slices"]) for c in plan.val_cases], self.rank, self.world)
-        self.val_ds = SliceDataset(self.shards_dir, list(mine)) if mine else None
+        size_key = "n_refine_slices" if group == "refine" else "n_slices"
+        mine = partition_balanced([(c["case_id"], c.get(size_key, c["n_slices"])) for c in plan.val_cases],
+                                  self.rank, self.world)
+        self.val_ds = SliceDataset(self.shards_dir, list(mine), group=group, context=cfg.context) if mine else None
         self.augmenter = SliceAugmenter(cfg.augmentation, seed=cfg.seed) if cfg.data.augment else None
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
 
