@@ -21,7 +21,7 @@ MPIRUN := mpirun --allow-run-as-root --oversubscribe --tag-output -np $(NP) -x P
 HVDRUN := $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo
 PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 
-.PHONY: setup lint test test-unit test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
+.PHONY: setup lint test test-unit test-faults test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
         demo demo-clean bench help
 
 help:
@@ -32,8 +32,8 @@ setup:
 
 # ------------------------------------------------------------------------------------------ tests
 test: setup
-	@$(MAKE) --no-print-directory lint test-unit test-dist test-slurm
-	@echo "[make test] all test groups passed: unit, distributed (mpirun -np $(NP), horovodrun -np $(NP) --gloo), slurm"
+	@$(MAKE) --no-print-directory lint test-unit test-faults test-dist test-slurm
+	@echo "[make test] all test groups passed: unit, faults, distributed (mpirun -np $(NP), horovodrun -np $(NP) --gloo), slurm"
 
 lint:
 	@echo "[make test] ruff (rules in pyproject.toml)"
@@ -42,6 +42,12 @@ lint:
 test-unit:
 	@echo "[make test] unit tests"
 	$(PYTEST) tests/unit -q -m "not distributed and not slurm"
+
+# the fault-injection battery: bad inputs, kill -9, disk full (tmpfs, root), corruption; prints its figure and
+# writes bench/results/faults.json
+test-faults:
+	@echo "[make test] fault-injection battery (tests/faults)"
+	timeout 1200 $(PYTEST) tests/faults -q -m slow
 
 test-dist: test-dist-mpirun test-dist-horovodrun test-dist-launch
 
