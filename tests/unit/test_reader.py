@@ -246,3 +246,21 @@ def test_compressed_layout_is_checked_on_every_read_too(tmp_path):
         with pytest.raises(ShardError, match=r"z.h5 \(c\): slice 1 "):
             s.read(1)
     assert not sh.validate_shard(p)[0]
+
+
+@pytest.mark.slow
+def test_train_stops_before_the_first_step_on_a_corrupt_shard(copy, tmp_path):
+    """Issue 14 hole 4 end to end: `hpc-dfs train` names the corrupt shard, case and slice at start-up."""
+    import subprocess
+    import sys
+    from tests.launch import REPO, job_env
+    _flip(copy / "shard-case_00002.h5", "image", "case_00002", chunk=3)
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "hpc_dfs", "train", "--shards", str(copy), "--out", str(run),
+                          "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--num-workers", "0",
+                          "--set", "model.base_channels=8"], cwd=REPO, env=job_env(), capture_output=True,
+                         text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "shard-case_00002.h5 (case_00002): slice 3: image" in out and "Traceback" not in out
+    assert not (run / "checkpoints" / "last.pt").exists()
