@@ -1,6 +1,6 @@
 """Reader throughput side by side: hpc-dfs shard layouts vs a memmap floor vs nnU-Net v2's blosc2 files, one run.
 
-    .venv/bin/python bench/bench_reader.py [--cases 4] [--size 256] [--slice-sizes 256,512] [--reads 1500]
+    .venv/bin/python bench/bench_reader.py [--cases 4] [--size 256] [--slice-sizes 256,512] [--reads 1500] [--quick]
 
 Goals (issue 13 item 1): with every read checked for corruption, the default layout reaches
 >= 50% of the memmap floor in slices/s and >= 2x nnU-Net v2's MB/s at the same slice size.
@@ -357,7 +357,10 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=100, help="reads per timed block (paths interleaved per block)")
     ap.add_argument("--nifti-reads", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--quick", action="store_true", help="2 cases, 256x256 only, 600 reads, 1 pass (hpc-dfs bench --quick)")
     a = ap.parse_args()
+    if a.quick:
+        a.cases, a.slice_sizes, a.reads, a.rounds = 2, "256", 600, 1
     torch.set_num_threads(1)
     sizes = [int(s) for s in a.slice_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,4 +16,4 @@ if [[ -z "$py" ]]; then
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PATH="$(dirname "$py"):$PATH"   # horovodrun of the same environment
-exec "$py" "$here/bench_gpu.py" "$@"
+exec "$py" "$here/bench_gpu.py" --require-cuda "$@"

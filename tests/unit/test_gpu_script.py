@@ -33,9 +33,13 @@ def test_gpu_script_dry_run(tmp_path):
     assert r["syncbn_class"] and r["environment"]["torch"] == torch.__version__
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_real_run_refuses_without_cuda(tmp_path):
-    res = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--out", str(tmp_path / "g.json")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120, env=job_env())
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
+def test_without_cuda_gpu_sh_refuses_and_bench_all_skips(tmp_path):
+    res = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--out", str(tmp_path / "g.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env=job_env({"PYTHON": sys.executable}))
     assert res.returncode == 4, res.stderr
     assert "no CUDA device" in res.stderr and "--dry-run" in res.stderr and not (tmp_path / "g.json").exists()
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--quick", "--out",
+                          str(tmp_path / "g.json")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=job_env())
+    assert res.returncode == 0 and "skipped: no CUDA device" in res.stdout and not (tmp_path / "g.json").exists()
