@@ -357,7 +357,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=100, help="reads per timed block (paths interleaved per block)")
     ap.add_argument("--nifti-reads", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    ap.add_argument("--quick", action="store_true", help="2 cases, 256x256 only, 600 reads, 1 pass (hpc-dfs bench --quick)")
+    ap.add_argument("--quick", action="store_true", help="2 cases, 256x256 only, 600 reads, 1 pass (bench --quick)")
     a = ap.parse_args()
     if a.quick:
         a.cases, a.slice_sizes, a.reads, a.rounds = 2, "256", 600, 1
