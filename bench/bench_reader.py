@@ -28,11 +28,12 @@ of storage only. Paths:
 - ``nifti``: decoding the slice from ``imaging.nii.gz`` per sample (first slice size only).
 
 MB/s counts each format's own decoded payload per slice (ours and the floor: 4+1 bytes per pixel;
-nnU-Net: 4+2, its seg is int16), which favours nnU-Net in the MB/s ratio. Paths are interleaved over
-blocks of ``--block`` reads (every path on the same block before the next one, ``--rounds`` passes)
-and the median block rate is reported, so that a busy spell on a shared machine hits every path
-alike. Also measured: the deep start-up check (``ShardSet.validate(deep=True)``) in s per GB. Files
-are in the page cache (a warm-up pass), as after the first epoch. Writes ``bench/results/reader.json``.
+nnU-Net: 4+2, its seg is int16), which favours nnU-Net in the MB/s ratio. Paths are interleaved read
+by read (slice i through every path, then slice i+1; ``--rounds`` passes), so that a busy spell on a
+shared machine hits every path alike; slices/s = reads / their summed time, and the rate of the
+median read is reported beside it. Also measured: the deep start-up check
+(``ShardSet.validate(deep=True)``) in s per GB. Files are in the page cache (a warm-up pass), as
+after the first epoch. Writes ``bench/results/reader.json``.
 """
 from __future__ import annotations
 
@@ -65,30 +66,32 @@ from hpc_dfs.fsutil import write_json  # noqa: E402
 from hpc_dfs.stages.preprocess import run_preprocess  # noqa: E402
 
 
-def time_blocks(paths: dict, order, block: int, rounds: int, nifti_reads: int) -> dict:
-    """Per path, the rates (slices/s) of blocks of ``block`` reads, the paths interleaved block by block.
+def time_interleaved(paths: dict, order, rounds: int, nifti_reads: int) -> dict:
+    """Per path, the time of every read (s), the paths interleaved read by read.
 
-    On a shared machine the load changes from second to second; timing every path on the same short
-    block before moving on exposes them all to the same load, and the median block rate is robust to
-    a busy spell. One warm-up pass first (page cache, handles).
+    On a shared machine the load changes from millisecond to millisecond; reading slice i through every
+    path before slice i+1 exposes them all to the same load. NIfTI (~1000x slower) is timed apart on the
+    first ``nifti_reads`` slices. One warm-up pass first (page cache, handles).
     """
+    fast = {k: g for k, (g, _) in paths.items() if k != "nifti"}
     for get, _ in paths.values():
-        for i in order[:50]:
+        for i in order[:20]:
             get(int(i))
-    rates: dict[str, list] = {k: [] for k in paths}
+    times: dict[str, list] = {k: [] for k in paths}
+    clock = time.perf_counter
     for _ in range(rounds):
-        for lo in range(0, len(order), block):
-            for name, (get, _) in paths.items():
-                idx = order[lo:lo + block]
-                if name == "nifti":
-                    if lo:  # NIfTI is ~1000x slower: a few reads per round
-                        continue
-                    idx = order[:nifti_reads]
-                t = time.perf_counter()
-                for i in idx:
-                    get(int(i))
-                rates[name].append(len(idx) / (time.perf_counter() - t))
-    return rates
+        for i in order:
+            i = int(i)
+            for name, get in fast.items():
+                t = clock()
+                get(i)
+                times[name].append(clock() - t)
+    if "nifti" in paths:
+        for i in order[:nifti_reads]:
+            t = clock()
+            paths["nifti"][0](int(i))
+            times["nifti"].append(clock() - t)
+    return times
 
 
 def item(image: np.ndarray, label: np.ndarray) -> dict:
@@ -324,15 +327,15 @@ def measure(tmp: Path, a, size: int, first: bool) -> dict:
     n = len(SliceDataset(v["shards"]["none"]))
     reads = a.reads if size <= 256 else max(200, a.reads // 3)
     order = np.random.default_rng(0).integers(0, n, reads)
-    rates = time_blocks(paths, order, a.block, a.rounds, a.nifti_reads)
-    med = {k: statistics.median(r) for k, r in rates.items()}
+    times = time_interleaved(paths, order, a.rounds, a.nifti_reads)
+    med = {k: len(t) / sum(t) for k, t in times.items()}  # slices/s over all reads (the mean read time)
     mbs = {k: med[k] * paths[k][1] / 1e6 for k in med}
     floor, peer = med["npy-memmap"], mbs.get("nnunet-v2-blosc2")
     return {
         "slice_size": size, "cases": a.cases, "slices": n, "reads": reads, "rounds": a.rounds,
         "slices_per_s": {k: round(x, 1) for k, x in med.items()},
-        "slices_per_s_best_block": {k: round(max(r), 1) for k, r in rates.items()},
-        "blocks_per_path": {k: len(r) for k, r in rates.items()}, "block_reads": a.block,
+        "slices_per_s_from_median_read": {k: round(1 / statistics.median(t), 1) for k, t in times.items()},
+        "timed_reads": {k: len(t) for k, t in times.items()},
         "MB_per_s": {k: round(x, 1) for k, x in mbs.items()},
         "payload_bytes_per_slice": {k: p[1] for k, p in paths.items()},
         "fraction_of_memmap_floor": {k: round(x / floor, 3) for k, x in med.items()},
@@ -354,7 +357,6 @@ def main() -> None:
     ap.add_argument("--slice-sizes", default="256,512")
     ap.add_argument("--reads", type=int, default=1500)
     ap.add_argument("--rounds", type=int, default=2, help="passes over the random order")
-    ap.add_argument("--block", type=int, default=100, help="reads per timed block (paths interleaved per block)")
     ap.add_argument("--nifti-reads", type=int, default=40)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--quick", action="store_true", help="2 cases, 256x256 only, 600 reads, 1 pass (bench --quick)")
@@ -375,7 +377,7 @@ def main() -> None:
                                        r["MB_per_s_vs_nnunet"]["hpc-dfs-none"] >= 2.0} for r in runs},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_at_end": os.getloadavg(), "gpu": None},
-        "note": ("one process, 1 thread, files in page cache, median of interleaved rounds; the CPU was shared "
+        "note": ("one process, 1 thread, files in page cache, paths interleaved read by read; the CPU was shared "
                  "with other work while measured (see load_avg_at_end)"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
