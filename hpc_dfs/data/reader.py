@@ -3,7 +3,7 @@
 - :class:`ShardSet` reads ``manifest.json`` and verifies the shards it lists: every shard must carry
   the manifest's preprocessing hash (``params_sha256``: a folder mixing two preprocessing runs is
   refused, naming the shard), and ``deep`` also verifies every slice's checksum (format 2,
-  uncompressed: 0.6-1.6 s per GB from page cache, see ``bench/results/reader.json``). Its fold
+  uncompressed: 0.16-0.27 s per GB from page cache, see ``bench/results/reader.json``). Its fold
   helpers give the case ids of a cross-validation split.
 - :class:`SliceDataset` is a ``torch.utils.data.Dataset`` of axial slices of some cases. Items are
   dicts: ``image`` float32 ``[1, H, W]``, ``label`` int64 ``[H, W]``, ``clinical`` float32 ``[F]``,
@@ -139,7 +139,7 @@ class ShardSet:
         slice's and chunk's checksum.
 
         Args:
-            deep: read everything back (0.6-1.6 s per GB of uncompressed shards from page cache).
+            deep: read everything back (0.16-0.27 s per GB of uncompressed shards from page cache).
             case_ids: the cases to check (default all).
 
         Raises:

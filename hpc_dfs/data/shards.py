@@ -331,8 +331,8 @@ def validate_shard(path: str | Path, case_id: Optional[str] = None, deep: bool =
     Args:
         path: the shard file.
         case_id: the case it must hold (None: whatever it holds).
-        deep: read everything back and verify it (uncompressed format 2: 0.6-1.6 s per GB, measured on a
-            loaded 2-core machine, files in page cache).
+        deep: read everything back and verify it (uncompressed format 2: 0.16-0.27 s per GB from page cache,
+            0.6-1.6 s under heavy load; bench/results/reader.json).
         params_sha256: when given, the preprocessing hash the shard must carry (the manifest's).
 
     Returns:

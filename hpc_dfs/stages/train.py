@@ -179,7 +179,7 @@ def _prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> dic
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing: {shards_dir} is not a finished `hpc-dfs preprocess` "
                                 "output")
-    # deep: every slice checksum before the first step (0.6-1.6 s/GB on a loaded 2-core machine, bench_reader.py),
+    # deep: every slice checksum before the first step (0.16-0.27 s/GB from page cache, bench/results/reader.json),
     # so a corrupt shard stops the job here, named, not mid-epoch; also refuses shards of another preprocessing
     shardset = ShardSet(shards_dir).validate(deep=True)
     manifest = shardset.manifest
