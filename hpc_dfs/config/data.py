@@ -106,8 +106,9 @@ class PreprocessConfig:
     cache_mb: int = field(default=2048, metadata={
         "help": "MiB per rank for keeping resampled cases in memory between the fingerprint and writing "
                 "passes (cases beyond it are decoded twice)"})
-    compression: Literal["lzf", "gzip", "none"] = field(default="lzf", metadata={
-        "help": "HDF5 compression of the slice datasets (lzf: fastest decode, see bench/bench_reader.py)"})
+    compression: Literal["lzf", "gzip", "none"] = field(default="none", metadata={
+        "help": "HDF5 compression of the slice datasets (none: memory-mapped reads at the memmap floor; "
+                "lzf/gzip: 4-5x smaller shards, 4-5x slower reads; see bench/bench_reader.py)"})
     compression_level: int = field(default=1, metadata={"help": "gzip level when compression=gzip"})
     refine: RefineConfig = field(default_factory=RefineConfig, metadata={
         "help": "stage-2 (refine) windows: refine.enabled, refine.spacing, refine.slice_size, ..."})

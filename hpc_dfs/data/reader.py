@@ -1,11 +1,16 @@
 """Reading the shards for training: manifest + validation, a slice Dataset, and the per-rank sampler.
 
-- :class:`ShardSet` reads ``manifest.json`` and verifies the shards it lists (deep = every chunk's
-  fletcher32 checksum). Its fold helpers give the case ids of a cross-validation split.
+- :class:`ShardSet` reads ``manifest.json`` and verifies the shards it lists: every shard must carry
+  the manifest's preprocessing hash (``params_sha256``: a folder mixing two preprocessing runs is
+  refused, naming the shard), and ``deep`` also verifies every slice's checksum (format 2,
+  uncompressed: 0.16-0.27 s per GB from page cache, see ``bench/results/reader.json``). Its fold
+  helpers give the case ids of a cross-validation split.
 - :class:`SliceDataset` is a ``torch.utils.data.Dataset`` of axial slices of some cases. Items are
   dicts: ``image`` float32 ``[1, H, W]``, ``label`` int64 ``[H, W]``, ``clinical`` float32 ``[F]``,
-  ``risk`` float32 scalar (-1 unknown), ``case_id`` str, ``slice`` int. HDF5 files are opened
-  lazily, once per process (a DataLoader worker forked after the first read reopens them: h5py
+  ``risk`` float32 scalar (-1 unknown), ``case_id`` str, ``slice`` int. Each slice is read through
+  :class:`hpc_dfs.data.shards.CaseShard` (a memory map of the shard; the slice's checksum is checked
+  on every read, a mismatch raises :class:`ShardError` naming shard, case and slice). Shards are
+  opened lazily, once per process (a DataLoader worker forked after the first read reopens them:
   handles must not cross a fork), and kept open: no reopening per item.
 - :class:`GlobalBatchSampler` builds each epoch's sequence of *global* batches from
   ``(seed, epoch)`` only, independent of the number of ranks, with nnU-Net-style foreground
@@ -38,11 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from hpc_dfs.data.shards import CaseShard, ShardError
+
 __all__ = ["ShardSet", "ShardError", "SliceDataset", "GlobalBatchSampler", "partition_balanced"]
-
-
-class ShardError(RuntimeError):
-    """The shards folder is missing, incomplete or fails verification; the message says which file."""
 
 
 # ----------------------------------------------------------------------------- partitioning
@@ -122,12 +125,31 @@ class ShardSet:
         train = [c for c in self.case_ids if self.cases[c]["fold"] != fold]
         return train, val
 
+    @property
+    def params_sha256(self) -> str:
+        """The preprocessing hash every shard of this folder must carry (manifest key ``params_sha256``)."""
+        h = self.manifest.get("params_sha256")
+        if not h:
+            raise ShardError(f"{self.root / 'manifest.json'} has no params_sha256 (written by an older hpc-dfs): "
+                             "rerun preprocess")
+        return str(h)
+
     def validate(self, deep: bool = True, case_ids: Optional[Sequence[str]] = None) -> "ShardSet":
-        """Check every listed shard (deep: every chunk's checksum); raises :class:`ShardError`."""
+        """Check every listed shard: complete, same preprocessing hash as the manifest, and (deep) every
+        slice's and chunk's checksum.
+
+        Args:
+            deep: read everything back (0.16-0.27 s per GB of uncompressed shards from page cache).
+            case_ids: the cases to check (default all).
+
+        Raises:
+            ShardError: naming the first shard that fails and why.
+        """
         from hpc_dfs.data.shards import validate_shard
 
+        expected = self.params_sha256
         for cid in case_ids or self.case_ids:
-            ok, why = validate_shard(self.shard_path(cid), cid, deep=deep)
+            ok, why = validate_shard(self.shard_path(cid), cid, deep=deep, params_sha256=expected)
             if not ok:
                 raise ShardError(f"[{cid}] shard failed verification: {why} (rerun preprocess to rewrite it)")
         return self
@@ -157,9 +179,12 @@ class SliceDataset(Dataset):
         self._risk: dict[str, float] = {}
         import h5py
 
+        expected = self.shards.params_sha256
         for cid in ids:
-            with h5py.File(self.shards.shard_path(cid), "r") as f:
+            path = self.shards.shard_path(cid)
+            with h5py.File(path, "r") as f:
                 g = f[cid]
+                _check_params(path, cid, g.attrs.get("params_sha256", ""), expected)
                 present.append(g["classes_present"][()])
                 self._clinical[cid] = torch.from_numpy(g["clinical"][()].astype(np.float32))
                 self._risk[cid] = float(g.attrs["risk_label"])
@@ -168,35 +193,27 @@ class SliceDataset(Dataset):
         self.index = index
         #: (n_slices, C) uint8: 1 where class c occurs in slice i (for foreground oversampling)
         self.classes_present = np.concatenate(present) if present else np.zeros((0, len(self.classes)), np.uint8)
-        self._files: dict[str, Any] = {}
+        self._files: dict[str, CaseShard] = {}
         self._pid: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _datasets(self, cid: str):
-        """(file, image dataset, label dataset) of a case, opened once per process and kept.
-
-        Keeping the dataset objects (not only the file) saves two HDF5 name lookups per item,
-        about a quarter of the read time of a 256x256 slice.
-        """
-        import h5py
-
+    def _shard(self, cid: str) -> CaseShard:
+        """The case's :class:`CaseShard`, opened once per process and kept (no reopening per item)."""
         if self._pid != os.getpid():  # first use in this process (or a forked worker): fresh handles
             self._files = {}
             self._pid = os.getpid()
         h = self._files.get(cid)
         if h is None:
-            f = h5py.File(self.shards.shard_path(cid), "r")
-            h = (f, f[cid]["image"], f[cid]["label"])
-            self._files[cid] = h
+            h = self._files[cid] = CaseShard(self.shards.shard_path(cid), cid)
         return h
 
     def __getitem__(self, i: int) -> dict:
         cid, s = self.index[i]
-        _, img_ds, lab_ds = self._datasets(cid)
-        image = torch.from_numpy(img_ds[s])[None]
-        label = torch.from_numpy(lab_ds[s].astype(np.int64))
+        img, lab = self._shard(cid).read(s)
+        image = torch.from_numpy(img)[None]
+        label = torch.from_numpy(lab.astype(np.int64))
         item = {"image": image, "label": label, "clinical": self._clinical[cid],
                 "risk": torch.tensor(self._risk[cid], dtype=torch.float32), "case_id": cid, "slice": s}
         return self.transform(item) if self.transform is not None else item
@@ -207,14 +224,22 @@ class SliceDataset(Dataset):
         return np.flatnonzero(self.classes_present[:, cls].any(axis=1))
 
     def close(self) -> None:
-        for f, _, _ in self._files.values():
-            f.close()
+        for h in self._files.values():
+            h.close()
         self._files = {}
 
     def __getstate__(self):  # pickling for spawn-started workers: handles are reopened there
         state = dict(self.__dict__)
         state["_files"], state["_pid"] = {}, None
         return state
+
+
+def _check_params(path: Path, cid: str, have: Any, expected: str) -> None:
+    """Refuse a shard whose preprocessing hash is not the manifest's (a folder mixing two runs)."""
+    have = have.decode() if isinstance(have, bytes) else str(have)
+    if have != expected:
+        raise ShardError(f"{path.name} ({cid}) was preprocessed with other parameters than its manifest "
+                         f"(params_sha256 {have[:12]}... vs {expected[:12]}...): rerun preprocess")
 
 
 # ----------------------------------------------------------------------------- sampler

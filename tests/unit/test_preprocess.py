@@ -131,7 +131,8 @@ def test_manifest_and_shards_follow_the_contract(tmp_path):
         assert g["label"].dtype == np.uint8 and g["classes_present"].shape == (8, 3)
         for name, ds in g.items():
             assert ds.fletcher32, name
-        assert g["image"].chunks == (1, 32, 32) and g["image"].compression == "lzf"
+        assert g["image"].chunks == (1, 32, 32) and g["image"].compression is None  # default: memory-mapped
+        assert g["slice_checksums"].shape == (8, 2) and g.attrs["schema_version"] == 2
         assert g.attrs["case_id"] == "case_00001" and list(g.attrs["original_shape"]) == [8, 28, 28]
         assert len(json.loads(g.attrs["affine"])) == 4 and g.attrs["orientation"] == "IPL"
         assert len(g.attrs["source_sha256"]) == 64 and json.loads(g.attrs["preprocessing"]) == pre

@@ -133,3 +133,134 @@ def test_validate_detects_corruption(shards, tmp_path):
     p.write_bytes(bytes(raw))
     with pytest.raises(ShardError, match=r"\[case_00004\] shard failed verification"):
         ShardSet(copy).validate()
+
+
+# ----------------------------------------------------------------------------- integrity (issue 14 holes 1 and 4)
+def _flip(path, dataset: str, case_id: str, chunk: int, at: int = 100, n: int = 4) -> None:
+    """Flip ``n`` bytes inside chunk ``chunk`` of ``case_id/dataset``, as disk corruption would."""
+    with h5py.File(path, "r") as f:
+        off = f[case_id][dataset].id.get_chunk_info(chunk).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[off + at:off + at + n] = bytes(b ^ 0xFF for b in raw[off + at:off + at + n])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture()
+def copy(shards, tmp_path):
+    import shutil
+    shutil.copytree(shards, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_shards_are_format_2_with_a_checksum_per_slice(shards):
+    from hpc_dfs.data.shards import SHARD_SCHEMA_VERSION, slice_checksum
+    with h5py.File(shards / "shard-case_00002.h5", "r") as f:
+        g = f["case_00002"]
+        assert g.attrs["schema_version"] == SHARD_SCHEMA_VERSION == 2
+        sums = g["slice_checksums"][()]
+        assert sums.shape == (g["image"].shape[0], 2) and sums.dtype == np.uint64
+        algo = g.attrs["checksum"]
+        assert sums[3, 0] == slice_checksum(g["image"][3], algo) and sums[3, 1] == slice_checksum(g["label"][3], algo)
+
+
+def test_corrupt_chunk_is_named_on_read_and_found_at_start_up(copy):
+    from hpc_dfs.errors import HpcDfsError
+    p = copy / "shard-case_00002.h5"
+    _flip(p, "image", "case_00002", chunk=3)
+    ds = SliceDataset(copy, ["case_00002"])
+    assert ds[2]["image"].shape == (1, 32, 32)  # the other slices still read
+    with pytest.raises(ShardError) as e:
+        ds[3]
+    msg = str(e.value)
+    assert "shard-case_00002.h5" in msg and "case_00002" in msg and "slice 3" in msg and "\n" not in msg
+    assert isinstance(e.value, HpcDfsError) and e.value.code == 3
+    ShardSet(copy).validate(deep=False)  # the cheap check does not read the slices...
+    with pytest.raises(ShardError, match=r"\[case_00002\] shard failed verification: .*slice 3"):
+        ShardSet(copy).validate(deep=True)  # ...the deep one (train's start-up check) finds it
+
+
+def test_corrupt_label_and_worker_errors_keep_one_line(copy):
+    _flip(copy / "shard-case_00001.h5", "label", "case_00001", chunk=0, at=7, n=1)
+    ds = SliceDataset(copy, ["case_00001"])
+    loader = DataLoader(ds, batch_size=2, num_workers=1)
+    with pytest.raises(ShardError) as e:
+        list(loader)
+    assert str(e.value).startswith("shard-case_00001.h5 (case_00001): slice 0: label") and "\n" not in str(e.value)
+
+
+def test_shard_from_another_preprocessing_run_is_refused(copy, tmp_path):
+    """Hole 1, reader side: a shard whose params_sha256 is not the manifest's is refused, by name."""
+    other = tmp_path / "other"
+    make_dataset(tmp_path / "data", 5)
+    from tests.unit.test_preprocess import CFG
+    from dataclasses import replace
+    assert run_preprocess(tmp_path / "data", other, replace(CFG, intensity="window")) == 0
+    (copy / "shard-case_00003.h5").write_bytes((other / "shard-case_00003.h5").read_bytes())
+    with pytest.raises(ShardError, match=r"\[case_00003\] .*shard-case_00003.h5.*other parameters"):
+        ShardSet(copy).validate(deep=False)
+    with pytest.raises(ShardError, match=r"shard-case_00003.h5 \(case_00003\) was preprocessed with other"):
+        SliceDataset(copy)
+    SliceDataset(copy, ["case_00001"])  # the consistent shards still read
+
+
+def test_old_and_future_formats(tmp_path, monkeypatch):
+    from hpc_dfs.data import shards as sh
+    img = np.random.default_rng(0).normal(size=(4, 8, 8)).astype(np.float32)
+    lab = (img > 0).astype(np.uint8)
+    # format 1 (before slice checksums): LZF + fletcher32, no schema_version; still readable
+    p1 = tmp_path / "v1.h5"
+    with h5py.File(p1, "w") as f:
+        g = f.create_group("c")
+        for name, a in (("image", img), ("label", lab)):
+            g.create_dataset(name, data=a, chunks=(1, 8, 8), compression="lzf", fletcher32=True)
+        for name, a in (("classes_present", np.ones((4, 2), np.uint8)), ("clinical", np.zeros(2, np.float32)),
+                        ("fg_samples", np.zeros(3, np.float32))):
+            g.create_dataset(name, data=a, fletcher32=True, chunks=a.shape)
+        g.attrs["complete"] = 1
+    assert sh.validate_shard(p1) == (True, "")
+    with sh.CaseShard(p1, "c") as s:
+        assert s.version == 1 and np.array_equal(s.read(2)[0], img[2])
+    # crc32 shards (written where xxhash is missing) verify with crc32 wherever they are read
+    monkeypatch.setattr(sh, "xxhash", None)
+    p2 = sh.write_case_shard(tmp_path / "v2.h5", "c", img, lab, np.ones((4, 2)), np.zeros(2), np.zeros(3), {})
+    with h5py.File(p2, "r") as f:
+        assert f["c"].attrs["checksum"] == "crc32"
+    with sh.CaseShard(p2, "c") as s:
+        assert s._mm is not None and np.array_equal(s.read(1)[0], img[1]) and np.array_equal(s.read(1)[1], lab[1])
+    with h5py.File(p2, "r+") as f:
+        f["c"].attrs["schema_version"] = 3
+    with pytest.raises(ShardError, match="v2.h5 \\(c\\): shard schema_version 3, this hpc-dfs reads 1 to 2"):
+        sh.CaseShard(p2, "c")
+    assert "schema_version 3" in sh.validate_shard(p2)[1]
+
+
+def test_compressed_layout_is_checked_on_every_read_too(tmp_path):
+    from hpc_dfs.data import shards as sh
+    img = np.random.default_rng(1).normal(size=(3, 16, 16)).astype(np.float32)
+    p = sh.write_case_shard(tmp_path / "z.h5", "c", img, np.zeros(img.shape, np.uint8), np.ones((3, 2)),
+                            np.zeros(2), np.zeros(3), {}, compression="lzf")
+    with sh.CaseShard(p, "c") as s:
+        assert s._mm is None and np.array_equal(s.read(2)[0], img[2])
+    _flip(p, "image", "c", chunk=1, at=5)
+    with sh.CaseShard(p, "c") as s:
+        with pytest.raises(ShardError, match=r"z.h5 \(c\): slice 1 "):
+            s.read(1)
+    assert not sh.validate_shard(p)[0]
+
+
+@pytest.mark.slow
+def test_train_stops_before_the_first_step_on_a_corrupt_shard(copy, tmp_path):
+    """Issue 14 hole 4 end to end: `hpc-dfs train` names the corrupt shard, case and slice at start-up."""
+    import subprocess
+    import sys
+    from tests.launch import REPO, job_env
+    _flip(copy / "shard-case_00002.h5", "image", "case_00002", chunk=3)
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "hpc_dfs", "train", "--shards", str(copy), "--out", str(run),
+                          "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--num-workers", "0",
+                          "--set", "model.base_channels=8"], cwd=REPO, env=job_env(), capture_output=True,
+                         text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "shard-case_00002.h5 (case_00002): slice 3: image" in out and "Traceback" not in out
+    assert not (run / "checkpoints" / "last.pt").exists()
