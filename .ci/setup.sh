@@ -93,9 +93,9 @@ fi
 
 # ---------------------------------------------------------------- 4. the package (editable, test extras)
 stamp="$VENV/.hpc_dfs-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$PY" -c 'import hpc_dfs' >/dev/null 2>&1; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ .ci/setup.sh -nt "$stamp" ] || ! "$PY" -c 'import hpc_dfs' >/dev/null 2>&1; then
   log "pip install -e .[test]"
-  "$PY" -m pip install -q -e '.[test]'
+  "$PY" -m pip install -q -e '.[test,bench]'
   touch "$stamp"
 fi
 log "ready: $("$PY" -c 'import torch, horovod; print("torch", torch.__version__, "horovod", horovod.__version__)')"

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from hpc_dfs.data.shards import CaseShard, ShardError
+from hpc_dfs.data.roi import context_indices
+from hpc_dfs.data.shards import REFINE_GROUP, CaseShard, ShardError
 
 __all__ = ["ShardSet", "ShardError", "SliceDataset", "GlobalBatchSampler", "partition_balanced"]
 
@@ -163,9 +164,20 @@ class SliceDataset(Dataset):
         shards_dir: folder with ``manifest.json``.
         case_ids: the cases of this split.
         transform: optional callable applied to each item dict (augmentation).
+        group: ``"main"`` (the whole slices, cascade stage 1) or ``"refine"`` (the stage-2 kidney windows).
+        context: 2.5D: slices per item (odd); item ``image`` is ``[context, H, W]``: the slice and its
+            ``context // 2`` neighbours on either side, clamped at the ends of the case (of the window for
+            ``refine``), as predict builds them.
+
+    Raises:
+        ShardError: a case that is not in the manifest, a shard of other parameters, or no refine group.
     """
 
-    def __init__(self, shards_dir: str | os.PathLike, case_ids: Optional[Sequence[str]] = None, transform=None):
+    def __init__(self, shards_dir: str | os.PathLike, case_ids: Optional[Sequence[str]] = None, transform=None,
+                 group: str = "main", context: int = 1):
+        if group not in ("main", REFINE_GROUP) or context < 1 or context % 2 == 0:
+            raise ValueError(f"SliceDataset: group must be 'main' or '{REFINE_GROUP}' and context odd >= 1, got "
+                             f"{group!r}, {context}")
         self.shards = ShardSet(shards_dir)
         ids = list(case_ids) if case_ids is not None else self.shards.case_ids
         unknown = [c for c in ids if c not in self.shards.cases]
@@ -173,28 +185,42 @@ class SliceDataset(Dataset):
             raise ShardError(f"case(s) not in {self.shards.root}/manifest.json: {', '.join(unknown[:5])}")
         self.case_ids = ids
         self.transform = transform
+        self.part = None if group == "main" else REFINE_GROUP
+        self.context = int(context)
         self.classes = self.shards.classes
-        index, present = [], []
         self._clinical: dict[str, torch.Tensor] = {}
         self._risk: dict[str, float] = {}
-        import h5py
-
-        expected = self.shards.params_sha256
+        index, present, neighbours = [], [], []
         for cid in ids:
-            path = self.shards.shard_path(cid)
-            with h5py.File(path, "r") as f:
-                g = f[cid]
-                _check_params(path, cid, g.attrs.get("params_sha256", ""), expected)
-                present.append(g["classes_present"][()])
-                self._clinical[cid] = torch.from_numpy(g["clinical"][()].astype(np.float32))
-                self._risk[cid] = float(g.attrs["risk_label"])
-            n = int(self.shards.cases[cid]["n_slices"])
+            n, cp, stack = self._read_case_meta(cid)
+            present.append(cp)
+            neighbours.append(len(index) + context_indices(n, self.context, stack))
             index.extend((cid, s) for s in range(n))
         self.index = index
+        #: per item the slice indices (within its case) of its 2.5D context
+        self._context = np.concatenate(neighbours) if neighbours else np.zeros((0, self.context), np.int64)
         #: (n_slices, C) uint8: 1 where class c occurs in slice i (for foreground oversampling)
         self.classes_present = np.concatenate(present) if present else np.zeros((0, len(self.classes)), np.uint8)
         self._files: dict[str, CaseShard] = {}
         self._pid: Optional[int] = None
+
+    def _read_case_meta(self, cid: str) -> tuple[int, np.ndarray, Optional[np.ndarray]]:
+        """(slices, classes_present, window of each slice or None) of one case; its clinical vector and risk."""
+        import h5py
+        path = self.shards.shard_path(cid)
+        with h5py.File(path, "r") as f:
+            g = f[cid]
+            _check_params(path, cid, g.attrs.get("params_sha256", ""), self.shards.params_sha256)
+            self._clinical[cid] = torch.from_numpy(g["clinical"][()].astype(np.float32))
+            self._risk[cid] = float(g.attrs["risk_label"])
+            if self.part is None:
+                return int(self.shards.cases[cid]["n_slices"]), g["classes_present"][()], None
+            if self.part not in g:
+                raise ShardError(f"{path.name} ({cid}) has no stage-2 windows ('{self.part}' group): preprocess "
+                                 f"again with refine.enabled=true")
+            r = g[self.part]
+            n = int(r["image"].shape[0])
+            return n, r["classes_present"][()][:n], r["stack"][()][:n]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -206,13 +232,19 @@ class SliceDataset(Dataset):
             self._pid = os.getpid()
         h = self._files.get(cid)
         if h is None:
-            h = self._files[cid] = CaseShard(self.shards.shard_path(cid), cid)
+            h = self._files[cid] = CaseShard(self.shards.shard_path(cid), cid, self.part)
         return h
 
     def __getitem__(self, i: int) -> dict:
         cid, s = self.index[i]
-        img, lab = self._shard(cid).read(s)
-        image = torch.from_numpy(img)[None]
+        shard = self._shard(cid)
+        img, lab = shard.read(s)
+        if self.context == 1:
+            image = torch.from_numpy(img)[None]
+        else:  # the neighbours of the same case (window); the centre slice is the one just read
+            first = i - s
+            image = torch.from_numpy(np.stack([img if j == i else shard.read(int(j - first))[0]
+                                               for j in self._context[i]]))
         label = torch.from_numpy(lab.astype(np.int64))
         item = {"image": image, "label": label, "clinical": self._clinical[cid],
                 "risk": torch.tensor(self._risk[cid], dtype=torch.float32), "case_id": cid, "slice": s}

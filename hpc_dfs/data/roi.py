@@ -311,12 +311,23 @@ def refine_patch_size(boxes_mm: Sequence[Sequence[float]], spacing_mm: float, pe
 
 
 # ----------------------------------------------------------------------------- 2.5D context
-def context_indices(n: int, k: int) -> np.ndarray:
-    """``(n, k)`` slice indices: for each slice its ``k`` (odd) neighbours centred on it, clamped to ``[0, n)``."""
+def context_indices(n: int, k: int, stack: Optional[np.ndarray] = None) -> np.ndarray:
+    """``(n, k)`` slice indices: for each slice its ``k`` (odd) neighbours centred on it, clamped to ``[0, n)``.
+
+    With ``stack`` (``(n,)``, the window of each slice; windows are contiguous runs) the neighbours are clamped
+    to the slice's own window instead, so a slice never sees another kidney's window.
+    """
     if k < 1 or k % 2 == 0:
         raise ValueError(f"2.5D context needs an odd number of slices, got {k}")
     r = k // 2
-    return np.clip(np.arange(n)[:, None] + np.arange(-r, r + 1)[None, :], 0, max(0, n - 1))
+    lo, hi = np.zeros(n, dtype=np.int64), np.full(n, max(0, n - 1), dtype=np.int64)
+    if stack is not None and n:
+        stack = np.asarray(stack)
+        change = np.r_[True, stack[1:] != stack[:-1]]
+        starts = np.flatnonzero(change)
+        run = np.cumsum(change) - 1
+        lo, hi = starts[run], (np.r_[starts[1:], n] - 1)[run]
+    return np.clip(np.arange(n)[:, None] + np.arange(-r, r + 1)[None, :], lo[:, None], hi[:, None])
 
 
 def slice_context(volume, k: int):

@@ -59,10 +59,13 @@ try:  # the fast checksum; optional so that shards can be written and read witho
 except ImportError:  # pragma: no cover - depends on the environment
     xxhash = None
 
-__all__ = ["SLICE_DATASETS", "SHARD_SCHEMA_VERSION", "ShardError", "CaseShard", "shard_name", "write_case_shard",
-           "validate_shard", "read_case_attrs", "dataset_filters", "default_checksum", "slice_checksum"]
+__all__ = ["SLICE_DATASETS", "REFINE_GROUP", "SHARD_SCHEMA_VERSION", "ShardError", "CaseShard", "shard_name",
+           "write_case_shard", "validate_shard", "read_case_attrs", "dataset_filters", "default_checksum",
+           "slice_checksum"]
 
 SLICE_DATASETS = ("image", "label")
+#: the subgroup of a case holding the cascade's stage-2 windows (hpc_dfs.data.refine)
+REFINE_GROUP = "refine"
 #: shard format written by this code; 1 = before ``slice_checksums`` (read through h5py, fletcher32 only)
 SHARD_SCHEMA_VERSION = 2
 _REQUIRED = ("image", "label", "classes_present", "clinical", "fg_samples")
@@ -124,7 +127,7 @@ def _filters(compression: str, level: int) -> dict:
 
 def write_case_shard(path: str | Path, case_id: str, image: np.ndarray, label: np.ndarray,
                      classes_present: np.ndarray, clinical: np.ndarray, fg_samples: np.ndarray, attrs: dict,
-                     compression: str = "none", level: int = 1) -> Path:
+                     compression: str = "none", level: int = 1, refine: Optional[dict] = None) -> Path:
     """Write one case's shard atomically (format :data:`SHARD_SCHEMA_VERSION`).
 
     Args:
@@ -135,36 +138,50 @@ def write_case_shard(path: str | Path, case_id: str, image: np.ndarray, label: n
         clinical: (F,) features; fg_samples: (k,) foreground intensity samples.
         attrs: group attributes: numbers, strings, arrays or JSON-able objects.
         compression: ``none`` (memory-mapped reads), ``lzf`` or ``gzip`` (with ``level``).
+        refine: the cascade's stage-2 windows (:data:`REFINE_GROUP` subgroup): ``image``, ``label``,
+            ``classes_present`` as above, ``stack`` (M,) the window of each slice, ``boxes`` (JSON).
 
     Raises:
         ValueError: unknown compression, or image and label shapes differ.
     """
     path = Path(path)
     filt = _filters(compression, level)
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    label = np.ascontiguousarray(label, dtype=np.uint8)
-    if image.shape != label.shape or image.ndim != 3:
-        raise ValueError(f"{path.name}: image {image.shape} and label {label.shape} must be the same (n, H, W)")
-    n, h, w = image.shape
     algo = default_checksum()
-    hash_fn = _hasher(algo, path.name)
-    sums = np.array([[hash_fn(image[i]), hash_fn(label[i])] for i in range(n)], dtype=np.uint64).reshape(n, 2)
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             g = f.create_group(case_id)
             common = dict(fletcher32=True, track_times=False)
-            g.create_dataset("image", data=image, chunks=(1, h, w), **common, **filt)
-            g.create_dataset("label", data=label, chunks=(1, h, w), **common, **filt)
-            _small(g, "slice_checksums", sums, common)
-            _small(g, "classes_present", np.asarray(classes_present, dtype=np.uint8), common)
+            _slices(g, path.name, image, label, classes_present, algo, common, filt)
             _small(g, "clinical", np.asarray(clinical, dtype=np.float32).reshape(-1), common)
             _small(g, "fg_samples", np.asarray(fg_samples, dtype=np.float32).reshape(-1), common, cap=1 << 16)
+            if refine is not None:
+                r = g.create_group(REFINE_GROUP)
+                _slices(r, path.name, refine["image"], refine["label"], refine["classes_present"], algo, common, filt)
+                _small(r, "stack", np.asarray(refine["stack"], dtype=np.int16).reshape(-1), common)
+                r.attrs["boxes"] = json.dumps(refine.get("boxes", []))
             for k, v in attrs.items():
                 g.attrs[k] = _attr(v)
             g.attrs["schema_version"] = SHARD_SCHEMA_VERSION
             g.attrs["checksum"] = algo
             g.attrs["complete"] = 1  # last: a reader seeing this knows every dataset was written
     return path
+
+
+def _slices(g: h5py.Group, where: str, image: np.ndarray, label: np.ndarray, classes_present: np.ndarray, algo: str,
+            common: dict, filt: dict) -> None:
+    """``image``, ``label`` (one chunk per slice), their per-slice checksums and ``classes_present`` in ``g``."""
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    label = np.ascontiguousarray(label, dtype=np.uint8)
+    if image.shape != label.shape or image.ndim != 3:
+        raise ValueError(f"{where}: image {image.shape} and label {label.shape} must be the same (n, H, W)")
+    n, h, w = image.shape
+    hash_fn = _hasher(algo, where)
+    sums = np.array([[hash_fn(image[i]), hash_fn(label[i])] for i in range(n)], dtype=np.uint64).reshape(n, 2)
+    grow = {} if n else {"maxshape": (None, h, w)}  # a case without kidney has no stage-2 window
+    g.create_dataset("image", data=image, chunks=(1, h, w), **grow, **common, **filt)
+    g.create_dataset("label", data=label, chunks=(1, h, w), **grow, **common, **filt)
+    _small(g, "slice_checksums", sums, common)
+    _small(g, "classes_present", np.asarray(classes_present, dtype=np.uint8), common)
 
 
 def _small(g: h5py.Group, name: str, data: np.ndarray, common: dict, cap: Optional[int] = None) -> None:
@@ -204,14 +221,15 @@ class CaseShard:
     Args:
         path: the shard file.
         case_id: its case (the group name).
+        part: None for the case's whole slices, or :data:`REFINE_GROUP` for its stage-2 windows.
 
     Raises:
-        ShardError: the file does not open, lacks the case, is of an unknown format or is truncated.
+        ShardError: the file does not open, lacks the case (or the part), is of an unknown format or is truncated.
     """
 
-    def __init__(self, path: str | Path, case_id: str) -> None:
-        self.path, self.case_id = Path(path), case_id
-        self._where = f"{self.path.name} ({case_id})"
+    def __init__(self, path: str | Path, case_id: str, part: Optional[str] = None) -> None:
+        self.path, self.case_id, self.part = Path(path), case_id, part
+        self._where = f"{self.path.name} ({case_id}{'' if part is None else ', ' + part})"
         self._mm = self._raw = None
         try:
             self._f = h5py.File(self.path, "r")
@@ -231,11 +249,17 @@ class CaseShard:
         if self.version > SHARD_SCHEMA_VERSION:
             raise ShardError(f"{self._where}: shard schema_version {self.version}, this hpc-dfs reads 1 to "
                              f"{SHARD_SCHEMA_VERSION}: upgrade hpc-dfs or rerun preprocess")
+        algo = g.attrs.get("checksum", "")
+        if self.part is not None:
+            if self.part not in g:
+                raise ShardError(f"{self._where}: the shard has no '{self.part}' group: preprocess again with "
+                                 f"{self.part}.enabled=true")
+            g = g[self.part]
+        self.group = g
         self.image_ds, self.label_ds = g["image"], g["label"]
         self.shape = self.image_ds.shape
         self._sums = self._hash = None
         if self.version >= 2:
-            algo = g.attrs.get("checksum", "")
             self.checksum = algo.decode() if isinstance(algo, bytes) else str(algo)
             self._hash = _hasher(self.checksum, self._where)
             sums = g["slice_checksums"][()]
@@ -377,17 +401,36 @@ def _check_group(path: Path, g: h5py.Group, deep: bool, params_sha256: Optional[
         if have != params_sha256:
             return (f"{where} was preprocessed with other parameters (params_sha256 {have[:12]}..., the manifest "
                     f"has {params_sha256[:12]}...): the folder mixes two preprocessing runs, rerun preprocess")
+    why = _check_datasets(where, g, deep)
+    if why:
+        return why
+    if deep and version >= 2:
+        for part in (None, REFINE_GROUP) if REFINE_GROUP in g else (None,):
+            with CaseShard(path, g.name.strip("/"), part) as shard:
+                shard.verify_all()
+    elif deep:
+        _read_chunks(g["image"])
+        _read_chunks(g["label"])
+    return ""
+
+
+def _check_datasets(where: str, g: h5py.Group, deep: bool) -> str:
+    """Every dataset of ``g`` (and of its refine subgroup) has fletcher32; ``deep``: the small ones verify."""
     for name, ds in g.items():
+        if isinstance(ds, h5py.Group):
+            if name != REFINE_GROUP:
+                return f"{where}/{name} is an unknown group"
+            missing = [k for k in ("image", "label", "slice_checksums", "classes_present", "stack") if k not in ds]
+            if missing:
+                return f"{where}/{name} lacks dataset(s) {', '.join(missing)}"
+            why = _check_datasets(f"{where}/{name}", ds, deep)
+            if why:
+                return why
+            continue
         if not ds.fletcher32:
             return f"{where}/{name} has no fletcher32 checksum"
         if deep and name not in SLICE_DATASETS:
             ds[()]  # reading verifies the chunk's fletcher32
-    if deep and version >= 2:
-        with CaseShard(path, g.name.strip("/")) as shard:
-            shard.verify_all()
-    elif deep:
-        _read_chunks(g["image"])
-        _read_chunks(g["label"])
     return ""
 
 

@@ -372,12 +372,18 @@ def _write_case(shard: Path, item: CaseItem, shared: _Shared, cfg) -> dict:
     risk, part, sha = shared.risk[cid], shared.parts[cid], shared.shas[cid]
     params, labels = shared.params, item.labels
     slices = normalise(item.hu, params["intensity"])
-    n_classes = len(params["classes"])
-    present = np.stack([(labels == c).reshape(len(labels), -1).any(axis=1) for c in range(n_classes)], axis=1)
-    slices_with = {name: int(present[:, c].sum()) for c, name in enumerate(params["classes"]) if c > 0}
+    present, slices_with = _present(labels, params["classes"])
     entry = {"case_id": cid, "shard": shard.name, "n_slices": int(len(slices)),
              "risk_label": risk, "n_voxels_in": int(np.prod(item.original_shape)), "slices_with": slices_with,
              "source_sha256": sha}
+    refine = None
+    if item.refine is not None:  # the cascade's stage-2 windows, normalised like the slices
+        r = item.refine
+        r_present, r_with = _present(r["label"], params["classes"])
+        refine = {"image": normalise(r["hu"], params["intensity"]), "label": r["label"], "stack": r["stack"],
+                  "classes_present": r_present, "boxes": r["boxes"]}
+        entry.update({"n_refine_slices": int(len(r["label"])), "n_refine_windows": len(r["boxes"]),
+                      "refine_slices_with": r_with})
     attrs = {
         "case_id": cid, "original_shape": [int(v) for v in item.original_shape],
         "spacing": [float(v) for v in item.spacing], "affine": np.asarray(item.affine).tolist(),
@@ -387,8 +393,14 @@ def _write_case(shard: Path, item: CaseItem, shared: _Shared, cfg) -> dict:
         "manifest_entry": entry, "source_files": item.source_files,
     }
     write_case_shard(shard, cid, slices, labels, present, shared.features[cid], part.fg_samples, attrs,
-                     compression=cfg.compression, level=cfg.compression_level)
+                     compression=cfg.compression, level=cfg.compression_level, refine=refine)
     return entry
+
+
+def _present(labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """(n, C) 1 where class c occurs in slice i, and the count of slices holding each foreground class."""
+    present = np.stack([(labels == c).reshape(len(labels), -1).any(axis=1) for c in range(len(classes))], axis=1)
+    return present, {name: int(present[:, c].sum()) for c, name in enumerate(classes) if c > 0}
 
 
 def _exchange_results(me: _Rank, results: dict[str, dict], n_reused: int,
