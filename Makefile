@@ -21,7 +21,7 @@ MPIRUN := mpirun --allow-run-as-root --oversubscribe --tag-output -np $(NP) -x P
 HVDRUN := $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo
 PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 
-.PHONY: setup lint test test-unit test-faults test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
+.PHONY: setup quality lint test test-unit test-faults test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
         demo demo-clean bench help
 
 help:
@@ -77,7 +77,9 @@ test-slurm: setup
 DEMO ?= demo_out
 DEMO_CASES ?= 16
 DEMO_TEST_CASES ?= 4
+DEMO_PHANTOM ?= 192
 DEMO_SIZE ?= 96
+DEMO_REFINE ?= --set refine.spacing=auto --set refine.slice_size=64,64 --set refine.margin_mm=12
 DEMO_EPOCHS ?= 25
 DEMO_TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --batch-size 8 --lr 0.002 --num-workers 0 --set model.base_channels=8 --set model.norm=instance --seed 0
 
@@ -85,30 +87,34 @@ demo: setup $(DEMO)/report.html
 	@echo "[demo] done. Open $(DEMO)/report.html  (evaluation: $(DEMO)/eval.md)"
 	@cat $(DEMO)/eval.md
 
+# phantoms at about 2 mm in-plane ($(DEMO_PHANTOM)^2 over a 320-440 mm field of view): fine enough for the
+# tumours to exist at stage 2's spacing (the median native spacing, nnU-Net's full resolution)
 $(DEMO)/data/kits.json:
 	@echo "[demo] 1/6 synth: $(DEMO_CASES) training phantoms in the KiTS19 layout"
-	$(BIN)/hpc-dfs synth --out $(DEMO)/data --cases $(DEMO_CASES) --seed 0
+	$(BIN)/hpc-dfs synth --out $(DEMO)/data --cases $(DEMO_CASES) --seed 0 --size $(DEMO_PHANTOM)
 
 # held-out test cases: another seed, another image size and other case ids than the training data
 $(DEMO)/test/kits.json:
 	@echo "[demo] 1/6 synth: $(DEMO_TEST_CASES) held-out test phantoms"
-	$(BIN)/hpc-dfs synth --out $(DEMO)/test --cases $(DEMO_TEST_CASES) --seed 1 --first-case 100 --size 112
+	$(BIN)/hpc-dfs synth --out $(DEMO)/test --cases $(DEMO_TEST_CASES) --seed 1 --first-case 100 --size $$(( $(DEMO_PHANTOM) - 16 ))
 
 $(DEMO)/shards/manifest.json: $(DEMO)/data/kits.json
-	@echo "[demo] 2/6 preprocess on $(NP) ranks -> HDF5 shards"
-	$(MPIRUN) $(BIN)/hpc-dfs preprocess --data $(DEMO)/data --out $(DEMO)/shards --slice-size $(DEMO_SIZE),$(DEMO_SIZE)
+	@echo "[demo] 2/6 preprocess on $(NP) ranks -> HDF5 shards (whole slices for stage 1, kidney windows for stage 2)"
+	$(MPIRUN) $(BIN)/hpc-dfs preprocess --data $(DEMO)/data --out $(DEMO)/shards --slice-size $(DEMO_SIZE),$(DEMO_SIZE) $(DEMO_REFINE)
 
-$(DEMO)/run/checkpoints/last.pt: $(DEMO)/shards/manifest.json
-	@echo "[demo] 3/6 train the DFS fusion model on $(NP) ranks (Horovod ring-allreduce)"
-	$(MPIRUN) $(BIN)/hpc-dfs train --shards $(DEMO)/shards --out $(DEMO)/run $(DEMO_TRAIN_ARGS) \
-	  $(if $(wildcard $(DEMO)/run/checkpoints/last.pt),--resume,)
+# the cascade, both stages in one command: RUN/locate (whole slices) then RUN/refine (kidney windows, 2.5D)
+$(DEMO)/run/refine/checkpoints/last.pt: $(DEMO)/shards/manifest.json
+	@echo "[demo] 3/6 train the cascade (locate, then refine) on $(NP) ranks (Horovod ring-allreduce)"
+	$(MPIRUN) $(BIN)/hpc-dfs train --shards $(DEMO)/shards --out $(DEMO)/run --stage both $(DEMO_TRAIN_ARGS) \
+	  $(if $(wildcard $(DEMO)/run/locate/checkpoints/last.pt),--resume,)
 
-$(DEMO)/pred/summary.json: $(DEMO)/run/checkpoints/last.pt $(DEMO)/test/kits.json
-	@echo "[demo] 4/6 predict the held-out cases on $(NP) ranks"
-	$(MPIRUN) $(BIN)/hpc-dfs predict --checkpoint $(DEMO)/run/checkpoints/best.pt --input $(DEMO)/test --out $(DEMO)/pred --save-raw
+$(DEMO)/pred/summary.json: $(DEMO)/run/refine/checkpoints/last.pt $(DEMO)/test/kits.json
+	@echo "[demo] 4/6 predict the held-out cases on $(NP) ranks (stage 1, kidney boxes, stage 2)"
+	$(MPIRUN) $(BIN)/hpc-dfs predict --checkpoint $(DEMO)/run/locate/checkpoints/best.pt \
+	  --refine-checkpoint $(DEMO)/run/refine/checkpoints/best.pt --input $(DEMO)/test --out $(DEMO)/pred --save-raw
 
 $(DEMO)/eval.json: $(DEMO)/pred/summary.json
-	@echo "[demo] 5/6 evaluate (KiTS19 Dice, IoU, HD95, surface Dice)"
+	@echo "[demo] 5/6 evaluate (KiTS19 Dice, IoU, HD95, surface Dice, tumour detection)"
 	$(BIN)/hpc-dfs evaluate --pred $(DEMO)/pred --gt $(DEMO)/test --out $(DEMO)/eval.json
 
 $(DEMO)/clinical/metrics.json: $(DEMO)/data/kits.json
@@ -117,7 +123,7 @@ $(DEMO)/clinical/metrics.json: $(DEMO)/data/kits.json
 
 $(DEMO)/report.html: $(DEMO)/eval.json $(DEMO)/clinical/metrics.json
 	@echo "[demo] 6/6 report"
-	$(BIN)/hpc-dfs report $(DEMO)/run --pred $(DEMO)/pred --eval $(DEMO)/eval.json --clinical $(DEMO)/clinical --shards $(DEMO)/shards --out $(DEMO)/report.html
+	$(BIN)/hpc-dfs report $(DEMO)/run/refine --pred $(DEMO)/pred --eval $(DEMO)/eval.json --clinical $(DEMO)/clinical --shards $(DEMO)/shards --out $(DEMO)/report.html
 
 demo-clean:
 	rm -rf $(DEMO)
@@ -125,3 +131,7 @@ demo-clean:
 # ------------------------------------------------------------------------------------------ bench
 bench: setup
 	$(BIN)/hpc-dfs bench --all
+
+# segmentation quality on real KiTS19 anatomy (CPU budget: about 40 min on 2 cores): bench/results/quality.json
+quality: setup
+	$(BIN)/hpc-dfs bench quality

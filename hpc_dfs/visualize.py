@@ -79,12 +79,7 @@ def _window(image: np.ndarray) -> tuple[float, float]:
 
 
 def _rgba(label2d: np.ndarray, alpha: float) -> np.ndarray:
-    out = np.zeros((*label2d.shape, 4), dtype=np.float32)
-    for v, rgb in COLOURS.items():
-        m = label2d == v
-        out[m, :3] = rgb
-        out[m, 3] = alpha
-    return out
+    return _rgba_codes(label2d, COLOURS, alpha)
 
 
 def overlay_figure(image: np.ndarray, label: np.ndarray, affine: np.ndarray, title: str = "",

@@ -44,6 +44,18 @@ class SynthConfig:
             raise ConfigError(f"--cases must be a count for phantoms, got '{self.cases}'")
 
 
+def _spacing_setting(key: str, value: str, words: tuple[str, ...]) -> None:
+    """A spacing setting is one of ``words`` or a positive number of mm; else a ConfigError naming ``key``."""
+    if value in words:
+        return
+    try:
+        ok = float(value) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{key} must be {', '.join(repr(w) for w in words)} or a positive number, got '{value}'")
+
+
 @dataclass
 class RefineConfig:
     """Stage 2 of the cascade (``refine``): windows around every ground-truth kidney, at a finer in-plane
@@ -63,13 +75,7 @@ class RefineConfig:
     def validate(self) -> None:
         if len(self.slice_size) != 2 or min(self.slice_size) < 16 or any(v % 16 for v in self.slice_size):
             raise ConfigError(f"refine.slice_size must be two multiples of 16, got {self.slice_size}")
-        if self.spacing not in ("auto", "finest"):
-            try:
-                if float(self.spacing) <= 0:
-                    raise ValueError
-            except ValueError:
-                raise ConfigError(f"refine.spacing must be 'auto', 'finest' or a positive number, "
-                                  f"got '{self.spacing}'") from None
+        _spacing_setting("refine.spacing", self.spacing, ("auto", "finest"))
         if self.margin_mm < 0 or len(self.min_box_mm) != 3 or min(self.min_box_mm) < 0 or self.max_boxes < 1:
             raise ConfigError("refine needs margin_mm >= 0, three min_box_mm >= 0 and max_boxes >= 1, got "
                               f"{self.margin_mm}, {self.min_box_mm}, {self.max_boxes}")
@@ -116,13 +122,7 @@ class PreprocessConfig:
     def validate(self) -> None:
         if len(self.slice_size) != 2 or min(self.slice_size) < 8:
             raise ConfigError(f"slice_size must be two sizes >= 8, got {self.slice_size}")
-        if self.in_plane_spacing not in ("auto", "fit"):
-            try:
-                if float(self.in_plane_spacing) <= 0:
-                    raise ValueError
-            except ValueError:
-                raise ConfigError(f"in_plane_spacing must be 'auto', 'fit' or a positive number, "
-                                  f"got '{self.in_plane_spacing}'") from None
+        _spacing_setting("in_plane_spacing", self.in_plane_spacing, ("auto", "fit"))
         if self.z_spacing is not None and self.z_spacing <= 0:
             raise ConfigError(f"z_spacing must be positive, got {self.z_spacing}")
         if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:

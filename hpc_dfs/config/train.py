@@ -183,6 +183,9 @@ class DataConfig:
     augment: bool = field(default=True, metadata=_h("training augmentation (see augmentation.*)"))
     context: int = field(default=0, metadata=_h(
         "2.5D: neighbouring slices per input (odd), as channels; 0 = 1 for stage locate, 3 for stage refine"))
+    shuffle_clinical: bool = field(default=False, metadata=_h(
+        "a control for the fusion ablation: each training case gets another case's clinical record (a fixed "
+        "permutation from the seed), so the record carries no information about its image"))
 
     def validate(self) -> None:
         _at_least("data", self, ("batch_size", "val_batch_size"), 1)

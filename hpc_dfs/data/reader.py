@@ -250,6 +250,24 @@ class SliceDataset(Dataset):
                 "risk": torch.tensor(self._risk[cid], dtype=torch.float32), "case_id": cid, "slice": s}
         return self.transform(item) if self.transform is not None else item
 
+    def permute_clinical(self, rng: np.random.Generator) -> dict[str, str]:
+        """Give every case another case's clinical vector and risk (a derangement when there are 2+ cases).
+
+        The fusion ablation's control: a model that does as well with these records does not use them.
+        Returns the mapping case -> the case whose record it now has.
+        """
+        ids = list(self.case_ids)
+        perm = list(ids)
+        if len(ids) > 1:
+            order = rng.permutation(len(ids))
+            perm = [ids[j] for j in np.roll(order, 1)]  # a cycle over a random order: nobody keeps its own
+            perm = [perm[int(np.flatnonzero(order == i)[0])] for i in range(len(ids))]
+        mapping = dict(zip(ids, perm))
+        clinical, risk = dict(self._clinical), dict(self._risk)
+        self._clinical = {c: clinical[mapping[c]] for c in ids}
+        self._risk = {c: risk[mapping[c]] for c in ids}
+        return mapping
+
     def slices_with(self, class_index: int | Sequence[int]) -> np.ndarray:
         """Dataset indices of slices containing ``class_index`` (any of them, if several)."""
         cls = [class_index] if isinstance(class_index, int) else list(class_index)

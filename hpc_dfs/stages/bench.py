@@ -3,6 +3,7 @@
     hpc-dfs bench --list
     hpc-dfs bench --all
     hpc-dfs bench preprocess reader train
+    hpc-dfs bench quality --eval-data DIR --out OUT   # also score your own KiTS-layout cases with the cascade
 
 Each benchmark is a script ``bench/bench_<name>.py`` that measures one thing against a floor or a
 peer *in the same run* (ratios, not absolute timings, are the figures to compare across machines)
@@ -22,6 +23,8 @@ from hpc_dfs.config import ConfigError, require_path
 from hpc_dfs.log import get_logger
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"  # the repository's bench/, beside hpc_dfs/
+#: benchmarks that ``--all`` leaves out, because they take far longer than the others (run them by name)
+SEPARATE = ("quality",)
 
 
 def available(bench_dir: Path = BENCH_DIR) -> dict[str, Path]:
@@ -32,10 +35,15 @@ def available(bench_dir: Path = BENCH_DIR) -> dict[str, Path]:
 def add_arguments(parser) -> None:
     """``hpc-dfs bench`` options: benchmark names, ``--all``, ``--list``, ``--bench-dir``, ``--quick``."""
     parser.add_argument("names", nargs="*", help="benchmarks to run (see --list)")
-    parser.add_argument("--all", action="store_true", help="run every benchmark in bench/")
+    parser.add_argument("--all", action="store_true",
+                        help=f"run every benchmark in bench/ except the long ones ({', '.join(SEPARATE)}: by name)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--bench-dir", type=Path, default=BENCH_DIR, help="folder of bench_*.py scripts")
     parser.add_argument("--quick", action="store_true", help="pass --quick to each benchmark (smaller sizes)")
+    parser.add_argument("--eval-data", type=Path, default=None, metavar="DIR",
+                        help="quality only: also predict and score this KiTS-layout folder (images with labels)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="quality only: write quality.json (and eval_data/) here instead of bench/results")
 
 
 def _print_list(found: dict[str, Path]) -> None:
@@ -67,13 +75,19 @@ def main(args) -> int:
         if args.list:
             return 0
         raise ConfigError("name the benchmarks to run (listed above), or give --all")
-    names = list(found) if args.all else args.names
+    names = [n for n in found if n not in SEPARATE] if args.all else args.names
     unknown = [n for n in names if n not in found]
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(found)}")
+    passthrough = [a for flag, v in (("--eval-data", args.eval_data), ("--out", args.out)) if v is not None
+                   for a in (flag, str(v))]
+    if passthrough and names != ["quality"]:
+        raise ConfigError("--eval-data and --out belong to the quality benchmark: run `hpc-dfs bench quality ...`")
+    if args.eval_data is not None:
+        require_path(args.eval_data, "dir", "--eval-data")
     failed = []
     for name in names:
-        cmd = [sys.executable, str(found[name])] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(found[name])] + (["--quick"] if args.quick else []) + passthrough
         log.info("running %s: %s", name, " ".join(cmd))
         t0 = time.perf_counter()
         rc = subprocess.call(cmd, cwd=found[name].parent.parent)

@@ -363,6 +363,8 @@ class Trainer:
         self.train_ids = [c["case_id"] for c in plan.train_cases]
         group = "refine" if cfg.stage == "refine" else "main"  # the cascade stage picks the shards' group
         self.train_ds = SliceDataset(self.shards_dir, self.train_ids, group=group, context=cfg.context)
+        if cfg.data.shuffle_clinical:  # the ablation's control: records detached from their images
+            self.train_ds.permute_clinical(np.random.default_rng(derive_seed(cfg.seed, 17)))
         self.sampler = GlobalBatchSampler(self.train_ds, global_batch_size=self.micro_global, rank=self.rank,
                                           world_size=self.world, seed=cfg.seed, fg_fraction=cfg.data.fg_fraction)
         natural = self.sampler.n_batches // self.k

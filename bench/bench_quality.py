@@ -1,0 +1,205 @@
+"""Segmentation quality on real KiTS19 anatomy: single stage vs cascade, +- domain randomisation, fusion ablation.
+
+    .venv/bin/python bench/bench_quality.py [--quick] [--work DIR] [--eval-data DIR --out OUT]
+    hpc-dfs bench quality                 # the same, through the CLI (``make quality``)
+
+CT is rendered by ``hpc-dfs synth --from-labels`` around the real KiTS19 label maps in
+``../shared/data/kits19/labels`` (the CT of KiTS19 cannot be had here), for a fixed list of training cases
+and a disjoint fixed list of validation cases. Every row is trained within the stated CPU budget on 2 ranks
+(``mpirun -np 2``), predicted and scored with ``hpc-dfs evaluate`` (3-D KiTS19 Dice):
+
+- on the validation cases rendered by ``synth``'s default painter ("our renderer"), and
+- on the same cases rendered in the held-out ``streak`` style, which no row trains on ("unseen renderer").
+
+Rows: single stage (``--stage locate`` alone) and cascade (``locate`` + ``refine``), each without and with
+domain randomisation (training CT rendered in ``synth``'s ``random`` style *and* the SynthSeg-style
+augmentation, ``augmentation.domain_random_prob``); for the cascade, the fusion ablation on the same cases and
+budget: image-only, FiLM, late, and FiLM trained with the clinical records shuffled across cases (a control
+that must not beat FiLM if fusion is real).
+
+``--eval-data DIR --out OUT`` also predicts every case of a KiTS-layout folder (images with labels) with the
+cascade row "cascade, FiLM, domain randomised", writes ``OUT/eval_data/prediction_XXXXX.nii.gz`` and puts
+``eval_data: {n_cases, kidney_dice, tumor_dice}`` into ``OUT/quality.json``.
+
+Writes ``bench/results/quality.json`` (or ``OUT/quality.json``). A second run reuses finished steps in ``--work``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LABELS = REPO.parent / "shared" / "data" / "kits19"
+
+#: fixed, disjoint case lists (KiTS19 training cases with at most 110 slices, so that a CPU run fits)
+TRAIN = ["case_00004", "case_00007", "case_00009", "case_00010", "case_00011", "case_00012", "case_00013",
+         "case_00015", "case_00017", "case_00020", "case_00021", "case_00023", "case_00024", "case_00025",
+         "case_00028", "case_00030"]
+VAL = ["case_00034", "case_00035", "case_00037", "case_00039", "case_00041", "case_00045"]
+
+#: the CPU budget: what every row is trained with (stated in the JSON and the README table)
+BUDGET = {
+    "locate": "--epochs 12 --batch-size 8 --lr 0.002",
+    "refine": "--epochs 12 --batch-size 8 --lr 0.002",
+    "model": "--set model.base_channels=8 --set model.norm=instance --num-workers 0 --seed 0",
+    "slice_size": "96,96",
+    "preprocess_refine": "--set refine.spacing=1.6 --set refine.slice_size=80,80 --set refine.margin_mm=12",
+}
+QUICK = {"train": TRAIN[:4], "val": VAL[:2], "epochs": 2}
+DR_AUG = "--set augmentation.domain_random_prob=0.5"
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _run(args: list[str], np_: int = 1, log: Path | None = None) -> float:
+    """Run ``hpc-dfs ARGS`` (under mpirun when np_ > 1); returns its wall time. Exits on failure."""
+    cmd = [sys.executable, "-m", "hpc_dfs", *args]
+    if np_ > 1:
+        cmd = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_),
+               "-x", "PATH", "-x", "OMP_NUM_THREADS", "-x", "PYTHONUNBUFFERED", *cmd]
+    t = time.perf_counter()
+    print("[quality]", " ".join(args), flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise SystemExit(f"[quality] failed ({res.returncode}): hpc-dfs {' '.join(args)}\n{res.stderr[-4000:]}")
+    return time.perf_counter() - t
+
+
+def _once(marker: Path, args: list[str], np_: int = 1, log: Path | None = None) -> float:
+    """:func:`_run` unless ``marker`` exists (a finished step of an earlier run)."""
+    return 0.0 if marker.exists() else _run(args, np_, log)
+
+
+def render(work: Path, cases: dict) -> dict[str, Path]:
+    """The four renders: training (default, random style) and validation (default, held-out streak style)."""
+    out = {}
+    for name, ids, style in (("train", cases["train"], "default"), ("train_dr", cases["train"], "random"),
+                             ("val", cases["val"], "default"), ("val_unseen", cases["val"], "streak")):
+        d = work / name
+        _once(d / "kits.json", ["synth", "--out", str(d), "--from-labels", str(LABELS / "labels"), "--kits-json",
+                                str(LABELS / "kits.json"), "--cases", ",".join(ids), "--set", f"style={style}"], 2)
+        out[name] = d
+    return out
+
+
+def preprocess(work: Path, data: dict[str, Path]) -> dict[str, Path]:
+    out = {}
+    for name in ("train", "train_dr"):
+        d = work / f"shards_{name}"
+        _once(d / "manifest.json", ["preprocess", "--data", str(data[name]), "--out", str(d), "--slice-size",
+                                    BUDGET["slice_size"], *BUDGET["preprocess_refine"].split()], 2)
+        out[name] = d
+    return out
+
+
+def _train(work: Path, shards: Path, name: str, stage: str, extra: str, epochs: int | None) -> tuple[Path, float]:
+    run = work / "runs" / name
+    args = BUDGET[stage].split() + BUDGET["model"].split() + extra.split()
+    if epochs is not None:
+        args[args.index("--epochs") + 1] = str(epochs)
+    secs = _once(run / "checkpoints" / "last.pt", ["train", "--shards", str(shards), "--out", str(run), "--stage",
+                                                    stage, *args], 2, run / "train.log")
+    return run / "checkpoints" / "best.pt", secs
+
+
+ROWS = [  # name, stage(s), domain randomised, refine-stage extra settings
+    ("single stage", "locate", False, ""),
+    ("single stage, domain randomised", "locate", True, ""),
+    ("cascade, FiLM", "cascade", False, "--set model.fusion=film"),
+    ("cascade, FiLM, domain randomised", "cascade", True, "--set model.fusion=film"),
+    ("cascade, image only", "cascade", True, "--set model.fusion=image"),
+    ("cascade, late fusion", "cascade", True, "--set model.fusion=late"),
+    ("cascade, FiLM, clinical shuffled (control)", "cascade", True, "--set model.fusion=film "
+                                                                    "--set data.shuffle_clinical=true"),
+]
+
+
+def _score(work: Path, tag: str, ckpts: list[str], data: Path) -> dict:
+    pred = work / "pred" / tag / data.name
+    _once(pred / "summary.json", ["predict", *ckpts, "--input", str(data), "--out", str(pred)], 2)
+    ev = pred.parent / f"eval_{data.name}.json"
+    _once(ev, ["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(ev), "--no-surface-metrics"])
+    m = json.loads(ev.read_text())
+    mean = m.get("mean_all") or m["mean"]
+    return {"n_cases": len(m["cases"]), "kidney_dice": mean.get("kidney_dice"), "tumor_dice": mean.get("tumor_dice"),
+            "tumors_hit": sum(c.get("n_tumors_hit", 0) for c in m["cases"]),
+            "tumors_gt": sum(c.get("n_tumors_gt", 0) for c in m["cases"])}
+
+
+def rows(work: Path, data: dict, shards: dict, epochs: int | None) -> list[dict]:
+    """Train and score every row; stage-1 models are shared by the rows that use them."""
+    out = []
+    for name, kind, dr, extra in ROWS:
+        key = "train_dr" if dr else "train"
+        aug = DR_AUG if dr else ""
+        locate, t1 = _train(work, shards[key], f"locate{'_dr' if dr else ''}", "locate", aug, epochs)
+        ckpts, t2 = ["--checkpoint", str(locate)], 0.0
+        if kind == "cascade":
+            tag = name.replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
+            refine, t2 = _train(work, shards[key], f"refine_{tag}", "refine", f"{aug} {extra}", epochs)
+            ckpts += ["--refine-checkpoint", str(refine)]
+        tag = name.replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
+        row = {"row": name, "stages": kind, "domain_randomised": dr, "settings": extra or "--set model.fusion=film",
+               "train_seconds": round(t1 + t2, 1), "checkpoints": ckpts[1::2],
+               "ours": _score(work, tag, ckpts, data["val"]), "unseen": _score(work, tag, ckpts, data["val_unseen"])}
+        print(f"[quality] {name}: ours {row['ours']}, unseen {row['unseen']}", flush=True)
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=f"{len(QUICK['train'])} training cases, "
+                                                         f"{QUICK['epochs']} epochs: a smoke run, not a result")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "work_quality", help="working folder (reused)")
+    ap.add_argument("--eval-data", type=Path, default=None, help="also predict and score this KiTS-layout folder")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where quality.json goes")
+    a = ap.parse_args()
+    if not (LABELS / "labels").is_dir():
+        raise SystemExit(f"[quality] needs the real KiTS19 label maps in {LABELS / 'labels'}")
+    cases = {"train": QUICK["train"], "val": QUICK["val"]} if a.quick else {"train": TRAIN, "val": VAL}
+    work = a.work / ("quick" if a.quick else "full")
+    t0 = time.perf_counter()
+    data = render(work, cases)
+    shards = preprocess(work, data)
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, no GPU",
+              "quick": a.quick, "train_cases": cases["train"], "val_cases": cases["val"], "budget": BUDGET,
+              "domain_randomisation": f"training CT in synth style 'random' + {DR_AUG}",
+              "unseen_renderer": "synth style 'streak' (never trained on)",
+              "rows": rows(work, data, shards, QUICK["epochs"] if a.quick else None)}
+    if a.eval_data is not None:
+        best = next(r for r in result["rows"] if r["row"] == "cascade, FiLM, domain randomised")
+        ckpts = ["--checkpoint", best["checkpoints"][0], "--refine-checkpoint", best["checkpoints"][1]]
+        pred = a.out / "eval_data"
+        _run(["predict", *ckpts, "--input", str(a.eval_data), "--out", str(pred)], 2)
+        _run(["evaluate", "--pred", str(pred), "--gt", str(a.eval_data), "--out", str(a.out / "eval_data.json"),
+              "--no-surface-metrics"])
+        m = json.loads((a.out / "eval_data.json").read_text())
+        mean = m.get("mean_all") or m["mean"]
+        result["eval_data"] = {"n_cases": len(m["cases"]), "kidney_dice": mean.get("kidney_dice"),
+                               "tumor_dice": mean.get("tumor_dice"), "path": str(a.eval_data)}
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    tmp = a.out / ".tmp-quality.json"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, a.out / "quality.json")
+    print(f"[quality] wrote {a.out / 'quality.json'} in {result['wall_seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
