@@ -245,9 +245,12 @@ def load_refine_replicas(paths: list[Path], weights: list[float], stage1: list[R
         return []
     reps = load_replicas([str(p) for p in paths], weights, device)
     for r in reps:
-        if "refine" not in r.preprocessing or r.info.get("stage") != "refine":
-            raise PredictError(f"--refine-checkpoint {r.path} was not trained with --stage refine "
-                               "(its checkpoint has no stage-2 plan, preprocessing.refine)")
+        if r.info.get("stage") != "refine":   # a stage-1 checkpoint carries the shards' refine plan too
+            raise PredictError(f"--refine-checkpoint {r.path} was trained with --stage {r.info.get('stage')}, "
+                               "not --stage refine: pass it as --checkpoint, and a stage-2 one here")
+        if "refine" not in r.preprocessing:
+            raise PredictError(f"--refine-checkpoint {r.path} has no stage-2 plan (preprocessing.refine): "
+                               "train it with --stage refine on shards preprocessed with refine.enabled=true")
         if r.classes != stage1[0].classes:
             raise PredictError(f"--refine-checkpoint {r.path} has classes {r.classes}, stage 1 has "
                                f"{stage1[0].classes}")

@@ -399,7 +399,8 @@ def _write_case(shard: Path, item: CaseItem, shared: _Shared, cfg) -> dict:
 
 def _present(labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict[str, int]]:
     """(n, C) 1 where class c occurs in slice i, and the count of slices holding each foreground class."""
-    present = np.stack([(labels == c).reshape(len(labels), -1).any(axis=1) for c in range(len(classes))], axis=1)
+    # any() over the slice axes, not reshape(n, -1): a case without kidney has n = 0 stage-2 slices
+    present = np.stack([(labels == c).any(axis=(1, 2)) for c in range(len(classes))], axis=1)
     return present, {name: int(present[:, c].sum()) for c, name in enumerate(classes) if c > 0}
 
 

@@ -4,15 +4,19 @@ Two real processes under OpenMPI (Horovod's MPI controller) split the synthetic 
 every output file -- label maps, probabilities, raw maps, overlays, risk.csv -- must equal the
 single-process run byte for byte (summary.json differs only by timings and ranks). ``mpirun -np 2 hpc-dfs
 evaluate`` then splits the cases over the ranks and writes the same JSON, CSV and markdown as one process.
+The cascade (``--refine-checkpoint``: stage 1, kidney boxes, stage 2 pasted back) is held to the same.
 """
 from __future__ import annotations
 
 import json
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
 from tests.launch import hpc_dfs_cmd, launch
-from tests.unit.test_predict import make_setup
+from tests.unit.test_predict import make_checkpoint, make_setup
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -50,3 +54,40 @@ def test_two_rank_predict_is_byte_identical(tmp_path):
     for ext in (".json", ".csv", ".md"):
         assert (tmp_path / f"e1{ext}").read_bytes() == (tmp_path / f"e2{ext}").read_bytes(), ext
     assert len(json.loads((tmp_path / "e2.json").read_text())["cases"]) == 3
+
+
+def _refine_checkpoint(shards, path, seed: int):
+    """A stage-2 checkpoint as ``train --stage refine`` writes it: 3 slices as channels, the shards' refine plan."""
+    make_checkpoint(shards, path, seed=seed, in_channels=3)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert "refine" in state["preprocessing"]
+    state["config"] = {"stage": "refine"}
+    torch.save(state, path)
+    return path
+
+
+def test_two_rank_cascade_predict_is_byte_identical(tmp_path):
+    """Stage 1, the kidney boxes, stage 2 (two weighted replicas) pasted back: 1 rank == 2 ranks, native geometry."""
+    s = make_setup(tmp_path)
+    ref = [_refine_checkpoint(s["shards"], tmp_path / f"refine{i}.pt", seed=10 + i) for i in range(2)]
+    args = ["predict", "--checkpoint", s["ckpts"][0], "--refine-checkpoint", ref[0], "--refine-checkpoint", ref[1],
+            "--refine-weights", "0.6,0.4", "--input", s["data"], "--batch-size", "4", "--save-probabilities",
+            "--save-raw"]
+    one = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p1"), np=1, launcher="none", timeout=240)
+    assert one.returncode == 0, one.output
+    two = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p2"), np=2, launcher="mpirun", timeout=240)
+    assert two.returncode == 0, two.output
+    a, b = _outputs(tmp_path / "p1"), _outputs(tmp_path / "p2")
+    assert len([k for k in a if k.startswith("prediction_")]) == 3 and sorted(a) == sorted(b)
+    different = [k for k in a if a[k] != b[k]]
+    assert not different, f"cascade outputs differ between 1 and 2 ranks: {different}"
+    s1 = json.loads((tmp_path / "p1" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    assert s2["world_size"] == 2 and {c["rank"] for c in s2["cases"]} == {0, 1}
+    assert [c["cascade"] for c in s1["cases"]] == [c["cascade"] for c in s2["cases"]]
+    assert any(c["cascade"]["stage"] == "refine" for c in s1["cases"]), "stage 2 never ran: the test is vacuous"
+    assert [r["path"] for r in s1["refine_checkpoints"]] == [str(p) for p in ref]
+    for c in s1["cases"]:
+        src = nib.load(c["image"])
+        pred = nib.load(str(tmp_path / "p2" / f"prediction_{c['case_id'][5:]}.nii.gz"))
+        assert pred.shape == src.shape and np.array_equal(pred.affine, src.affine), c["case_id"]

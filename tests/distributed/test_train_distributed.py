@@ -9,8 +9,11 @@
   resumed from that mid-epoch checkpoint again matches the uninterrupted one;
 - SIGKILL of one rank makes the job exit non-zero within 60 s, naming the dead rank.
 
-Tiny shards (4 phantom cases of 32x32 slices) are made once per session with the real
-``hpc-dfs synth`` + ``preprocess``; the model is the DFS fusion model at base width 4.
+Each proof is also run for the cascade's stage 2 (``--stage refine``: the shards' kidney windows, 2.5D with
+3 slices as channels), parametrized as ``stage``.
+
+Tiny shards (4 phantom cases of 32x32 slices, stage-2 windows of 32x32 at 3 mm) are made once per session
+with the real ``hpc-dfs synth`` + ``preprocess``; the model is the DFS fusion model at base width 4.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ EXIT_PREEMPTED = 75
 TINY = ["--num-workers", "0", "--set", "model.base_channels=4", "--set", "model.dropout=0.0",
         "--global-batch-size", "4", "--batch-size", "4", "--deterministic", "--seed", "3", "--log-every", "1",
         "--val-batch-size", "8", "--optimizer", "sgd", "--lr", "0.05"]
+#: per cascade stage, put before a test's own flags (which win): stage 2 has 44 training windows' slices,
+#: cut to the 5 steps per epoch of stage 1 so that both stages share the tests' step arithmetic
+STAGE = {"locate": [], "refine": ["--stage", "refine", "--steps-per-epoch", "5"]}
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +47,15 @@ def shards(tmp_path_factory) -> Path:
                              "--min-slices", 6, "--max-slices", 8), launcher="none", timeout=180)
     assert res.returncode == 0, res.output
     res = launch(hpc_dfs_cmd("preprocess", "--data", root / "data", "--out", root / "shards", "--slice-size",
-                             "32,32", "--n-folds", 4), launcher="none", timeout=180)
+                             "32,32", "--n-folds", 4, "--set", "refine.slice_size=32,32", "--set",
+                             "refine.spacing=3.0"), launcher="none", timeout=180)
     assert res.returncode == 0, res.output
     return root / "shards"
 
 
-def train(shards: Path, out: Path, *flags, np: int = 1, launcher: str = "none", timeout: float = 300):
-    cmd = hpc_dfs_cmd("train", "--shards", shards, "--out", out, *TINY, *map(str, flags))
+def train(shards: Path, out: Path, *flags, np: int = 1, launcher: str = "none", timeout: float = 300,
+          stage: str = "locate"):
+    cmd = hpc_dfs_cmd("train", "--shards", shards, "--out", out, *TINY, *STAGE[stage], *map(str, flags))
     return launch(cmd, np=np, launcher=launcher if np > 1 else "none", timeout=timeout)
 
 
@@ -86,22 +94,31 @@ def max_rel_diff(a: dict, b: dict) -> tuple[float, str]:
 
 
 @pytest.fixture(scope="session")
-def single_process_run(shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("np1") / "run"
-    res = train(shards, out, "--epochs", 1, "--max-steps", 4)
-    assert res.returncode == 0, res.output
-    return out
+def single_process_runs(shards, tmp_path_factory):
+    """The 1-rank reference run of a stage (made once per session and stage)."""
+    runs: dict[str, Path] = {}
+
+    def get(stage: str) -> Path:
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"np1_{stage}") / "run"
+            res = train(shards, out, "--epochs", 1, "--max-steps", 4, stage=stage)
+            assert res.returncode == 0, res.output
+            runs[stage] = out
+        return runs[stage]
+    return get
 
 
 # --------------------------------------------------------------------------- np=2 == np=1
-@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
-def test_two_ranks_reach_single_process_weights(shards, single_process_run, tmp_path, launcher):
+@pytest.mark.parametrize("launcher, stage", [("mpirun", "locate"), ("horovodrun", "locate"), ("mpirun", "refine")])
+def test_two_ranks_reach_single_process_weights(shards, single_process_runs, tmp_path, launcher, stage):
     out = tmp_path / "np2"
-    res = train(shards, out, "--epochs", 1, "--max-steps", 4, np=2, launcher=launcher)
+    res = train(shards, out, "--epochs", 1, "--max-steps", 4, np=2, launcher=launcher, stage=stage)
     assert res.returncode == 0, res.output
     assert "global batch 4 = 2 ranks x 2 per rank" in res.output
-    one, two = weights(single_process_run), weights(out)
+    one, two = weights(single_process_runs(stage)), weights(out)
     assert one["step"] == two["step"] == 4 and two["world_size"] == 2
+    assert one["config"]["stage"] == two["config"]["stage"] == stage
+    assert one["model_config"]["in_channels"] == two["model_config"]["in_channels"] == (3 if stage == "refine" else 1)
     rel = model_rel_diff(one["model"], two["model"])
     assert rel < 1e-5, f"np=2 weights differ from np=1 by {rel:.2e} (relative)"
     worst, where = max_rel_diff(one["model"], two["model"])   # per tensor: float32 noise, loosely bounded
@@ -143,18 +160,18 @@ def test_two_ranks_reach_single_process_weights_with_the_defaults(shards, tmp_pa
 
 
 # --------------------------------------------------------------------------- resume == uninterrupted
-@pytest.mark.parametrize("np_, optimizer", [(1, "adam"), (2, "sgd")])
-def test_resume_equals_uninterrupted(shards, tmp_path, np_, optimizer):
+@pytest.mark.parametrize("np_, optimizer, stage", [(1, "adam", "locate"), (2, "sgd", "locate"), (2, "sgd", "refine")])
+def test_resume_equals_uninterrupted(shards, tmp_path, np_, optimizer, stage):
     common = ["--epochs", 2, "--steps-per-epoch", 3, "--optimizer", optimizer]
     full = tmp_path / "full"
-    res = train(shards, full, *common, np=np_, launcher="mpirun")
+    res = train(shards, full, *common, np=np_, launcher="mpirun", stage=stage)
     assert res.returncode == 0, res.output
 
     part = tmp_path / "part"
-    res = train(shards, part, *common, "--max-steps", 3, np=np_, launcher="mpirun")  # stops after epoch 1
+    res = train(shards, part, *common, "--max-steps", 3, np=np_, launcher="mpirun", stage=stage)  # after epoch 1
     assert res.returncode == 0, res.output
     assert weights(part)["epoch"] == 1
-    res = train(shards, part, *common, "--resume", np=np_, launcher="mpirun")
+    res = train(shards, part, *common, "--resume", np=np_, launcher="mpirun", stage=stage)
     assert res.returncode == 0, res.output
     assert "resumed from" in res.output
 
@@ -189,9 +206,9 @@ def test_bad_config_fails_before_work(shards, tmp_path):
 
 
 # --------------------------------------------------------------------------- preemption and rank death
-def _start(shards: Path, out: Path, *flags, np: int = 2) -> subprocess.Popen:
+def _start(shards: Path, out: Path, *flags, np: int = 2, stage: str = "locate") -> subprocess.Popen:
     cmd = launcher_prefix("mpirun", np) + hpc_dfs_cmd("train", "--shards", shards, "--out", out, *TINY,
-                                                      *map(str, flags))
+                                                      *STAGE[stage], *map(str, flags))
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=job_env(), cwd=REPO, start_new_session=True)
 
@@ -231,11 +248,11 @@ def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
     return ranks
 
 
-@pytest.mark.parametrize("target", ["job", "one-rank"])
-def test_preemption_writes_checkpoint_and_resumes(shards, tmp_path, target):
+@pytest.mark.parametrize("target, stage", [("job", "locate"), ("one-rank", "locate"), ("job", "refine")])
+def test_preemption_writes_checkpoint_and_resumes(shards, tmp_path, target, stage):
     """SIGUSR1 to mpirun (forwarded to every rank), or SIGTERM to rank 1 only: both ranks agree to stop."""
     out = tmp_path / "run"
-    proc = _start(shards, out, "--epochs", 40)
+    proc = _start(shards, out, "--epochs", 40, stage=stage)
     _wait_for(out / "checkpoints" / "epoch_0001.pt", proc)
     if target == "job":
         os.kill(proc.pid, signal.SIGUSR1)
@@ -247,34 +264,37 @@ def test_preemption_writes_checkpoint_and_resumes(shards, tmp_path, target):
                                          "SIGTERM" in log)
     state = weights(out)
     assert 5 <= state["step"] < 200 and state["epoch"] == state["step"] // 5
+    assert state["config"]["stage"] == stage
     # resuming finishes the run from the mid-epoch checkpoint
     res = train(shards, out, "--epochs", 40, "--resume", "--max-steps", state["step"] + 2, np=2,
-                launcher="mpirun")
+                launcher="mpirun", stage=stage)
     assert res.returncode == 0, res.output
     assert weights(out)["step"] == state["step"] + 2
 
 
-def test_preempted_mid_epoch_resume_equals_uninterrupted(shards, tmp_path):
+@pytest.mark.parametrize("stage", ["locate", "refine"])
+def test_preempted_mid_epoch_resume_equals_uninterrupted(shards, tmp_path, stage):
     """A checkpoint taken mid-epoch on a signal resumes to the same weights as a run never stopped."""
     full = tmp_path / "full"
-    res = train(shards, full, "--epochs", 4, np=2, launcher="mpirun")
+    res = train(shards, full, "--epochs", 4, np=2, launcher="mpirun", stage=stage)
     assert res.returncode == 0, res.output
     part = tmp_path / "part"
-    proc = _start(shards, part, "--epochs", 4)
+    proc = _start(shards, part, "--epochs", 4, stage=stage)
     _wait_for(part / "checkpoints" / "epoch_0001.pt", proc)
     os.kill(proc.pid, signal.SIGUSR1)
     code, log, _ = _finish(proc, 120)
     assert code != 0, "the run finished before the signal arrived: give the partial run more epochs on this machine"
     assert code == EXIT_PREEMPTED, log
-    res = train(shards, part, "--epochs", 4, "--resume", np=2, launcher="mpirun")
+    res = train(shards, part, "--epochs", 4, "--resume", np=2, launcher="mpirun", stage=stage)
     assert res.returncode == 0, res.output
     rel, where = max_rel_diff(weights(full)["model"], weights(part)["model"])
     assert rel < 1e-6, f"{rel:.2e} in {where}"
 
 
-def test_no_hang_when_a_rank_dies(shards, tmp_path):
+@pytest.mark.parametrize("stage", ["locate", "refine"])
+def test_no_hang_when_a_rank_dies(shards, tmp_path, stage):
     out = tmp_path / "run"
-    proc = _start(shards, out, "--epochs", 200)
+    proc = _start(shards, out, "--epochs", 200, stage=stage)
     _wait_for(out / "checkpoints" / "epoch_0001.pt", proc)
     pids = _rank_pids(proc)
     os.kill(pids[1], signal.SIGKILL)
