@@ -65,8 +65,9 @@ class AugmentConfig:
     affine_prob: float = field(default=0.5, metadata={"help": "probability of rotation + scaling"})
     rotate_deg: float = field(default=15.0, metadata={"help": "rotation drawn from [-deg, deg]"})
     scale: list[float] = field(default_factory=lambda: [0.85, 1.15], metadata={"help": "zoom range"})
-    translate: float = field(default=0.1, metadata={
-        "help": "with the rotation: a move of up to +-this fraction of the slice (stage 2's window jitter)"})
+    translate: Optional[float] = field(default=None, metadata={
+        "help": "with the rotation: a move of up to +-this fraction of the slice (stage 2's window jitter); "
+                "unset = 0.1 for stage refine, 0 for stage locate"})
     elastic_prob: float = field(default=0.0, metadata={"help": "probability of a smooth elastic deformation"})
     elastic_pixels: float = field(default=3.0, metadata={"help": "elastic displacement std in pixels"})
     elastic_grid: int = field(default=4, metadata={"help": "control points per side of the elastic field"})
@@ -105,7 +106,7 @@ class AugmentConfig:
         "help": "smoothing (px) of the label regions, so a shift leaves no step exactly on the label boundary"})
 
     def validate(self) -> None:
-        if not 0.0 <= self.translate <= 0.5:
+        if self.translate is not None and not 0.0 <= self.translate <= 0.5:
             raise ConfigError(f"augmentation.translate must be in [0, 0.5], got {self.translate}")
         for name in ("flip_lr", "flip_ap", "affine_prob", "elastic_prob", "bias_prob", "gamma_prob", "contrast_prob",
                      "window_prob", "blur_prob", "lowres_prob", "noise_prob", "texture_prob", "domain_random_prob",

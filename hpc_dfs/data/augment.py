@@ -163,7 +163,7 @@ class SliceAugmenter:
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input coordinates
         theta = torch.zeros(b, 2, 3, device=x.device)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin * h / w, sin * w / h, cos
-        if c.translate > 0:  # a random move of up to +-translate of the slice (stage 2: stage 1's box errors)
+        if c.translate:  # a random move of up to +-translate of the slice (stage 2: stage 1's box errors)
             move = (2 * u[:, 28:30] - 1) * (2 * c.translate)
             move = torch.where(do_affine[:, None], move, torch.zeros_like(move))
             theta[:, 0, 2], theta[:, 1, 2] = move[:, 0], move[:, 1]

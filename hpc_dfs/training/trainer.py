@@ -7,7 +7,9 @@ step does, and why 2 ranks give the 1-rank gradients, is in :mod:`hpc_dfs.stages
 """
 from __future__ import annotations
 
+
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -378,7 +380,10 @@ class Trainer:
         mine = partition_balanced([(c["case_id"], c.get(size_key, c["n_slices"])) for c in plan.val_cases],
                                   self.rank, self.world)
         self.val_ds = SliceDataset(self.shards_dir, list(mine), group=group, context=cfg.context) if mine else None
-        self.augmenter = SliceAugmenter(cfg.augmentation, seed=cfg.seed) if cfg.data.augment else None
+        aug = cfg.augmentation
+        if aug.translate is None:  # the window jitter of stage 2; stage 1 sees whole slices
+            aug = dataclasses.replace(aug, translate=0.1 if cfg.stage == "refine" else 0.0)
+        self.augmenter = SliceAugmenter(aug, seed=cfg.seed) if cfg.data.augment else None
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
 
     def _restore(self) -> None:
