@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_loader.py [--quick] [--out bench/results]
 
-Two settings, each measured in this one process, loader and step alternating (3 rounds, best of each):
+Two settings, each measured in this one process, loader and step alternating (2 rounds, best of each):
 
 - ``default``: 256x256 shards, batch 16, 2 DataLoader workers, DFS fusion at its default width (32);
 - ``demo``: 96x96 shards, batch 8, no workers (the demo's ``--num-workers 0``), DFS fusion at width 8, instance norm.
@@ -98,7 +98,7 @@ def measure(name: str, s: dict, shards: Path, rounds: int, n_batches: int, steps
         stepr.append(step_rate(model, loss_fn, opt, batch, steps))
     row = {"setting": name, **{k: v for k, v in s.items() if k != "model"}, "model": s["model"] or "default (32)",
            "loader_batches_per_s": round(max(loads), 2), "loader_first_batch_s": round(min(starts), 3),
-           "step_batches_per_s": round(max(stepr), 2),
+           "step_batches_per_s": round(max(stepr), 4),
            "loader_over_step": round(max(loads) / max(stepr), 2),
            "all_loader": [round(v, 2) for v in loads], "all_step": [round(v, 3) for v in stepr]}
     print(json.dumps(row), flush=True)
@@ -107,12 +107,12 @@ def measure(name: str, s: dict, shards: Path, rounds: int, n_batches: int, steps
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds, fewer batches and steps")
+    ap.add_argument("--quick", action="store_true", help="1 round, fewer batches and steps")
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS)
     a = ap.parse_args()
     import torch
     torch.set_num_threads(1)
-    rounds, n_batches, steps = (2, 16, 2) if a.quick else (3, 40, 4)
+    rounds, n_batches, steps = (1, 16, 1) if a.quick else (2, 40, 2)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for name, s in SETTINGS.items():
