@@ -27,11 +27,13 @@ def test_ring_formula_and_latency_bound_at_512():
 
 
 def test_fusion_calls_and_cycle_wait():
-    small = sm.step_comm_s("ring", 8, 1e6, 100.0)
-    assert small == pytest.approx(sm.ring_allreduce_s(8, 1e6, 100.0) + sm.CYCLE_S / 2)
+    small = sm.step_comm_s("ring", 16, 1e6, 100.0)
+    assert small == pytest.approx(sm.ring_allreduce_s(16, 1e6, 100.0) + sm.CYCLE_S / 2)
     big = 3 * sm.FUSION_BYTES
-    per_call = sm.ring_allreduce_s(8, big / 3, 100.0)
-    assert sm.step_comm_s("ring", 8, big, 100.0) == pytest.approx(3 * per_call + sm.CYCLE_S / 2)
+    per_call = sm.ring_allreduce_s(16, big / 3, 100.0)
+    assert sm.step_comm_s("ring", 16, big, 100.0) == pytest.approx(3 * per_call + sm.CYCLE_S / 2)
+    # inside one node the ring runs over NVLink
+    assert sm.step_comm_s("ring", 8, 1e6, 100.0) < sm.step_comm_s("ring", 16, 1e6, 100.0)
 
 
 def test_efficiency_levers_move_the_right_way():
