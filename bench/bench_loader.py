@@ -112,7 +112,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
     torch.set_num_threads(1)
-    rounds, n_batches, steps = (1, 16, 1) if a.quick else (2, 40, 2)
+    rounds, n_batches, steps = (1, 16, 1) if a.quick else (2, 40, 1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for name, s in SETTINGS.items():

@@ -124,14 +124,15 @@ def best(runs: list[dict], **match) -> dict | None:
     return min(sel, key=lambda r: r["wall_s"]) if sel else None
 
 
-def ratios(runs: list[dict], nn_size: list[int]) -> dict:
+def ratios(runs: list[dict], nn_size: list[int], nn_spacing: str | None) -> dict:
     """The figures the goals are about: hpc-dfs/nnU-Net wall time at np=1 (<= 0.5) and np=2/np=1 (>= 1.8)."""
     def r(a, b, key="wall_s"):
         return round(a[key] / b[key], 3) if a and b and a.get(key) and b.get(key) else None
     h1, h2 = best(runs, tool="hpc-dfs", np=1, slice_size=[256, 256]), best(runs, tool="hpc-dfs", np=2,
                                                                               slice_size=[256, 256])
     n1, n2 = best(runs, tool="nnunet", np=1), best(runs, tool="nnunet", np=2)
-    s1, s2 = best(runs, tool="hpc-dfs", np=1, slice_size=nn_size), best(runs, tool="hpc-dfs", np=2, slice_size=nn_size)
+    s1 = best(runs, tool="hpc-dfs", np=1, slice_size=nn_size, in_plane_spacing=nn_spacing) if nn_spacing else None
+    s2 = best(runs, tool="hpc-dfs", np=2, slice_size=nn_size, in_plane_spacing=nn_spacing) if nn_spacing else None
     return {
         "hpc_np1_over_nnunet_np1_wall_256": r(h1, n1), "hpc_np1_over_nnunet_np1_wall_nnres": r(s1, n1),
         "hpc_np2_over_nnunet_np2_wall_256": r(h2, n2), "hpc_np2_over_nnunet_np2_wall_nnres": r(s2, n2),
@@ -188,7 +189,7 @@ def main() -> None:
         "peer": f"nnunetv2=={version}" if version else None, "nnunet_resolution": {
             "slice_size": nn_size, "in_plane_spacing_mm": nn_spacing},
         "runs": [r for r in runs if not r.get("profiled")],
-        "ratios": ratios([r for r in runs if not r.get("profiled")], nn_size),
+        "ratios": ratios([r for r in runs if not r.get("profiled")], nn_size, nn_spacing),
         "profile_np2": prof, "quick": a.quick,
         "note": "whole-command wall times; OMP_NUM_THREADS=1 for both tools; runs interleaved; CPU shared with "
                 "other jobs while measured (see machine.load_avg_at_end)",

@@ -94,13 +94,16 @@ def test_preprocess_ratios_use_the_best_of_each():
             {"tool": "hpc-dfs", "np": 1, "slice_size": [256, 256], "wall_s": 40.0, "stage_s": 30.0},
             {"tool": "hpc-dfs", "np": 1, "slice_size": [256, 256], "wall_s": 30.0, "stage_s": 20.0},
             {"tool": "hpc-dfs", "np": 2, "slice_size": [256, 256], "wall_s": 20.0, "stage_s": 10.0},
-            {"tool": "hpc-dfs", "np": 1, "slice_size": [512, 512], "wall_s": 45.0}]
-    r = bench_preprocess.ratios(runs, [512, 512])
+            {"tool": "hpc-dfs", "np": 1, "slice_size": [512, 512], "in_plane_spacing": "0.75", "wall_s": 45.0}]
+    r = bench_preprocess.ratios(runs, [512, 512], "0.75")
     assert r["hpc_np1_over_nnunet_np1_wall_256"] == 0.3
     assert r["hpc_np1_over_nnunet_np1_wall_nnres"] == 0.45
     assert r["hpc_speedup_np2_wall_256"] == 1.5 and r["hpc_speedup_np2_stage_256"] == 2.0
     assert r["nnunet_speedup_np2_wall"] == pytest.approx(1.667, abs=1e-3)
     assert r["hpc_speedup_np2_wall_nnres"] is None
+    # without a peer there is no nnU-Net resolution: those ratios are absent, not the 256 ones again
+    r = bench_preprocess.ratios(runs[2:5], [256, 256], None)
+    assert r["hpc_speedup_np2_wall_nnres"] is None and r["hpc_speedup_np2_wall_256"] == 1.5
 
 
 def test_predict_digests_skip_logs_and_see_changes(tmp_path):
