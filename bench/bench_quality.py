@@ -18,7 +18,8 @@ budget: image-only, FiLM, late, and FiLM trained with the clinical records shuff
 that must not beat FiLM if fusion is real).
 
 ``--eval-data DIR --out OUT`` also predicts every case of a KiTS-layout folder (images with labels) with the
-cascade row "cascade, FiLM, domain randomised", writes ``OUT/eval_data/prediction_XXXXX.nii.gz`` and puts
+cascade row "cascade, FiLM, domain randomised" (or "cascade, FiLM" when that row did not run), writes
+``OUT/eval_data/prediction_XXXXX.nii.gz`` and puts
 ``eval_data: {n_cases, kidney_dice, tumor_dice}`` into ``OUT/quality.json``.
 
 Writes ``bench/results/quality.json`` (or ``OUT/quality.json``). A second run reuses finished steps in ``--work``.
@@ -106,25 +107,34 @@ def preprocess(work: Path, data: dict[str, Path]) -> dict[str, Path]:
     return out
 
 
+def _finished(last: Path, epochs: int) -> bool:
+    from hpc_dfs.training import checkpoint
+    return last.exists() and int(checkpoint.read_meta(last).get("epoch", 0)) >= epochs
+
+
 def _train(work: Path, shards: Path, name: str, stage: str, extra: str, epochs: int | None) -> tuple[Path, float]:
+    """Train one stage into ``work/runs/name`` (resumed when an earlier run was stopped part-way)."""
     run = work / "runs" / name
     args = BUDGET[stage].split() + BUDGET["model"].split() + extra.split()
     if epochs is not None:
         args[args.index("--epochs") + 1] = str(epochs)
-    secs = _once(run / "checkpoints" / "last.pt", ["train", "--shards", str(shards), "--out", str(run), "--stage",
-                                                    stage, *args], 2, run / "train.log")
+    last = run / "checkpoints" / "last.pt"
+    secs = 0.0
+    if not _finished(last, int(args[args.index("--epochs") + 1])):
+        secs = _run(["train", "--shards", str(shards), "--out", str(run), "--stage", stage, *args,
+                     *(["--resume"] if last.exists() else [])], 2, run / "train.log")
     return run / "checkpoints" / "best.pt", secs
 
 
-ROWS = [  # name, stage(s), domain randomised, refine-stage extra settings
+ROWS = [  # name, stage(s), domain randomised, refine-stage extra settings (the ablation first, then the DR rows)
     ("single stage", "locate", False, ""),
-    ("single stage, domain randomised", "locate", True, ""),
     ("cascade, FiLM", "cascade", False, "--set model.fusion=film"),
+    ("cascade, image only", "cascade", False, "--set model.fusion=image"),
+    ("cascade, late fusion", "cascade", False, "--set model.fusion=late"),
+    ("cascade, FiLM, clinical shuffled (control)", "cascade", False, "--set model.fusion=film "
+                                                                     "--set data.shuffle_clinical=true"),
+    ("single stage, domain randomised", "locate", True, ""),
     ("cascade, FiLM, domain randomised", "cascade", True, "--set model.fusion=film"),
-    ("cascade, image only", "cascade", True, "--set model.fusion=image"),
-    ("cascade, late fusion", "cascade", True, "--set model.fusion=late"),
-    ("cascade, FiLM, clinical shuffled (control)", "cascade", True, "--set model.fusion=film "
-                                                                    "--set data.shuffle_clinical=true"),
 ]
 
 
@@ -140,9 +150,17 @@ def _score(work: Path, tag: str, ckpts: list[str], data: Path) -> dict:
             "tumors_gt": sum(c.get("n_tumors_gt", 0) for c in m["cases"])}
 
 
-def rows(work: Path, data: dict, shards: dict, epochs: int | None) -> list[dict]:
-    """Train and score every row; stage-1 models are shared by the rows that use them."""
-    out = []
+def _write(result: dict, out_dir: Path) -> None:
+    """``quality.json`` atomically (after every row, so an interrupted run leaves the rows it finished)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".tmp-quality.json"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out_dir / "quality.json")
+
+
+def rows(work: Path, data: dict, shards: dict, epochs: int | None, result: dict, out_dir: Path) -> list[dict]:
+    """Train and score every row (stage-1 models are shared by the rows that use them), saving as it goes."""
+    out = result.setdefault("rows", [])
     for name, kind, dr, extra in ROWS:
         key = "train_dr" if dr else "train"
         aug = DR_AUG if dr else ""
@@ -158,6 +176,7 @@ def rows(work: Path, data: dict, shards: dict, epochs: int | None) -> list[dict]
                "ours": _score(work, tag, ckpts, data["val"]), "unseen": _score(work, tag, ckpts, data["val_unseen"])}
         print(f"[quality] {name}: ours {row['ours']}, unseen {row['unseen']}", flush=True)
         out.append(row)
+        _write(result, out_dir)
     return out
 
 
@@ -179,10 +198,12 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, no GPU",
               "quick": a.quick, "train_cases": cases["train"], "val_cases": cases["val"], "budget": BUDGET,
               "domain_randomisation": f"training CT in synth style 'random' + {DR_AUG}",
-              "unseen_renderer": "synth style 'streak' (never trained on)",
-              "rows": rows(work, data, shards, QUICK["epochs"] if a.quick else None)}
+              "unseen_renderer": "synth style 'streak' (never trained on)", "complete": False, "rows": []}
+    rows(work, data, shards, QUICK["epochs"] if a.quick else None, result, a.out)
     if a.eval_data is not None:
-        best = next(r for r in result["rows"] if r["row"] == "cascade, FiLM, domain randomised")
+        done = {r["row"]: r for r in result["rows"]}
+        best = done.get("cascade, FiLM, domain randomised") or done["cascade, FiLM"]
+        result["eval_data_row"] = best["row"]
         ckpts = ["--checkpoint", best["checkpoints"][0], "--refine-checkpoint", best["checkpoints"][1]]
         pred = a.out / "eval_data"
         _run(["predict", *ckpts, "--input", str(a.eval_data), "--out", str(pred)], 2)
@@ -193,10 +214,8 @@ def main() -> None:
         result["eval_data"] = {"n_cases": len(m["cases"]), "kidney_dice": mean.get("kidney_dice"),
                                "tumor_dice": mean.get("tumor_dice"), "path": str(a.eval_data)}
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    a.out.mkdir(parents=True, exist_ok=True)
-    tmp = a.out / ".tmp-quality.json"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, a.out / "quality.json")
+    result["complete"] = True
+    _write(result, a.out)
     print(f"[quality] wrote {a.out / 'quality.json'} in {result['wall_seconds']} s", flush=True)
 
 
