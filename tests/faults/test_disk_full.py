@@ -66,9 +66,14 @@ def _record_and_check(kind: str, problems: list[str]) -> None:
     assert not problems, f"{kind}: " + "\n".join(problems)
 
 
+def _kb(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) // 1024 + 1
+
+
 def test_hole5_disk_full_preprocess_is_clean(world, tmp_path):
     H.ref_arrays(world, "shards")
-    with tmpfs(tmp_path / "disk", 1024) as disk:
+    # room for the clean run (shards of format 2 are ~1 MiB each here), so that the rerun can finish
+    with tmpfs(tmp_path / "disk", 2 * _kb(world.shards) + 256) as disk:
         filler = fill(disk, leave_kb=64)
         out = disk / "shards"
         res = H.cli("preprocess", "--data", world.data, "--out", out, *SLICE)
