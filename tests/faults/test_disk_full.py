@@ -130,14 +130,17 @@ def test_hole5_disk_full_train_keeps_epoch1_and_resumes(world, tmp_path):
 
 
 def _run_until_row_then_fill(args, out: Path) -> tuple[H.Run, Path]:
-    """Run train; when metrics.jsonl holds a row, stop it (SIGSTOP), fill the disk, let it go on."""
+    """Run train; when metrics.jsonl holds a row and epoch 1's checkpoint is written, stop it (SIGSTOP), fill the
+    disk, let it go on. (Train writes the epoch's row BEFORE its checkpoint, so that a kill between the two cannot
+    lose the row: waiting for the row alone could fill the disk before epoch 1 is kept.)"""
     cmd = [str(c) for c in H.hpc_dfs_cmd(*args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=H.job_env(),
                             cwd=H.REPO, start_new_session=True)
     so, se = H._Reader(proc.stdout).start(), H._Reader(proc.stderr).start()
     t_end = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < t_end:
-        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
+        if ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()
+                and (out / "checkpoints" / "epoch_0001.pt").exists()):
             break
         time.sleep(0.001)
     stopped = proc.poll() is None
