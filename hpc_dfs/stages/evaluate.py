@@ -56,6 +56,10 @@ none), every tumour missed. Their rows are ``missing_cases`` in the JSON and mar
 ground-truth case, missing ones counted (``mean_all.n_cases``, ``mean_all.n_missing``). ``--strict``
 makes a missing prediction an error (exit code 3) instead.
 
+**Provenance.** When ``PRED/summary.json`` (written by ``hpc-dfs predict``) records each case's provenance,
+every prediction must be an ``ok`` case of that run, with the ``descrip`` of its NIfTI header equal to the
+summary's (the checkpoint and input sha256): a stale file of another run is an error naming it (exit code 3).
+
 **Labels.** A prediction may hold only 0 (background), 1 (kidney) and 2 (tumour); any other value is
 an error naming the case (ground truth may also hold KiTS21's 3, cyst, counted as kidney).
 

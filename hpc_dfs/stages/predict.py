@@ -28,6 +28,12 @@ Outputs in ``--out`` (CONTRACTS.md section 4): ``prediction_XXXXX.nii.gz`` (uint
 (before post-processing), ``overlay_XXXXX.png``, and, from rank 0, ``risk.csv`` and ``summary.json``
 (per-case timing, status and errors).
 
+Provenance: each case's row in ``summary.json`` holds the sha256 of the checkpoint file(s) and of the input
+image, and every NIfTI written for it says ``hpc-dfs <checkpoints sha[:12]> <input sha[:12]>`` in its header's
+``descrip``; ``evaluate`` refuses a prediction that is not from the run of the summary. A case that fails has
+its outputs from an earlier run moved to ``--out/stale/``. Rank 0 removes ``.tmp-*`` files of a killed run
+before any rank writes. A full disk stops the run with one line naming the file being written (exit code 4).
+
 Distributed: under ``mpirun``/``srun``/``horovodrun`` the cases are split over ranks, balanced by
 voxel count; each rank writes its own cases and rank 0 gathers the summary. A case's outputs depend
 only on the case and the checkpoints -- batches never mix cases, the CPU thread count is fixed
