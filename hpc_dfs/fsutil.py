@@ -122,23 +122,24 @@ def atomic_h5(path: str | os.PathLike, **kwargs: Any) -> Iterator[Any]:
 
     Args:
         path: the final file.
-        **kwargs: passed to ``h5py.File`` (not ``driver``).
+        **kwargs: passed to ``h5py.File`` (not ``driver``: the file is an ``io.BytesIO``).
 
     Raises:
         DiskWriteError: the file system refused the write; names ``path``.
     """
+    import io
+
     import h5py
 
-    f = h5py.File(Path(path).name, "w", driver="core", backing_store=False, **kwargs)
+    buf = io.BytesIO()  # h5py's file-object driver: libhdf5 writes into memory (faster than its "core" driver)
+    f = h5py.File(buf, "w", **kwargs)
     try:
         yield f
-        f.flush()
-        image = f.id.get_file_image()
     finally:
         f.close()
     with atomic_path(path, suffix=".h5") as tmp:
         with open(tmp, "wb") as fh:
-            fh.write(image)
+            fh.write(buf.getbuffer())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
