@@ -158,15 +158,18 @@ def read_header(path: Path, case_id: str) -> tuple[tuple[int, ...], tuple[float,
         case_id: the case named in an error.
 
     Raises:
-        CaseError: the file is missing or its header cannot be read.
+        CaseError: the file is missing, its header cannot be read, or it is not 3-D.
     """
     if not path.exists():
         raise CaseError(case_id, f"missing {path.name} ({path})")
     try:
         img = nib.load(str(path))
-        return tuple(int(s) for s in img.shape), tuple(float(z) for z in img.header.get_zooms()), img.affine
+        shape, zooms = tuple(int(s) for s in img.shape), tuple(float(z) for z in img.header.get_zooms())
     except Exception as e:  # nibabel raises many types for broken files
         raise CaseError(case_id, f"{path.name}: {_describe_read_error(e, path)}") from None
+    if len(shape) != 3:  # as load_nifti: a 2-D (or 4-D) volume is this case's error, not the stage's IndexError
+        raise CaseError(case_id, f"{path.name} has {len(shape)} dimensions {shape}, expected 3")
+    return shape, zooms, img.affine
 
 
 def load_nifti(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple]:

@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
-from hpc_dfs.fsutil import atomic_path
+from hpc_dfs.fsutil import atomic_h5
 
 try:  # the fast checksum; optional so that shards can be written and read without it (crc32)
     import xxhash
@@ -147,23 +147,22 @@ def write_case_shard(path: str | Path, case_id: str, image: np.ndarray, label: n
     path = Path(path)
     filt = _filters(compression, level)
     algo = default_checksum()
-    with atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            g = f.create_group(case_id)
-            common = dict(fletcher32=True, track_times=False)
-            _slices(g, path.name, image, label, classes_present, algo, common, filt)
-            _small(g, "clinical", np.asarray(clinical, dtype=np.float32).reshape(-1), common)
-            _small(g, "fg_samples", np.asarray(fg_samples, dtype=np.float32).reshape(-1), common, cap=1 << 16)
-            if refine is not None:
-                r = g.create_group(REFINE_GROUP)
-                _slices(r, path.name, refine["image"], refine["label"], refine["classes_present"], algo, common, filt)
-                _small(r, "stack", np.asarray(refine["stack"], dtype=np.int16).reshape(-1), common)
-                r.attrs["boxes"] = json.dumps(refine.get("boxes", []))
-            for k, v in attrs.items():
-                g.attrs[k] = _attr(v)
-            g.attrs["schema_version"] = SHARD_SCHEMA_VERSION
-            g.attrs["checksum"] = algo
-            g.attrs["complete"] = 1  # last: a reader seeing this knows every dataset was written
+    with atomic_h5(path, track_order=True) as f:  # in memory: libhdf5 segfaults on a full disk at close
+        g = f.create_group(case_id)
+        common = dict(fletcher32=True, track_times=False)
+        _slices(g, path.name, image, label, classes_present, algo, common, filt)
+        _small(g, "clinical", np.asarray(clinical, dtype=np.float32).reshape(-1), common)
+        _small(g, "fg_samples", np.asarray(fg_samples, dtype=np.float32).reshape(-1), common, cap=1 << 16)
+        if refine is not None:
+            r = g.create_group(REFINE_GROUP)
+            _slices(r, path.name, refine["image"], refine["label"], refine["classes_present"], algo, common, filt)
+            _small(r, "stack", np.asarray(refine["stack"], dtype=np.int16).reshape(-1), common)
+            r.attrs["boxes"] = json.dumps(refine.get("boxes", []))
+        for k, v in attrs.items():
+            g.attrs[k] = _attr(v)
+        g.attrs["schema_version"] = SHARD_SCHEMA_VERSION
+        g.attrs["checksum"] = algo
+        g.attrs["complete"] = 1  # last: a reader seeing this knows every dataset was written
     return path
 
 

@@ -133,6 +133,8 @@ def load_data(path: str | Path, target: str = "auto", folds: int = 2) -> Clinica
     elif suffix == ".json" or (suffix == ".csv" and target not in _UCI_TARGETS):
         from hpc_dfs.data.clinical import ClinicalError, load_kits_records, preop_frame, risk_labels
         tgt = "malignant" if target == "auto" else target
+        if suffix == ".csv":
+            _require_csv_column(path, tgt)
         try:
             records = load_kits_records(path)
             X = preop_frame(records)
@@ -156,6 +158,22 @@ def load_data(path: str | Path, target: str = "auto", folds: int = 2) -> Clinica
                 f"{path}: class '{data.class_names[label]}' has only {n} rows, fewer than --folds {folds}; "
                 "stratified cross-validation needs at least one row of each class per fold")
     return data
+
+
+def _require_csv_column(path: Path, target: str) -> None:
+    """A clinical CSV must hold the ``target`` column (flattened name, e.g. ``malignant``) before anything else.
+
+    Raises:
+        ClinicalDataError: the header cannot be read, or it has no ``target`` column; names the file and target.
+    """
+    try:
+        columns = [c.strip() for c in pd.read_csv(path, dtype=str, nrows=0).columns]
+    except (ValueError, OSError) as e:
+        raise ClinicalDataError(f"{path}: cannot read the CSV header: {e}") from None
+    if target not in columns:
+        shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
+        raise ClinicalDataError(f"{path}: no target column '{target}' (the CSV has {len(columns)} columns: {shown}); "
+                                "UCI CKD takes --target auto/ckd, a KiTS table a 0/1 column such as malignant")
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -56,6 +56,10 @@ none), every tumour missed. Their rows are ``missing_cases`` in the JSON and mar
 ground-truth case, missing ones counted (``mean_all.n_cases``, ``mean_all.n_missing``). ``--strict``
 makes a missing prediction an error (exit code 3) instead.
 
+**Provenance.** When ``PRED/summary.json`` (written by ``hpc-dfs predict``) records each case's provenance,
+every prediction must be an ``ok`` case of that run, with the ``descrip`` of its NIfTI header equal to the
+summary's (the checkpoint and input sha256): a stale file of another run is an error naming it (exit code 3).
+
 **Labels.** A prediction may hold only 0 (background), 1 (kidney) and 2 (tumour); any other value is
 an error naming the case (ground truth may also hold KiTS21's 3, cyst, counted as kidney).
 
@@ -73,6 +77,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import warnings
 from pathlib import Path
@@ -398,6 +403,50 @@ def match_predictions(pred_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Pat
     return pairs, [c for c in gt_cases if c not in predicted]
 
 
+def _header_descrip(path: Path) -> str | None:
+    """The NIfTI header's ``descrip`` (predict writes its provenance there), or None when unreadable."""
+    import nibabel as nib
+    try:
+        return bytes(nib.load(str(path)).header["descrip"].item()).decode("ascii", "replace").rstrip("\x00")
+    except Exception:  # noqa: BLE001 - a damaged file is reported when the case is evaluated
+        return None
+
+
+def check_provenance(pred_dir: Path, pairs: list[tuple[str, Path, Path | None]]) -> None:
+    """Every prediction must come from the one run that ``pred_dir/summary.json`` describes (issue 14, hole 2).
+
+    A prediction is refused when its case is not an ``ok`` row of the summary (a stale file of another run, kept
+    beside a run where the case failed), or when its header's ``descrip`` (``hpc-dfs <checkpoints sha>
+    <input sha>``) differs from the row's. Folders without a summary, or summaries written before predict
+    recorded provenance, are not checked.
+
+    Raises:
+        EvaluationError: the summary cannot be read, or some predictions are not from its run; names them.
+    """
+    path = pred_dir / "summary.json"
+    if not path.is_file():
+        return
+    try:
+        rows = {r.get("case_id"): r for r in json.loads(path.read_text()).get("cases", []) if isinstance(r, dict)}
+    except (OSError, ValueError, AttributeError) as e:
+        raise EvaluationError(f"{path}: cannot be read ({e})", code=EXIT_DATA) from None
+    if not any("provenance" in r for r in rows.values()):
+        return
+    bad = []
+    for cid, pred, _ in pairs:
+        row = rows.get(cid)
+        if row is None or row.get("status") != "ok":
+            bad.append(f"{pred.name} ({cid} {'is not in it' if row is None else 'failed in it'})")
+            continue
+        want, got = (row.get("provenance") or {}).get("descrip"), _header_descrip(pred)
+        if want and got is not None and got != want:
+            bad.append(f"{pred.name} (its header says {got!r}, the summary {want!r})")
+    if bad:
+        raise EvaluationError(f"{len(bad)} prediction(s) in {pred_dir} are not from the run of {path.name} "
+                              f"(provenance: another checkpoint or input): {'; '.join(bad[:4])}; remove them or "
+                              "predict again", code=EXIT_DATA)
+
+
 # ----------------------------------------------------------------------------- aggregation and writing
 def _mean(values) -> float | None:
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -608,11 +657,13 @@ def evaluate_dirs(pred_dir: Path, gt_dir: Path, cfg: EvaluateConfig | None = Non
         pred_raw: predictions before post-processing (default ``pred_dir/raw`` when it exists).
 
     Raises:
-        EvaluationError: a folder is missing or empty, or (``strict``) a ground-truth case has no prediction.
+        EvaluationError: a folder is missing or empty, a prediction is not from the run of ``summary.json``
+            (:func:`check_provenance`), or (``strict``) a ground-truth case has no prediction.
     """
     cfg = cfg or EvaluateConfig()
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     pairs, missing = match_predictions(pred_dir, gt_dir)
+    check_provenance(pred_dir, pairs)
     if missing and cfg.strict:
         raise EvaluationError(f"{len(missing)} ground-truth case(s) have no prediction in {pred_dir}: "
                               f"{', '.join(missing)} (--strict)", code=EXIT_DATA)

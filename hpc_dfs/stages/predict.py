@@ -28,6 +28,12 @@ Outputs in ``--out`` (CONTRACTS.md section 4): ``prediction_XXXXX.nii.gz`` (uint
 (before post-processing), ``overlay_XXXXX.png``, and, from rank 0, ``risk.csv`` and ``summary.json``
 (per-case timing, status and errors).
 
+Provenance: each case's row in ``summary.json`` holds the sha256 of the checkpoint file(s) and of the input
+image, and every NIfTI written for it says ``hpc-dfs <checkpoints sha[:12]> <input sha[:12]>`` in its header's
+``descrip``; ``evaluate`` refuses a prediction that is not from the run of the summary. A case that fails has
+its outputs from an earlier run moved to ``--out/stale/``. Rank 0 removes ``.tmp-*`` files of a killed run
+before any rank writes. A full disk stops the run with one line naming the file being written (exit code 4).
+
 Distributed: under ``mpirun``/``srun``/``horovodrun`` the cases are split over ranks, balanced by
 voxel count; each rank writes its own cases and rank 0 gathers the summary. A case's outputs depend
 only on the case and the checkpoints -- batches never mix cases, the CPU thread count is fixed
@@ -48,8 +54,10 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import hashlib
 import io
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -58,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError  # the stage contract: raised, caught by cli.main
+from hpc_dfs.errors import EXIT_DATA, EXIT_ENV, EXIT_USAGE, HpcDfsError  # the stage contract: cli.main catches
 from hpc_dfs import __version__, dist, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
@@ -195,7 +203,8 @@ def load_replica(path: str | Path, weight: float, device) -> Replica:
     needs = takes and getattr(model, "clinical_encoder", None) is not None
     rep = Replica(path, float(weight), model, pre, classes, takes, needs, model_name=str(mcfg.get("name", "")),
                   info={"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics"),
-                        "stage": (ckpt.get("config") or {}).get("stage", "locate")},
+                        "stage": (ckpt.get("config") or {}).get("stage", "locate"),
+                        "sha256": fsutil.sha256_file(path)},
                   context=int(mcfg.get("in_channels", 1)))
     if needs:
         from hpc_dfs.data.clinical import ClinicalPipeline
@@ -352,14 +361,17 @@ def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndar
 
 
 # ----------------------------------------------------------------------------- writing NIfTI
-def nifti_gz_bytes(array: np.ndarray, ref_img, level: int = 6) -> bytes:
+def nifti_gz_bytes(array: np.ndarray, ref_img, level: int = 6, descrip: str | None = None) -> bytes:
     """Gzipped NIfTI-1 bytes of ``array`` with ``ref_img``'s header (affine, qform/sform codes, zooms).
 
     Written by hand (nibabel serialises, :mod:`gzip` compresses with ``mtime=0`` and no file name)
-    so that the same array gives the same bytes on every rank and every run.
+    so that the same array gives the same bytes on every rank and every run. ``descrip`` (at most 79
+    characters) replaces the header's description: predict's provenance (see :func:`provenance`).
     """
     import nibabel as nib
     hdr = ref_img.header.copy()
+    if descrip is not None:
+        hdr["descrip"] = descrip.encode("ascii", "replace")[:79]
     img = nib.Nifti1Image(array, ref_img.affine, header=hdr)
     img.set_data_dtype(array.dtype)
     img.header.set_slope_inter(1.0, 0.0)
@@ -417,24 +429,63 @@ def _transform(case: CaseInput, image: np.ndarray, affine: np.ndarray, preproces
 
 
 def _write_case(case: CaseInput, cfg: PredictConfig, out_dir: Path, img, maps: dict[str, np.ndarray],
-                image: np.ndarray, affine: np.ndarray) -> dict[str, Path]:
+                image: np.ndarray, affine: np.ndarray, descrip: str | None = None) -> dict[str, Path]:
     """Write the case's files (``maps``: ``clean``, ``raw`` labels and ``native`` probabilities ``(C, ...)``)."""
     from hpc_dfs.visualize import save_case_overlay
-    sfx = case.suffix
-    files = {"prediction": out_dir / f"prediction_{sfx}.nii.gz"}
-    fsutil.write_bytes(files["prediction"], nifti_gz_bytes(maps["clean"], img, cfg.compress_level))
-    if cfg.save_raw:
-        files["raw"] = out_dir / "raw" / f"prediction_{sfx}.nii.gz"
-        fsutil.write_bytes(files["raw"], nifti_gz_bytes(maps["raw"], img, cfg.compress_level))
-    if cfg.save_probabilities:
-        files["probabilities"] = out_dir / f"probabilities_{sfx}.nii.gz"
+    files = case_outputs(case, out_dir, cfg)
+    fsutil.write_bytes(files["prediction"], nifti_gz_bytes(maps["clean"], img, cfg.compress_level, descrip))
+    if "raw" in files:
+        fsutil.write_bytes(files["raw"], nifti_gz_bytes(maps["raw"], img, cfg.compress_level, descrip))
+    if "probabilities" in files:
         probabilities = np.ascontiguousarray(np.moveaxis(maps["native"], 0, -1))
-        fsutil.write_bytes(files["probabilities"], nifti_gz_bytes(probabilities, img, cfg.compress_level))
-    if cfg.overlays:
-        files["overlay"] = out_dir / f"overlay_{sfx}.png"
+        fsutil.write_bytes(files["probabilities"], nifti_gz_bytes(probabilities, img, cfg.compress_level, descrip))
+    if "overlay" in files:
         save_case_overlay(files["overlay"], image, maps["clean"], _ground_truth(case, image.shape), affine,
                           title=case.case_id)
     return files
+
+
+def case_outputs(case: CaseInput, out_dir: Path, cfg: PredictConfig | None = None) -> dict[str, Path]:
+    """The files predict writes for ``case`` under ``cfg`` (without ``cfg``: every file it may write)."""
+    sfx = case.suffix
+    files = {"prediction": out_dir / f"prediction_{sfx}.nii.gz"}
+    if cfg is None or cfg.save_raw:
+        files["raw"] = out_dir / "raw" / f"prediction_{sfx}.nii.gz"
+    if cfg is None or cfg.save_probabilities:
+        files["probabilities"] = out_dir / f"probabilities_{sfx}.nii.gz"
+    if cfg is None or cfg.overlays:
+        files["overlay"] = out_dir / f"overlay_{sfx}.png"
+    return files
+
+
+def provenance(case: CaseInput, reps: list[Replica], refine: list[Replica] | None = None) -> dict[str, str]:
+    """Where a case's outputs come from: the sha256 of the checkpoint files and of the input image.
+
+    ``descrip`` (``hpc-dfs <checkpoints sha[:12]> <input sha[:12]>``) goes into every NIfTI header written for
+    the case, the rest into its summary.json row; ``evaluate`` compares them (issue 14, hole 2).
+    """
+    shas = [r.info.get("sha256") or fsutil.sha256_file(r.path) for r in list(reps) + list(refine or [])]
+    ckpts = shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
+    image = fsutil.sha256_file(case.image_path)
+    return {"checkpoints_sha256": ckpts, "input_sha256": image, "descrip": f"hpc-dfs {ckpts[:12]} {image[:12]}"}
+
+
+def move_aside(case: CaseInput, out_dir: Path) -> list[Path]:
+    """Move the outputs of ``case`` already in ``out_dir`` (an earlier run's, or this run's part) to ``stale/``.
+
+    Called when the case fails, so that no prediction of another run stays beside this run's summary.json.
+    """
+    moved = []
+    for p in case_outputs(case, out_dir).values():
+        if p.is_file():
+            dst = out_dir / "stale" / p.relative_to(out_dir)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dst)
+            moved.append(dst)
+    if moved:
+        log.warning("%s failed: moved its earlier outputs aside to %s (%s)", case.case_id, out_dir / "stale",
+                    ", ".join(p.name for p in moved))
+    return moved
 
 
 def _ground_truth(case: CaseInput, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -471,6 +522,7 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
     from hpc_dfs.postprocess import postprocess
     t = {"start": time.perf_counter()}
     image, affine, img = _read_case(case)
+    origin = provenance(case, reps, refine)
     t["load"] = time.perf_counter()
     clin, clinical_used = _clinical_inputs(case, reps, records, clinical_source)
     slices, geometry = _transform(case, image, affine, reps[0].preprocessing)
@@ -488,7 +540,8 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
     t["restore"] = time.perf_counter()
     clean, pp_info = postprocess(label, affine, cfg.postprocess, reps[0].classes, image=image)
     t["postprocess"] = time.perf_counter()
-    files = _write_case(case, cfg, out_dir, img, {"clean": clean, "raw": label, "native": native}, image, affine)
+    files = _write_case(case, cfg, out_dir, img, {"clean": clean, "raw": label, "native": native}, image, affine,
+                        origin["descrip"])
     del native
     t["write"] = time.perf_counter()
 
@@ -502,7 +555,7 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
         "volumes_ml": {name: int(np.count_nonzero(clean == i)) * voxel_ml
                        for i, name in enumerate(reps[0].classes) if i > 0},
         "postprocess": pp_info, "files": {k: v.name if k != "raw" else f"raw/{v.name}" for k, v in files.items()},
-        "seconds": seconds, **({"cascade": cascade} if cascade is not None else {}),
+        "seconds": seconds, "provenance": origin, **({"cascade": cascade} if cascade is not None else {}),
     }
 
 
@@ -609,6 +662,10 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
     refine = load_refine_replicas(paths.refine_checkpoints, cfg.refine_weights, reps, device)
     records, clinical_source = load_records(paths.clinical, data_root)
     paths.out.mkdir(parents=True, exist_ok=True)
+    if dist.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
+        n_stale = sum(fsutil.clean_stale_tmp(d) for d in (paths.out, paths.out / "raw") if d.is_dir())
+        if n_stale:
+            log.info("removed %d temporary file(s) left in %s by an interrupted run", n_stale, paths.out)
     return Setup(device, cases, reps, records, clinical_source, refine)
 
 
@@ -633,24 +690,45 @@ def _setup_on_every_rank(cfg: PredictConfig, paths: PredictPaths) -> Setup:
 
 
 def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_dir: Path) -> list[dict]:
-    """Summary rows of ``cases``; a case that fails gets one error line and a ``failed`` row, the others go on."""
-    rows = []
+    """Summary rows of ``cases``; a case that fails gets one error line and a ``failed`` row, the others go on.
+
+    A failed case's outputs already in ``out_dir`` are moved aside (:func:`move_aside`). A full disk stops this
+    rank's loop: the case and those after it get ``failed`` rows with ``disk_full`` set (see :func:`run`).
+    """
+    rows, disk_full = [], None
     for i, case in enumerate(cases):
+        row = {"case_id": case.case_id, "status": "failed", "image": str(case.image_path)}
+        if disk_full is not None:
+            rows.append({**row, "error": f"not attempted: {disk_full}", "disk_full": True, "rank": dist.rank()})
+            continue
         try:
             row = predict_case(case, setup.reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device,
                                refine=setup.refine)
             log.info("[%d/%d] %s done in %.2f s%s", i + 1, len(cases), case.case_id, row["seconds"]["total"],
                      "" if row["risk_prob"] is None else f", risk {row['risk_prob']:.3f}")
+        except fsutil.DiskWriteError as e:
+            disk_full = str(e)
+            log.error("%s: %s", case.case_id, e)
+            row.update(error=str(e), disk_full=True)
         except CaseFailure as e:
             log.error("%s: %s -- skipped", case.case_id, e)
-            row = {"case_id": case.case_id, "status": "failed", "error": str(e), "image": str(case.image_path)}
+            row["error"] = str(e)
         except Exception as e:  # an unexpected failure of one case must not stop the others
             log.error("%s: %s: %s -- skipped", case.case_id, type(e).__name__, e)
-            row = {"case_id": case.case_id, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                   "image": str(case.image_path)}
+            row["error"] = f"{type(e).__name__}: {e}"
+        if row["status"] != "ok":
+            _move_aside_quietly(case, out_dir)
         row["rank"] = dist.rank()
         rows.append(row)
     return rows
+
+
+def _move_aside_quietly(case: CaseInput, out_dir: Path) -> None:
+    """:func:`move_aside`, where a failure to move (a full disk) only costs a warning: the case failed anyway."""
+    try:
+        move_aside(case, out_dir)
+    except OSError as e:
+        log.warning("%s: could not move its earlier outputs aside (%s)", case.case_id, e)
 
 
 def run(cfg: PredictConfig, paths: PredictPaths) -> int:
@@ -661,7 +739,7 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
 
     Raises:
         HpcDfsError: a problem that stops the run before any case (raised on every rank, see
-            :func:`_setup_on_every_rank`).
+            :func:`_setup_on_every_rank`), or a full disk (exit 4, the file named; on every rank).
     """
     import torch
     dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
@@ -681,9 +759,16 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
     mine = partition(setup.cases, rank, world) if world > 1 else setup.cases
     rows = _predict_all(mine, setup, cfg, paths.out)
     gathered = sorted((r for part in dist.allgather_object(rows) for r in part), key=lambda r: r["case_id"])
+    problem = None
     if rank == 0:
-        _write_summary(gathered, setup, cfg, paths, threads, time.perf_counter() - t0)
-    dist.barrier()
+        try:
+            _write_summary(gathered, setup, cfg, paths, threads, time.perf_counter() - t0)
+        except fsutil.DiskWriteError as e:
+            problem = str(e)
+    problem = dist.broadcast_object(problem)  # also the barrier: no rank leaves before the summary is written
+    problem = problem or next((r["error"] for r in gathered if r.get("disk_full")), None)
+    if problem:  # every rank raises the same one line (exit 4)
+        raise PredictError(problem, code=EXIT_ENV)
     return 1 if any(r["status"] != "ok" for r in gathered) else 0
 
 

@@ -50,7 +50,7 @@ from hpc_dfs.data.geometry import normalise
 from hpc_dfs.data.plan import CaseItem, Plan, PreprocessError, load_item, make_plan, reusable_shard, source_sha
 from hpc_dfs.data.progress import add_progress_argument, progress_bar, wants_progress
 from hpc_dfs.errors import HpcDfsError
-from hpc_dfs.fsutil import clean_stale_tmp, write_json
+from hpc_dfs.fsutil import DiskWriteError, clean_stale_tmp, write_json
 from hpc_dfs.log import get_logger
 
 __all__ = ["run_preprocess", "PreprocessError", "add_arguments", "main", "SCHEMA_VERSION"]
@@ -199,14 +199,20 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     if not parts:
         return _nothing_left(me, errors, f"no valid case to preprocess in {plan.data_dir}")
     shared = _derive(me, plan, spatial, parts, shas)
+    _retire_other_manifest(me, shared.phash)
     try:
         results, n_reused = _write_pass(me, plan, mine, local, shared, sparams)         # 3. write
     except _Abort:
         return _summary(me, me.failed, fail_fast=True)
+    except DiskWriteError as e:
+        _stop_on_full_disk(me, e)
     me.bar.close()
     results, n_reused = _exchange_results(me, results, n_reused, errors)
     if me.rank == 0:                                                                   # 4. manifest, last
-        _write_manifest(me, plan, shared, results, errors, n_reused, t_start)
+        try:
+            _write_manifest(me, plan, shared, results, errors, n_reused, t_start)
+        except DiskWriteError as e:
+            _stop_on_full_disk(me, e)
     dist.barrier()
     return _summary(me, errors) if errors else 0
 
@@ -244,6 +250,42 @@ def _prepare_out(me: _Rank) -> None:
         if n_stale:
             me.log.info("removed %d temporary file(s) left by an interrupted run", n_stale)
     dist.barrier()
+
+
+def _retire_other_manifest(me: _Rank, phash: str) -> None:
+    """Rank 0 removes a ``manifest.json`` of other parameters before any shard is rewritten; all ranks wait.
+
+    A rerun with changed settings replaces the shards one by one; killed half-way, the folder would hold the old
+    manifest over shards of two settings (issue 14, hole 1). Without the manifest it reads as unfinished until
+    the new one is written, last.
+    """
+    from hpc_dfs import dist
+
+    if me.rank == 0:
+        path = me.out_dir / "manifest.json"
+        try:
+            old = json.loads(path.read_text()).get("params_sha256")
+        except FileNotFoundError:
+            old = phash
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old != phash:
+            path.unlink(missing_ok=True)
+            me.log.info("%s was written with other parameters: removed before its shards are rewritten", path)
+    dist.barrier()
+
+
+def _stop_on_full_disk(me: _Rank, err: DiskWriteError) -> None:
+    """A full disk stops the run: one line naming the file (exit 4); under MPI the whole job is aborted.
+
+    Raises:
+        DiskWriteError: always (alone, or before the other ranks are aborted).
+    """
+    if me.world > 1:
+        from hpc_dfs import dist
+        me.log.error("%s", err)
+        dist.abort(err.code)
+    raise err
 
 
 # ----------------------------------------------------------------------------- 2. fingerprint
@@ -342,6 +384,8 @@ def _write_pass(me: _Rank, plan: Plan, mine: list[str], local: _Local, shared: _
             try:
                 results[cid], kept = _write_or_keep(me, plan, cid, local, shared, sparams)
                 n_reused += kept
+            except DiskWriteError:
+                raise  # not this case's problem: every case after it would fail the same way
             except Exception as e:
                 me.fail(cid, e)
         me.bar.update(1)

@@ -60,6 +60,7 @@ import torch
 from hpc_dfs import dist
 from hpc_dfs.config import add_arguments as add_config_arguments, from_args
 from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
+from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.log import get_logger
 from hpc_dfs.training.plan import SetupError, checked, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
@@ -96,6 +97,8 @@ def main(args: argparse.Namespace) -> int:
 
     Raises:
         ConfigError: a bad setting (before any rank starts work; exit 2).
+        HpcDfsError: a problem met while training, e.g. ``DiskWriteError`` (exit 4) naming the file being
+            written; with several ranks the line is logged and the job aborted with its code.
     """
     cfg = from_args(TrainConfig, args)
     _horovod_environment(cfg)
@@ -106,6 +109,11 @@ def main(args: argparse.Namespace) -> int:
         return train(cfg, args.shards, args.out, resume=resume)
     except SetupError as e:   # every rank agreed, and rank 0 logged each problem
         return e.code
+    except HpcDfsError as e:  # e.g. a full disk while writing a checkpoint: cli.main prints its one line
+        if dist.size() > 1:
+            log.error("hpc-dfs train: error: %s", e)
+            dist.abort(e.code)  # the other ranks would wait forever in their next collective
+        raise
     except Exception:
         log.exception("training failed")
         if dist.size() > 1:

@@ -20,9 +20,16 @@ file -- missing, truncated, not a torch file, not a dict, or a dict without our 
 shows it; nothing rebuilds a run from it): checkpoints written before the config had sections hold a flat
 dict there and still load for predict and report; ``TrainConfig.from_stored`` reads either layout.
 ``model_config`` is what rebuilds the network.
+
+Integrity: torch does not verify the bytes it reads (4 flipped bytes inside a tensor load as other weights), so
+:func:`save` stores ``content_sha256``, a sha256 over every key, plain value and tensor byte of the state, and
+:func:`load` recomputes it: a mismatch is a :class:`CheckpointError` naming the file. Checkpoints written before
+the digest existed still load (one warning per process). ``load`` returns the state without the digest key.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 import re
 import shutil
@@ -33,10 +40,12 @@ import numpy as np
 import torch
 
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
-from hpc_dfs.fsutil import atomic_path, clean_stale_tmp
+from hpc_dfs.fsutil import atomic_path, clean_stale_tmp, write_bytes
+from hpc_dfs.log import get_logger
 
-__all__ = ["Checkpoint", "REQUIRED_KEYS", "INFERENCE_KEYS", "TENSOR_KEYS", "CheckpointError", "capture_rng",
-           "restore_rng", "save", "load", "read_meta", "copy_atomic", "prune_epoch_checkpoints", "epoch_path"]
+__all__ = ["Checkpoint", "REQUIRED_KEYS", "INFERENCE_KEYS", "TENSOR_KEYS", "DIGEST_KEY", "CheckpointError",
+           "capture_rng", "restore_rng", "save", "load", "read_meta", "copy_atomic", "prune_epoch_checkpoints",
+           "epoch_path", "content_sha256"]
 
 
 class Checkpoint(TypedDict):
@@ -66,6 +75,11 @@ REQUIRED_KEYS = tuple(Checkpoint.__annotations__)
 INFERENCE_KEYS = ("model", "model_config")
 #: the large tensor entries; :func:`read_meta` drops them
 TENSOR_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng")
+#: the key holding :func:`content_sha256` of the rest of the state (added by :func:`save`, removed by :func:`load`)
+DIGEST_KEY = "content_sha256"
+
+log = get_logger("hpc_dfs.checkpoint")
+_warned_undigested = False
 
 
 class CheckpointError(HpcDfsError):
@@ -100,16 +114,58 @@ def restore_rng(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
+def content_sha256(state: Any) -> str:
+    """sha256 over the structure of ``state``: keys, plain values (by type and ``repr``) and tensor bytes.
+
+    Independent of the file's layout (zip offsets, pickle memo), so the loaded state gives the digest of the
+    saved one exactly when every stored key, value and tensor byte came back unchanged.
+    """
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Add one value to the digest, tagged by its type (so ``1``, ``1.0``, ``"1"`` and ``[1]`` differ)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        text = repr(obj).encode()
+        h.update(f"V{type(obj).__name__}{len(text)}:".encode() + text)
+
+
 def save(state: dict, path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``state`` and its :func:`content_sha256` to ``path`` atomically (temp file, fsync, rename).
+
+    Serialised in memory first, so a full disk is the plain ``write()`` failure of
+    :func:`hpc_dfs.fsutil.write_bytes` (one line naming the file) and never a partial ``.pt``.
+
+    Raises:
+        CheckpointError: a required key is missing.
+        DiskWriteError: the file system refused the write; names ``path``.
+    """
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"refusing to write checkpoint {path}: keys {missing} missing")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(path.parent)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    payload = {k: v for k, v in state.items() if k != DIGEST_KEY}
+    payload[DIGEST_KEY] = content_sha256(payload)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def copy_atomic(src: str | Path, dst: str | Path) -> None:
@@ -141,8 +197,9 @@ def load(path: str | Path, map_location: Any = "cpu", require: Iterable[str] = R
         require: keys that must be present (default: all of :data:`REQUIRED_KEYS`, as ``--resume`` needs).
 
     Raises:
-        CheckpointError: the file is missing, truncated or foreign (not a torch file, not a dict, or without the
-            keys); the message names the file and the problem.
+        CheckpointError: the file is missing, truncated, corrupt (its contents do not give the stored
+            ``content_sha256``) or foreign (not a torch file, not a dict, or without the keys); the message names
+            the file and the problem.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,10 +212,32 @@ def load(path: str | Path, map_location: Any = "cpu", require: Iterable[str] = R
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of training state: "
                               "not written by `hpc-dfs train`")
+    _verify_digest(state, path)
     missing = [k for k in require if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks keys {missing}: not written by `hpc-dfs train`")
     return state
+
+
+def _verify_digest(state: dict, path: Path) -> None:
+    """Pop the stored digest and compare it with the contents; an old checkpoint without one gets one warning.
+
+    Raises:
+        CheckpointError: the digest differs (flipped bytes, a damaged copy); names the file.
+    """
+    global _warned_undigested
+    if DIGEST_KEY not in state:
+        if not _warned_undigested:
+            log.warning("checkpoint %s has no %s (written before checkpoints carried one): its bytes are not "
+                        "verified", path, DIGEST_KEY)
+            _warned_undigested = True
+        return
+    want = state.pop(DIGEST_KEY)
+    got = content_sha256(state)
+    if want != got:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents hash to sha256 {got[:12]}..., not the "
+                              f"{str(want)[:12]}... stored when it was written (flipped bytes or a damaged copy); "
+                              "use another checkpoint, e.g. an epoch_XXXX.pt")
 
 
 def read_meta(path: str | Path) -> dict:

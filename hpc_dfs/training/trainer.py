@@ -184,7 +184,11 @@ class Trainer:
         return {"loss": loss, "lr": lrs.lrs[0] * factor}
 
     def end_epoch(self, epoch: int) -> dict:
-        """Epoch row (throughput, losses, metrics), LR schedule, best, checkpoint, metrics.jsonl; returns the row."""
+        """Epoch row (throughput, losses, metrics), LR schedule, best, metrics.jsonl, checkpoint; returns the row.
+
+        The row is written BEFORE the checkpoint: a kill between the two leaves a row beyond ``last.pt``'s epoch,
+        which ``--resume`` drops (:class:`MetricsLog`) and writes again; the other order lost the row for good.
+        """
         st = self.state
         completed = st.step == (epoch + 1) * self.steps_per_epoch   # False when max_steps cut the epoch short
         st.epoch = epoch + 1 if completed else epoch
@@ -192,12 +196,13 @@ class Trainer:
         if completed:   # per-epoch schedules step on whole epochs only
             step_scheduler(self.scheduler, st.metrics.get("val_loss"))
         is_best = st.improved(score(st.metrics) if st.metrics else -math.inf)
+        if dist.is_main():
+            self._write_row(row)
         self.save_checkpoint(st, tag_epoch=completed)
         st.history.append(row)
         if dist.is_main():
             if is_best:
                 ckpt.copy_atomic(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
-            self._write_row(row)
             self._log_epoch(epoch, row, completed, is_best)
         return row
 

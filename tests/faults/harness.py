@@ -75,12 +75,21 @@ def require_ok(res: Run, what: str) -> Run:
 ERROR_LINE = re.compile(r"^hpc-dfs [a-z]+: error:|\b(ERROR|CRITICAL)\b")
 
 
-def clear_error(res: Run, verb: str, *names: str) -> list[str]:
+def cli_error_lines(res: Run, verb: str) -> list[str]:
+    """The ``hpc-dfs VERB: error: ...`` lines of ``cli.main`` (an HpcDfsError raised by the stage) on stderr."""
+    return [ln for ln in res.stderr.splitlines() if ln.startswith(f"hpc-dfs {verb}: error:")]
+
+
+def clear_error(res: Run, verb: str, *names: str, one_line: bool = False, cli_line: bool = False) -> list[str]:
     """Problems with a failed run's report; [] when it is a clear error.
 
     Clear means: a non-zero exit that is not a signal (rc 1..127, not 134/139 nor negative), no Python traceback
     nor 'Exception ignored' nor segfault, and an error line on stderr (the CLI's ``hpc-dfs VERB: error: ...``,
     argparse's, or a logged ERROR) that alone names one of ``names`` (the case or the file).
+
+    ``one_line`` (a run refused before any work starts): exactly one error line in all. ``cli_line`` (with it):
+    that line is ``cli.main``'s ``hpc-dfs VERB: error: ...`` (the stage raised an HpcDfsError) naming one of
+    ``names``.
     """
     if res.timed_out:
         return ["timed out"]
@@ -97,6 +106,14 @@ def clear_error(res: Run, verb: str, *names: str) -> list[str]:
         problems.append(f"no error line names any of {names}: {lines[:3]}")
     if len(lines) > 6:
         problems.append(f"{len(lines)} error lines: a flood, not one clear line")
+    if one_line and len(lines) != 1:
+        problems.append(f"{len(lines)} error lines for a run refused before it started: expected exactly one")
+    elif one_line and cli_line:
+        cli_lines = cli_error_lines(res, verb)
+        if len(cli_lines) != 1:
+            problems.append(f"the one error line is not 'hpc-dfs {verb}: error: ...': {lines[:1]}")
+        elif names and not any(n.lower() in cli_lines[0].lower() for n in names):
+            problems.append(f"the 'hpc-dfs {verb}: error:' line names none of {names}: {cli_lines[0]}")
     if problems:
         problems.append(f"{verb} stderr tail: " + res.stderr[-1500:])
     return problems

@@ -123,6 +123,8 @@ class Kind:
     verb: str
     names: tuple            # the error line must name one of these
     build: Callable         # (world, tmp) -> (args, out folder or None, good-output check or None)
+    one_line: bool = False  # refused before any work starts: exactly one error line in all ...
+    cli_line: bool = False  # ... and it is cli.main's ``hpc-dfs VERB: error:`` (a raised HpcDfsError)
 
 
 def _data(world, tmp, breaker=None) -> Path:
@@ -133,11 +135,12 @@ def _data(world, tmp, breaker=None) -> Path:
 
 
 def preprocess_kind(name, breaker, names=(BAD,), per_case=True):
-    """A broken case (per_case: the other cases must be written and valid) or a broken data set."""
+    """A broken case (per_case: the other cases must be written and valid) or a broken data set (refused before
+    any work, in one ``hpc-dfs preprocess: error:`` line)."""
     def build(world, tmp):
         d, out = _data(world, tmp, breaker), tmp / "shards"
         return ("preprocess", "--data", d, "--out", out, *SLICE), out, good_shards_valid if per_case else None
-    return Kind(name, "preprocess", names, build)
+    return Kind(name, "preprocess", names, build, one_line=not per_case, cli_line=not per_case)
 
 
 def predict_kind(name, breaker, names=(BAD,)):
@@ -149,10 +152,17 @@ def predict_kind(name, breaker, names=(BAD,)):
     return Kind(name, "predict", names, build)
 
 
-def simple(name, verb, names, args_fn):
+def simple(name, verb, names, args_fn, one_line=True, cli_line=True):
+    """A run refused before it starts work (by default: one ``hpc-dfs VERB: error:`` line and nothing else)."""
     def build(world, tmp):
         return (verb, *args_fn(world, tmp)), None, None
-    return Kind(name, verb, names, build)
+    return Kind(name, verb, names, build, one_line=one_line, cli_line=cli_line and one_line)
+
+
+#: train's checks of the shards run on every rank and are logged by rank 0 as one ERROR line (SetupError, exit 2)
+TRAIN_SETUP = dict(one_line=True, cli_line=False)
+#: evaluate scores the cases it can and logs one error per bad prediction (exit 1): not before work starts
+PER_CASE = dict(one_line=False)
 
 
 def _ckpt_foreign(world, tmp):
@@ -169,11 +179,13 @@ def _ckpt_truncated(world, tmp):
 
 
 def _pred_with(world, tmp, change) -> Path:
+    """A copy of the reference predictions with case 00001's array changed, its header (and so predict's
+    provenance in ``descrip``) kept: as if predict itself had written the bad array."""
     pred = world.copy(world.pred, tmp / "pred")
     path = pred / f"prediction_{BAD[-5:]}.nii.gz"
-    arr, aff = _nifti(path)
-    arr, aff = change(arr.copy(), aff.copy())
-    _save(path, arr, aff)
+    img = nib.load(str(path))
+    arr, aff = change(np.asarray(img.dataobj).copy(), img.affine.copy())
+    nib.save(nib.Nifti1Image(arr, aff, header=img.header), str(path))
     return pred
 
 
@@ -230,11 +242,12 @@ KINDS = [
     simple("preprocess_empty_data_folder", "preprocess", ("empty",),
            lambda w, t: ("--data", _empty(t), "--out", t / "s")),
     simple("train_missing_shards_folder", "train", ("no_such_shards",),
-           lambda w, t: ("--shards", t / "no_such_shards", "--out", t / "run")),
-    simple("train_no_manifest", "train", ("manifest.json",), lambda w, t: _shards_without(w, t, "manifest.json")),
-    simple("train_malformed_manifest", "train", ("manifest.json",), _shards_garbled_manifest),
+           lambda w, t: ("--shards", t / "no_such_shards", "--out", t / "run"), **TRAIN_SETUP),
+    simple("train_no_manifest", "train", ("manifest.json",), lambda w, t: _shards_without(w, t, "manifest.json"),
+           **TRAIN_SETUP),
+    simple("train_malformed_manifest", "train", ("manifest.json",), _shards_garbled_manifest, **TRAIN_SETUP),
     simple("train_missing_shard_file", "train", ("case_00002",),
-           lambda w, t: _shards_without(w, t, "shard-case_00002.h5")),
+           lambda w, t: _shards_without(w, t, "shard-case_00002.h5"), **TRAIN_SETUP),
     simple("train_bad_set_key", "train", ("model.nope",),
            lambda w, t: ("--shards", w.shards, "--out", t / "run", "--set", "model.nope=1")),
     simple("train_bad_set_value", "train", ("epochs",),
@@ -246,9 +259,9 @@ KINDS = [
     predict_kind("predict_truncated_nifti", lambda d: truncate(d / BAD / "imaging.nii.gz")),
     predict_kind("predict_2d_nifti", image_2d),
     simple("hole6_evaluate_label_9", "evaluate", (BAD, f"prediction_{BAD[-5:]}"),
-           lambda w, t: _eval_args(_pred_with(w, t, _label9), w, t)),
+           lambda w, t: _eval_args(_pred_with(w, t, _label9), w, t), **PER_CASE),
     simple("evaluate_prediction_shape_mismatch", "evaluate", (BAD, f"prediction_{BAD[-5:]}"),
-           lambda w, t: _eval_args(_pred_with(w, t, lambda a, f: (a[:-1], f)), w, t)),
+           lambda w, t: _eval_args(_pred_with(w, t, lambda a, f: (a[:-1], f)), w, t), **PER_CASE),
     simple("evaluate_missing_gt_folder", "evaluate", ("no_such_gt",),
            lambda w, t: ("--pred", w.pred, "--gt", t / "no_such_gt", "--out", t / "eval.json")),
     simple("evaluate_empty_pred_folder", "evaluate", ("empty",),
@@ -276,7 +289,7 @@ def bad_runs(request, world, tmp_path_factory, uci_ckd_dir) -> dict:
 @pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
 def test_bad_input_is_one_clear_error(kind: Kind, bad_runs):
     (_, args, out, good_check), res = bad_runs[kind.name]
-    problems = H.clear_error(res, kind.verb, *kind.names)
+    problems = H.clear_error(res, kind.verb, *kind.names, one_line=kind.one_line, cli_line=kind.cli_line)
     if good_check is not None and out is not None:
         problems += good_check(out)
     H.record("bad_input", kind=kind.name, clear=not problems, rc=res.returncode)

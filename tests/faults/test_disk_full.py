@@ -66,9 +66,14 @@ def _record_and_check(kind: str, problems: list[str]) -> None:
     assert not problems, f"{kind}: " + "\n".join(problems)
 
 
+def _kb(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) // 1024 + 1
+
+
 def test_hole5_disk_full_preprocess_is_clean(world, tmp_path):
     H.ref_arrays(world, "shards")
-    with tmpfs(tmp_path / "disk", 1024) as disk:
+    # room for the clean run (shards of format 2 are ~1 MiB each here), so that the rerun can finish
+    with tmpfs(tmp_path / "disk", 2 * _kb(world.shards) + 256) as disk:
         filler = fill(disk, leave_kb=64)
         out = disk / "shards"
         res = H.cli("preprocess", "--data", world.data, "--out", out, *SLICE)
@@ -125,14 +130,17 @@ def test_hole5_disk_full_train_keeps_epoch1_and_resumes(world, tmp_path):
 
 
 def _run_until_row_then_fill(args, out: Path) -> tuple[H.Run, Path]:
-    """Run train; when metrics.jsonl holds a row, stop it (SIGSTOP), fill the disk, let it go on."""
+    """Run train; when metrics.jsonl holds a row and epoch 1's checkpoint is written, stop it (SIGSTOP), fill the
+    disk, let it go on. (Train writes the epoch's row BEFORE its checkpoint, so that a kill between the two cannot
+    lose the row: waiting for the row alone could fill the disk before epoch 1 is kept.)"""
     cmd = [str(c) for c in H.hpc_dfs_cmd(*args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=H.job_env(),
                             cwd=H.REPO, start_new_session=True)
     so, se = H._Reader(proc.stdout).start(), H._Reader(proc.stderr).start()
     t_end = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < t_end:
-        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
+        if ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()
+                and (out / "checkpoints" / "epoch_0001.pt").exists()):
             break
         time.sleep(0.001)
     stopped = proc.poll() is None

@@ -43,10 +43,14 @@ def test_hole6_missing_prediction_counts_as_zero_or_fails(world, tmp_path):
     ev = json.loads(out.read_text())
     others = [c for c in ev["cases"] if c["case_id"] != BAD]
     assert len(others) == 3, ev["cases"]
+    # evaluate keeps "mean" over the evaluated predictions (n=3, as its unit tests assert) and puts the KiTS mean,
+    # a missing case scored as an all-background prediction, in "mean_all" (n=4, n_missing=1)
+    mean = ev["mean_all"]
     for key in ("kidney_dice", "tumor_dice"):
         want = sum(c[key] for c in others) / 4
-        assert ev["mean"][key] == pytest.approx(want, abs=1e-9), \
-            f"mean {key} {ev['mean'][key]} is not over all 4 cases with {BAD} as 0 (expected {want})"
+        assert mean[key] == pytest.approx(want, abs=1e-9), \
+            f"mean_all {key} {mean[key]} is not over all 4 cases with {BAD} as 0 (expected {want})"
     assert BAD in out.read_text() and BAD in res.stderr, f"the missing case {BAD} is not named"
-    counts = [v for v in {**ev, **ev["mean"]}.values() if isinstance(v, int) and not isinstance(v, bool)]
-    assert 4 in counts, f"the n of the mean (4 cases) is not visible in eval.json's mean or top level: {counts}"
+    counts = [v for v in {**ev, **mean}.values() if isinstance(v, int) and not isinstance(v, bool)]
+    assert 4 in counts, f"the n of the mean (4 cases) is not visible in eval.json's mean_all or top level: {counts}"
+    assert mean.get("n_missing") == 1 and ev["mean"]["n_cases"] == 3, (mean.get("n_missing"), ev["mean"])

@@ -116,3 +116,40 @@ def test_old_flat_config_still_loads_for_predict_and_report(tmp_path):
     assert ckpt.load(path)["config"]["lr"] is None
     assert ckpt.load(path, require=ckpt.INFERENCE_KEYS)["model_config"] == {"name": "unet"}
     assert ckpt.read_meta(path)["config"]["epochs"] == 2
+
+
+def test_flipped_tensor_bytes_are_named(good, tmp_path):
+    """Issue 14: torch does not verify the bytes it reads; the stored content digest does."""
+    state = ckpt.load(good)
+    assert ckpt.DIGEST_KEY not in state           # load returns what was saved, without the digest
+    data = bytearray(good.read_bytes())
+    raw = state["model"]["weight"].numpy().tobytes()
+    at = bytes(data).find(raw)                    # the weight tensor's bytes, stored uncompressed in the zip
+    assert at > 0
+    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    torch.load(flipped, weights_only=True)        # torch alone reads it as other weights
+    for read in (ckpt.load, ckpt.read_meta):
+        with pytest.raises(ckpt.CheckpointError, match=r"flipped\.pt is corrupt"):
+            read(flipped)
+
+
+def test_checkpoint_without_digest_loads_with_one_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(ckpt, "_warned_undigested", False)
+    old = tmp_path / "old.pt"
+    torch.save(_full_state(), old)                # as written before checkpoints carried a digest
+    with caplog.at_level("WARNING", logger="hpc_dfs.checkpoint"):
+        assert ckpt.load(old)["step"] == 3
+        assert ckpt.load(old)["step"] == 3
+    assert sum("no content_sha256" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_digest_covers_keys_values_and_tensors():
+    base = _full_state()
+    d = ckpt.content_sha256(base)
+    assert d == ckpt.content_sha256(_full_state() | {"model": base["model"], "optimizer": base["optimizer"],
+                                                     "rng": base["rng"]})
+    for change in ({"step": 4}, {"step": 3.0}, {"classes": ["bg", "kidnee"]},
+                   {"model": {k: v + 1e-7 if k == "bias" else v for k, v in base["model"].items()}}):
+        assert ckpt.content_sha256(base | change) != d, change

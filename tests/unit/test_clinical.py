@@ -207,3 +207,9 @@ def test_gru_reaches_the_goal_on_uci_ckd_5_fold(tmp_path, uci_ckd_dir):
                 "--out", out, "--no-shap") == 0
     pooled = json.loads((out / "metrics.json").read_text())["models"]["gru"]["pooled"]
     assert pooled["accuracy"] >= 0.99 and pooled["kappa"] >= 0.97
+
+
+def test_csv_target_that_is_not_a_column_is_named(tmp_path, capsys, uci_ckd_dir):
+    """Issue 14 hole 6: ``--target nope`` on the UCI CSV named the missing 'case_id', not the missing target."""
+    msg = _error(capsys, "--data", uci_ckd_dir / "kidney_disease.csv", "--target", "nope", "--out", tmp_path / "o")
+    assert "kidney_disease.csv" in msg and "no target column 'nope'" in msg and "case_id" not in msg

@@ -246,3 +246,36 @@ def test_label_outside_0_1_2_is_an_error_naming_the_case(tmp_path, capsys):
     assert err[0]["case_id"] == "case_00003" and "label value(s) 9 outside {0, 1, 2}" in err[0]["error"]
     assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path / "gt"), "--out", str(out)]) == 2
     assert "--pred" in capsys.readouterr().err
+
+
+def test_predictions_not_from_the_run_of_summary_json_are_refused(tmp_path, capsys):
+    """Issue 14 hole 2: a prediction whose case failed in summary.json, or whose header names another checkpoint or
+    input, is refused (exit 3) naming the file; without provenance in the summary nothing is checked."""
+    from hpc_dfs.cli import main
+    aff = ev.kits_affine((1, 1, 1))
+    gt = _two_kidneys()
+    rows = []
+    for i, descrip in enumerate(("hpc-dfs aaaaaaaaaaaa bbbbbbbbbbbb", "hpc-dfs cccccccccccc dddddddddddd")):
+        cid = f"case_{i:05d}"
+        _save(tmp_path / "gt" / cid / "segmentation.nii.gz", gt, aff)
+        img = nib.Nifti1Image(gt, aff)
+        img.header["descrip"] = descrip.encode()
+        (tmp_path / "pred").mkdir(exist_ok=True)
+        nib.save(img, str(tmp_path / "pred" / f"prediction_{i:05d}.nii.gz"))
+        rows.append({"case_id": cid, "status": "ok", "provenance": {"descrip": descrip}})
+    summary = tmp_path / "pred" / "summary.json"
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+            "--out", str(tmp_path / "eval.json"), "--no-surface-metrics"]
+    summary.write_text(json.dumps({"cases": rows}))
+    assert main(args) == 0
+    rows[1]["provenance"]["descrip"] = "hpc-dfs eeeeeeeeeeee dddddddddddd"      # another checkpoint
+    summary.write_text(json.dumps({"cases": rows}))
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "prediction_00001.nii.gz" in err and "provenance" in err and "prediction_00000" not in err
+    rows[1] = {"case_id": "case_00001", "status": "failed", "error": "truncated"}  # a stale file of an older run
+    summary.write_text(json.dumps({"cases": rows}))
+    assert main(args) == 3
+    assert "prediction_00001.nii.gz (case_00001 failed in it)" in capsys.readouterr().err
+    summary.write_text(json.dumps({"cases": [{"case_id": "case_00000", "status": "ok"}]}))   # an older predict
+    assert main(args) == 0

@@ -41,3 +41,41 @@ def test_atomic_files_get_umask_mode_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_is_one_error_naming_the_final_file(tmp_path):
+    """Issue 14 hole 5: ENOSPC while writing is a DiskWriteError (exit 4) naming the file, nothing partial left."""
+    import errno
+
+    from hpc_dfs.errors import EXIT_ENV, HpcDfsError
+    from hpc_dfs.fsutil import DiskWriteError
+    target = tmp_path / "manifest.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(DiskWriteError) as e:
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "part')
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert isinstance(e.value, HpcDfsError) and e.value.code == EXIT_ENV
+    assert str(target) in str(e.value) and "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert json.loads(target.read_text()) == {"v": 1} and not list(tmp_path.glob(TMP_PREFIX + "*"))
+    with pytest.raises(PermissionError):  # other OSErrors are not disguised as a full disk
+        with atomic_path(target):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_atomic_h5_is_built_in_memory_and_written_whole(tmp_path):
+    import h5py
+    import numpy as np
+
+    from hpc_dfs.fsutil import atomic_h5
+    path = tmp_path / "s.h5"
+    with atomic_h5(path, track_order=True) as f:
+        f.create_dataset("x", data=np.arange(12, dtype=np.float32).reshape(3, 4), chunks=(1, 4), fletcher32=True)
+        assert not path.exists() and not list(tmp_path.glob(TMP_PREFIX + "*"))  # nothing on disk until the end
+    with h5py.File(path, "r") as f:
+        assert f["x"][()].sum() == 66 and f["x"].fletcher32
+    with pytest.raises(RuntimeError):
+        with atomic_h5(tmp_path / "t.h5") as f:
+            f.create_dataset("y", data=[1, 2])
+            raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["s.h5"]

@@ -251,3 +251,35 @@ def test_errors_are_one_line_on_stderr(setup, tmp_path, capsys):
         f"hpc-dfs predict: error: --input {tmp_path / 'nowhere'}: does not exist"]
     assert cli(args) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["hpc-dfs predict: error: --input and --out are required"]
+
+
+def test_provenance_stale_tmp_and_a_failed_case_moved_aside(setup, tmp_path, capsys):
+    """Issue 14 holes 2 and 6: the header and summary carry the checkpoint and input sha256; a rerun cleans the
+    .tmp-* a killed run left; a case that fails on a rerun has its earlier prediction moved to stale/, and
+    evaluate refuses a prediction that is not from the run of summary.json."""
+    from hpc_dfs.fsutil import sha256_file
+    data, out = tmp_path / "data", tmp_path / "pred"
+    for cid in ("case_00000", "case_00001"):
+        shutil.copytree(setup["data"] / cid, data / cid)
+    out.mkdir()
+    (out / ".tmp-probabilities_00000.nii.gz.x1.nii.gz").write_bytes(b"partial")
+    args = ["--input", str(data), "--out", str(out), "--no-overlays"]
+    assert cli(["predict", "--checkpoint", str(setup["ckpts"][1]), *args]) == 0
+    assert not list(out.glob(".tmp-*"))
+    row = {c["case_id"]: c for c in json.loads((out / "summary.json").read_text())["cases"]}["case_00000"]
+    ck_sha, in_sha = sha256_file(setup["ckpts"][1]), sha256_file(data / "case_00000" / "imaging.nii.gz")
+    assert row["provenance"] == {"checkpoints_sha256": ck_sha, "input_sha256": in_sha,
+                                 "descrip": f"hpc-dfs {ck_sha[:12]} {in_sha[:12]}"}
+    header = nib.load(str(out / "prediction_00000.nii.gz")).header["descrip"].item().decode()
+    assert header == row["provenance"]["descrip"]
+    blob = (data / "case_00001" / "imaging.nii.gz").read_bytes()
+    (data / "case_00001" / "imaging.nii.gz").write_bytes(blob[: len(blob) // 2])
+    assert cli(["predict", "--checkpoint", str(setup["ckpts"][0]), *args]) == 1
+    assert not (out / "prediction_00001.nii.gz").exists() and (out / "stale" / "prediction_00001.nii.gz").exists()
+    ev_args = ["evaluate", "--pred", str(out), "--gt", str(setup["data"]), "--out", str(tmp_path / "ev.json"),
+               "--no-surface-metrics"]
+    capsys.readouterr()
+    assert cli(ev_args) == 0  # case_00001 counts as missing (mean_all)
+    shutil.copyfile(out / "stale" / "prediction_00001.nii.gz", out / "prediction_00001.nii.gz")
+    assert cli(ev_args) == 3
+    assert "prediction_00001.nii.gz (case_00001 failed in it)" in capsys.readouterr().err
