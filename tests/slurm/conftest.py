@@ -80,7 +80,8 @@ class Cluster:
         A requeued job has one record per run; the run that was requeued is logged with the state the
         job had right after the requeue (PENDING), the last run with its final state.
         """
-        out = self.run("sacct", "-c", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(map(str, job_ids))).stdout
+        out = self.run("sacct", "-c", "-n", "-P", "-o", "JobID,State,ExitCode", "-j",
+                       ",".join(map(str, job_ids))).stdout
         runs: dict[str, list[tuple[str, str]]] = {str(j): [] for j in job_ids}
         for line in out.splitlines():
             parts = line.strip().split("|")

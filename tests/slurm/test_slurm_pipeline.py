@@ -40,7 +40,8 @@ def test_pipeline_preprocess_train_predict(slurm, tmp_path):
     data = _synth(tmp_path)
     work = tmp_path / "work"
     env = dict(CPU_JOB, DATA=str(data), WORK=str(work), EPOCHS="2", PREPROCESS_ARGS=PREPROCESS_ARGS,
-               TRAIN_ARGS=TINY_TRAIN + " --batch-size 2 --steps-per-epoch 2", TIME_PREPROCESS="00:15:00", TIME_TRAIN="00:15:00",
+               TRAIN_ARGS=TINY_TRAIN + " --batch-size 2 --steps-per-epoch 2", TIME_PREPROCESS="00:15:00",
+               TIME_TRAIN="00:15:00",
                TIME_PREDICT="00:15:00")
     res = slurm.run("slurm/pipeline.sh", env=env)
     jobs = re.search(r"^JOBS (\d+) (\d+) (\d+)$", res.stdout, re.M)

@@ -102,9 +102,9 @@ def _arrays(shards: Path) -> dict:
     out = {}
     for p in sorted(shards.glob("shard-*.h5")):
         with h5py.File(p, "r") as f:
-            def visit(name, obj):  # every dataset, the stage-2 windows' refine/ group included
+            def visit(name, obj, shard=p.name):  # every dataset, the stage-2 windows' refine/ group included
                 if isinstance(obj, h5py.Dataset):
-                    out[f"{p.name}/{name}"] = obj[()]
+                    out[f"{shard}/{name}"] = obj[()]
             f.visititems(visit)
     return out
 
