@@ -75,12 +75,12 @@ test-slurm: setup
 # ------------------------------------------------------------------------------------------ demo
 # Each step writes its output atomically; a second `make demo` skips steps whose output exists.
 DEMO ?= demo_out
-DEMO_CASES ?= 16
+DEMO_CASES ?= 48
 DEMO_TEST_CASES ?= 4
 DEMO_PHANTOM ?= 192
 DEMO_SIZE ?= 96
 DEMO_REFINE ?= --set refine.spacing=auto --set refine.slice_size=64,64 --set refine.margin_mm=12
-DEMO_EPOCHS ?= 25
+DEMO_EPOCHS ?= 8
 DEMO_TRAIN_ARGS ?= --epochs $(DEMO_EPOCHS) --batch-size 8 --lr 0.002 --num-workers 0 --set model.base_channels=8 --set model.norm=instance --seed 0
 
 demo: setup $(DEMO)/report.html
