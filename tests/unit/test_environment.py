@@ -8,7 +8,7 @@ import yaml
 from hpc_dfs import dist
 
 REPO = Path(__file__).resolve().parents[2]
-CONDA_NAMES = {"torch": "pytorch"}   # PyPI name -> conda-forge name where they differ
+CONDA_NAMES = {"torch": "pytorch", "xxhash": "python-xxhash"}  # PyPI name -> conda-forge name where they differ
 
 
 def _name(req: str) -> str:

@@ -269,13 +269,14 @@ def test_stage_both_trains_two_stages_and_resume_skips_them(run, shards, caplog)
 # ----------------------------------------------------------------------------- cascade predict
 def _biased(src: Path, dst: Path, logits: list[float]) -> Path:
     """A copy of a checkpoint whose output layer says ``logits`` everywhere (all background, all kidney)."""
-    state = torch.load(src, map_location="cpu", weights_only=True)
+    from hpc_dfs.training import checkpoint  # through the schema: a hand-edited file would fail its digest
+    state = checkpoint.load(src)
     head = [k for k in state["model"] if k.endswith("head.2.bias")]
     assert len(head) == 1, head
     state["model"][head[0]] = torch.tensor(logits, dtype=torch.float32)
     w = head[0][:-len("bias")] + "weight"
     state["model"][w] = torch.zeros_like(state["model"][w])
-    torch.save(state, dst)
+    checkpoint.save(state, dst)
     return dst
 
 
