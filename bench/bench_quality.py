@@ -107,6 +107,15 @@ def preprocess(work: Path, data: dict[str, Path]) -> dict[str, Path]:
     return out
 
 
+def _train_seconds(run: Path) -> float:
+    """Training wall time of a run from its metrics.jsonl (first to last epoch end, plus one mean epoch)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if len(rows) < 2:
+        return 0.0
+    span = rows[-1]["time"] - rows[0]["time"]
+    return span + span / (len(rows) - 1)
+
+
 def _finished(last: Path, epochs: int) -> bool:
     from hpc_dfs.training import checkpoint
     return last.exists() and int(checkpoint.read_meta(last).get("epoch", 0)) >= epochs
@@ -119,11 +128,10 @@ def _train(work: Path, shards: Path, name: str, stage: str, extra: str, epochs: 
     if epochs is not None:
         args[args.index("--epochs") + 1] = str(epochs)
     last = run / "checkpoints" / "last.pt"
-    secs = 0.0
     if not _finished(last, int(args[args.index("--epochs") + 1])):
-        secs = _run(["train", "--shards", str(shards), "--out", str(run), "--stage", stage, *args,
-                     *(["--resume"] if last.exists() else [])], 2, run / "train.log")
-    return run / "checkpoints" / "best.pt", secs
+        _run(["train", "--shards", str(shards), "--out", str(run), "--stage", stage, *args,
+              *(["--resume"] if last.exists() else [])], 2, run / "train.log")
+    return run / "checkpoints" / "best.pt", _train_seconds(run)
 
 
 ROWS = [  # name, stage(s), domain randomised, refine-stage extra settings (the ablation first, then the DR rows)
@@ -180,6 +188,19 @@ def rows(work: Path, data: dict, shards: dict, epochs: int | None, result: dict,
     return out
 
 
+def markdown(result: dict) -> str:
+    """The README table of a ``quality.json`` (so the table and the JSON cannot disagree)."""
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| row | ours: kidney Dice | ours: tumour Dice | ours: tumours hit | unseen renderer: kidney | "
+             "unseen: tumour | unseen: tumours hit | train s |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        o, u = r["ours"], r["unseen"]
+        lines.append(f"| {r['row']} | {f(o['kidney_dice'])} | {f(o['tumor_dice'])} | "
+                     f"{o['tumors_hit']}/{o['tumors_gt']} | {f(u['kidney_dice'])} | {f(u['tumor_dice'])} | "
+                     f"{u['tumors_hit']}/{u['tumors_gt']} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"{len(QUICK['train'])} training cases, "
@@ -187,7 +208,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work_quality", help="working folder (reused)")
     ap.add_argument("--eval-data", type=Path, default=None, help="also predict and score this KiTS-layout folder")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where quality.json goes")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of OUT/quality.json and exit")
     a = ap.parse_args()
+    if a.table:
+        print(markdown(json.loads((a.out / "quality.json").read_text())))
+        return
     if not (LABELS / "labels").is_dir():
         raise SystemExit(f"[quality] needs the real KiTS19 label maps in {LABELS / 'labels'}")
     cases = {"train": QUICK["train"], "val": QUICK["val"]} if a.quick else {"train": TRAIN, "val": VAL}
