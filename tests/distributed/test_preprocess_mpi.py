@@ -29,7 +29,10 @@ def _content(shards):
     for p in sorted(shards.glob("shard-*.h5")):
         with h5py.File(p, "r") as f:
             for g in f:
-                for d, ds in f[g].items():
+                datasets = []  # every dataset of the case, the stage-2 windows' refine/ group included
+                f[g].visititems(lambda d, obj, out=datasets: out.append((d, obj))
+                                if isinstance(obj, h5py.Dataset) else None)
+                for d, ds in datasets:
                     assert ds.fletcher32, f"{p.name}:{g}/{d}"
                     arrays[f"{p.name}/{g}/{d}"] = ds[()]
                 attrs[g] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f[g].attrs.items()}

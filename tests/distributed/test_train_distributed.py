@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpc_dfs.training import checkpoint
+
 from tests.launch import hpc_dfs_cmd, job_env, launch, launcher_prefix, REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -189,7 +191,7 @@ def test_resume_refuses_changed_shards(shards, tmp_path):
     assert res.returncode == 0, res.output
     state = weights(out)
     state["manifest_sha256"] = "0" * 64  # as if trained on other shards
-    torch.save(state, out / "checkpoints" / "last.pt")
+    checkpoint.save(state, out / "checkpoints" / "last.pt")  # through the schema, so its content digest matches
     res = train(shards, out, "--epochs", 2, "--resume", np=2, launcher="mpirun")
     assert res.returncode == 2, res.output
     assert "manifest sha256" in res.output and "epoch 1/" not in res.output
