@@ -48,7 +48,8 @@ def test_two_ranks_equal_one_process(data, tmp_path, launcher):
     assert res2.returncode == 0, res2.output
     a1, t1 = _content(one)
     a2, t2 = _content(two)
-    assert a1.keys() == a2.keys() and len(a1) == 5 * 6  # 5 cases x 6 datasets (shard format 2: slice_checksums)
+    # 5 cases x (6 datasets (shard format 2: slice_checksums) + 5 of the stage-2 refine/ group)
+    assert a1.keys() == a2.keys() and len(a1) == 5 * (6 + 5)
     for k in a1:
         assert np.array_equal(a1[k], a2[k]), k
     assert t1 == t2
