@@ -26,6 +26,19 @@ def _outputs(d):
             if p.is_file() and p.name != "summary.json"}
 
 
+def _same_outputs(tmp_path, what: str) -> tuple[dict, dict]:
+    """Outputs of the 1-rank (p1) and 2-rank (p2) runs are the same files, byte for byte; both summaries."""
+    a, b = _outputs(tmp_path / "p1"), _outputs(tmp_path / "p2")
+    assert len([k for k in a if k.startswith("prediction_")]) == 3
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if a[k] != b[k]]
+    assert not different, f"{what} differ between 1 and 2 ranks: {different}"
+    s1 = json.loads((tmp_path / "p1" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "p2" / "summary.json").read_text())
+    assert s2["world_size"] == 2 and {c["rank"] for c in s2["cases"]} == {0, 1}
+    return s1, s2
+
+
 def test_two_rank_predict_is_byte_identical(tmp_path):
     s = make_setup(tmp_path)
     args = ["predict", "--checkpoint", s["ckpts"][0], "--checkpoint", s["ckpts"][1], "--weights", "0.7,0.3",
@@ -34,14 +47,7 @@ def test_two_rank_predict_is_byte_identical(tmp_path):
     assert one.returncode == 0, one.output
     two = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p2"), np=2, launcher="mpirun", timeout=240)
     assert two.returncode == 0, two.output
-    a, b = _outputs(tmp_path / "p1"), _outputs(tmp_path / "p2")
-    assert len([k for k in a if k.startswith("prediction_")]) == 3
-    assert sorted(a) == sorted(b)
-    different = [k for k in a if a[k] != b[k]]
-    assert not different, f"outputs differ between 1 and 2 ranks: {different}"
-    s1 = json.loads((tmp_path / "p1" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "p2" / "summary.json").read_text())
-    assert s2["world_size"] == 2 and {c["rank"] for c in s2["cases"]} == {0, 1}
+    s1, s2 = _same_outputs(tmp_path, "outputs")
     assert [c["case_id"] for c in s1["cases"]] == [c["case_id"] for c in s2["cases"]]
     assert [c["risk_prob"] for c in s1["cases"]] == [c["risk_prob"] for c in s2["cases"]]
 
@@ -77,13 +83,7 @@ def test_two_rank_cascade_predict_is_byte_identical(tmp_path):
     assert one.returncode == 0, one.output
     two = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p2"), np=2, launcher="mpirun", timeout=240)
     assert two.returncode == 0, two.output
-    a, b = _outputs(tmp_path / "p1"), _outputs(tmp_path / "p2")
-    assert len([k for k in a if k.startswith("prediction_")]) == 3 and sorted(a) == sorted(b)
-    different = [k for k in a if a[k] != b[k]]
-    assert not different, f"cascade outputs differ between 1 and 2 ranks: {different}"
-    s1 = json.loads((tmp_path / "p1" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "p2" / "summary.json").read_text())
-    assert s2["world_size"] == 2 and {c["rank"] for c in s2["cases"]} == {0, 1}
+    s1, s2 = _same_outputs(tmp_path, "cascade outputs")
     assert [c["cascade"] for c in s1["cases"]] == [c["cascade"] for c in s2["cases"]]
     assert any(c["cascade"]["stage"] == "refine" for c in s1["cases"]), "stage 2 never ran: the test is vacuous"
     assert [r["path"] for r in s1["refine_checkpoints"]] == [str(p) for p in ref]
