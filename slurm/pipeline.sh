@@ -22,6 +22,8 @@
 #                         [1 / TASKS_PER_NODE / PARTITION]; preprocessing asks for no GPU
 #   --time-preprocess T   [02:00:00]  --time-train T [24:00:00]  --time-predict T [04:00:00]
 #   --epochs E            training epochs [from the config]
+#   --stage S             locate | refine | both [from the config: locate]. both trains the cascade
+#                         (RUN/locate, then RUN/refine) and predicts with both stages
 #   --preprocess-config F / --train-config F / --predict-config F    TOML per stage
 #   --preprocess-args S / --train-args S / --predict-args S / --eval-args S  extra CLI arguments
 #   --venv DIR | --conda-env NAME | --modules "m1 m2"      environment each job activates
@@ -38,7 +40,7 @@ HPC_DFS_HOME=$(cd "$HERE/.." && pwd)
 die() { echo "[pipeline] ERROR: $*" >&2; exit 2; }
 
 KNOWN=" DATA WORK SHARDS RUN PRED INPUT LOG_DIR NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK PARTITION ACCOUNT QOS
- PREPROCESS_NODES PREPROCESS_TASKS_PER_NODE PREPROCESS_PARTITION TIME_PREPROCESS TIME_TRAIN TIME_PREDICT EPOCHS
+ PREPROCESS_NODES PREPROCESS_TASKS_PER_NODE PREPROCESS_PARTITION TIME_PREPROCESS TIME_TRAIN TIME_PREDICT EPOCHS STAGE
  PREPROCESS_CONFIG TRAIN_CONFIG PREDICT_CONFIG PREPROCESS_ARGS TRAIN_ARGS PREDICT_ARGS EVAL_ARGS VENV CONDA_ENV MODULES
  SBATCH_ARGS "
 set_opt() {  # set_opt --some-option VALUE  ->  SOME_OPTION=VALUE, for known options only
@@ -91,11 +93,11 @@ mkdir -p "$LOG_DIR"
 
 # What the jobs read (sbatch exports the submitting environment by default).
 export HPC_DFS_HOME DATA SHARDS RUN PRED INPUT LOG_DIR
-for v in EPOCHS PREPROCESS_CONFIG TRAIN_CONFIG PREDICT_CONFIG PREPROCESS_ARGS TRAIN_ARGS PREDICT_ARGS EVAL_ARGS \
+for v in EPOCHS STAGE PREPROCESS_CONFIG TRAIN_CONFIG PREDICT_CONFIG PREPROCESS_ARGS TRAIN_ARGS PREDICT_ARGS EVAL_ARGS \
          VENV CONDA_ENV MODULES; do
   if [ -n "${!v:-}" ]; then export "${v?}"; fi
 done
-unset CONFIG CHECKPOINT   # each job derives its own from the names above
+unset CONFIG CHECKPOINT REFINE_CHECKPOINT   # each job derives its own from the names above
 
 common=(--parsable --kill-on-invalid-dep=yes)
 [ -n "${ACCOUNT:-}" ] && common+=(--account="$ACCOUNT")

@@ -87,6 +87,36 @@ def test_pipeline_preprocess_train_predict(slurm, tmp_path):
     assert (logs / f"hpcdfs-predict-{pred}-evaluate-rank0.log").is_file()
 
 
+def test_pipeline_cascade_stage_both(slurm, tmp_path):
+    """STAGE=both: train.sbatch trains locate then refine; predict.sbatch finds both and runs the cascade."""
+    data = _synth(tmp_path)
+    work = tmp_path / "work"
+    env = dict(CPU_JOB, DATA=str(data), WORK=str(work), EPOCHS="1", STAGE="both",
+               PREPROCESS_ARGS=PREPROCESS_ARGS + " --set refine.slice_size=32,32",
+               TRAIN_ARGS=TINY_TRAIN + " --batch-size 2 --steps-per-epoch 2", TIME_PREPROCESS="00:15:00",
+               TIME_TRAIN="00:15:00", TIME_PREDICT="00:15:00")
+    res = slurm.run("slurm/pipeline.sh", env=env)
+    jobs = re.search(r"^JOBS (\d+) (\d+) (\d+)$", res.stdout, re.M)
+    assert jobs, res.stdout + res.stderr
+    pre, train, pred = jobs.groups()
+    states = slurm.wait([pre, train, pred], timeout=1200, logs=work / "logs")
+    assert states == {pre: "COMPLETED", train: "COMPLETED", pred: "COMPLETED"}, slurm.dump_logs(work / "logs")
+
+    run = work / "run"
+    for stage in ("locate", "refine"):
+        ckpt = torch.load(run / stage / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+        assert ckpt["epoch"] == 1 and ckpt["world_size"] == 2 and ckpt["config"]["stage"] == stage
+    assert not (run / "checkpoints").exists()   # nothing single-stage was trained
+    summary = json.loads((run / "predictions" / "summary.json").read_text())
+    assert [c["stage"] for c in summary["checkpoints"]] == ["locate"]
+    assert [c["stage"] for c in summary["refine_checkpoints"]] == ["refine"]
+    assert summary["n_ok"] == N_CASES and all("cascade" in c for c in summary["cases"])
+    assert len(sorted((run / "predictions").glob("prediction_*.nii.gz"))) == N_CASES
+    log = (work / "logs" / f"hpcdfs-predict-{pred}.out").read_text()
+    assert f"REFINE_CHECKPOINT={run}/refine/checkpoints/best.pt" in log, log
+    assert "STAGE=both" in (work / "logs" / f"hpcdfs-train-{train}.out").read_text()
+
+
 def test_preemption_checkpoint_requeue_resume(slurm, tmp_path):
     data = _synth(tmp_path)
     shards = tmp_path / "shards"
