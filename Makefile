@@ -123,7 +123,7 @@ $(DEMO)/clinical/metrics.json: $(DEMO)/data/kits.json
 
 $(DEMO)/report.html: $(DEMO)/eval.json $(DEMO)/clinical/metrics.json
 	@echo "[demo] 6/6 report"
-	$(BIN)/hpc-dfs report $(DEMO)/run/refine --pred $(DEMO)/pred --eval $(DEMO)/eval.json --clinical $(DEMO)/clinical --shards $(DEMO)/shards --out $(DEMO)/report.html
+	$(BIN)/hpc-dfs report $(DEMO)/run --pred $(DEMO)/pred --eval $(DEMO)/eval.json --clinical $(DEMO)/clinical --shards $(DEMO)/shards --out $(DEMO)/report.html
 
 demo-clean:
 	rm -rf $(DEMO)

@@ -1,6 +1,7 @@
 """One self-contained HTML report of a run that a researcher can trust at a glance: ``hpc-dfs report``.
 
     hpc-dfs report runs/r1                                   # -> runs/r1/report.html
+    hpc-dfs report runs/cascade                              # a `train --stage both` folder: both stages
     hpc-dfs report runs/r1 --pred runs/r1/pred --eval runs/r1/eval.json --clinical clin/ --shards shards/ --out r1.html
 
 It reads only the files the stages wrote (CONTRACTS.md), never their code:
@@ -30,6 +31,10 @@ The epochs trained come from ``metrics.jsonl`` (else ``last.pt``), never from ``
 environment (torch, Horovod, device, git commit) is the one the checkpoint records under
 ``environment``; what it does not record is shown as "not recorded", beside the values of the
 machine that wrote the report (labelled so).
+
+A cascade folder (``train --stage both``: ``RUN/locate`` and ``RUN/refine``, no ``RUN/checkpoints``)
+is reported as one run: stage 2's configuration and facts, each stage's curves and validation metrics
+(stage 1 first), each stage's training warnings, and the cascade's predictions and evaluation.
 
 Defaults: ``--pred RUN/pred``, ``--eval PRED/../eval.json`` or ``RUN/eval.json``, ``--out RUN/report.html``,
 ``--shards`` the folder the run was trained on. A missing source leaves its section with one line
@@ -506,9 +511,9 @@ METRIC_COLUMNS = (("epoch", "epoch", "int"), ("train_loss", "train loss", "loss"
                                                                              "dice"))
 
 
-def section_curves(run: Path, rows: list[dict], ctx: dict) -> str:
+def section_curves(run: Path, rows: list[dict], ctx: dict, title: str = "Training curves") -> str:
     """Loss, Dice, risk and LR per epoch (best epoch marked) and every epoch's metrics in a table."""
-    out = ["<h2>Training curves</h2>"]
+    out = [f"<h2>{esc(title)}</h2>"]
     n_val = (((ctx["last"] or ctx["best"] or {}).get("metrics")) or {}).get("n_val_cases")
     counts = val_risk_counts(ctx["manifest"], ctx["cfg"])
     if rows:
@@ -532,9 +537,9 @@ def section_curves(run: Path, rows: list[dict], ctx: dict) -> str:
     return "\n".join(out)
 
 
-def section_validation(ctx: dict) -> str:
+def section_validation(ctx: dict, title: str = "Validation metrics") -> str:
     """Validation metrics of the best and the last epoch, each with its n."""
-    out = ["<h2>Validation metrics</h2>"]
+    out = [f"<h2>{esc(title)}</h2>"]
     last_m = ((ctx["last"] or {}).get("metrics")) or {}
     best_m = ((ctx["best"] or {}).get("metrics")) or {}
     if not (last_m or best_m):
@@ -1090,29 +1095,78 @@ def headline(ctx: dict) -> str:
     return f"<p>{'; '.join(parts)}.</p>" if parts else ""
 
 
+def cascade_stages(run: Path) -> dict[str, Path] | None:
+    """``{"locate": RUN/locate, "refine": RUN/refine}`` for a ``train --stage both`` folder, else None.
+
+    Args:
+        run: the folder given to ``hpc-dfs report``.
+    """
+    stages = {s: Path(run) / s for s in ("locate", "refine")}
+    if (Path(run) / "checkpoints").is_dir() or not all((p / "checkpoints").is_dir() for p in stages.values()):
+        return None
+    return stages
+
+
+def gather_cascade(run: Path, pred: Path | None, eval_path: Path | None, clin: Path | None,
+                   shards: Path | None) -> tuple[dict, dict | None]:
+    """(context of the run, or of stage 2 for a cascade folder; context of stage 1 or None), see :func:`gather`.
+
+    For a ``--stage both`` folder the predictions and evaluation default to ``RUN/pred`` and ``RUN/eval.json``
+    (beside both stages), stage 2 (``refine``) carries the run's configuration and stage 1 (``locate``) adds
+    its own curves, validation metrics and warnings.
+
+    Raises:
+        ReportError: the run folder is missing or a source cannot be read.
+    """
+    stages = cascade_stages(run)
+    if stages is None:
+        return gather(run, pred, eval_path, clin, shards), None
+    pred = pred if pred is not None else (run / "pred" if (run / "pred").is_dir() else None)
+    eval_path = eval_path or _default_eval(run, pred)
+    return (gather(stages["refine"], pred, eval_path, clin, shards),
+            gather(stages["locate"], None, None, None, shards))
+
+
+def _title(ctx: dict, ctx1: dict | None, run: Path) -> str:
+    meta = ctx["last"] or ctx["best"] or {}
+    model = (meta.get("model_config") or {}).get("name") or "no model"
+    if ctx1 is None:
+        return f"Kidney-tumour segmentation: {model}, {ctx['epochs']} epochs ({run_label(ctx['run'])})"
+    return (f"Kidney-tumour segmentation: {model} cascade, stage 1 (locate) {ctx1['epochs']} + stage 2 (refine) "
+            f"{ctx['epochs']} epochs ({run_label(Path(run))})")
+
+
+def _stage_sections(ctx: dict, ctx1: dict | None) -> list[str]:
+    """Curves and validation metrics: of the run, or of both cascade stages (stage 1 first)."""
+    if ctx1 is None:
+        return [section_curves(ctx["run"], ctx["rows"], ctx), section_validation(ctx)]
+    return [section_curves(ctx1["run"], ctx1["rows"], ctx1, "Stage 1 (locate: whole slices): training curves"),
+            section_validation(ctx1, "Stage 1 (locate): validation metrics"),
+            section_curves(ctx["run"], ctx["rows"], ctx, "Stage 2 (refine: kidney windows): training curves"),
+            section_validation(ctx, "Stage 2 (refine): validation metrics")]
+
+
 def build_report(run: Path, pred: Path | None = None, eval_path: Path | None = None, clin: Path | None = None,
                  shards: Path | None = None) -> str:
     """The report's HTML text (one self-contained page).
 
     Args:
-        run: the run folder written by ``hpc-dfs train``.
+        run: the run folder written by ``hpc-dfs train``; for ``--stage both`` the folder holding
+            ``locate/`` and ``refine/`` (both stages are reported).
         pred, eval_path, clin, shards: the other stages' outputs (defaults in the module docstring).
 
     Raises:
         ReportError: the run folder is missing or a source cannot be read.
     """
-    ctx = gather(run, pred, eval_path, clin, shards)
-    label = run_label(ctx["run"])
-    meta = ctx["last"] or ctx["best"] or {}
-    model = (meta.get("model_config") or {}).get("name") or "no model"
-    title = f"Kidney-tumour segmentation: {model}, {ctx['epochs']} epochs ({label})"
+    ctx, ctx1 = gather_cascade(Path(run), pred, eval_path, clin, shards)
+    title = _title(ctx, ctx1, Path(run))
+    stage1 = [] if ctx1 is None else [f"stage 1 (locate): {w}" for w in training_warnings(ctx1)]
     warnings = (detection_warnings(ctx["evaluation"]) + evaluation_warnings(ctx["evaluation"])
-                + training_warnings(ctx) + clinical_warnings(ctx["clin_stats"], ctx["clin_positive"]))
+                + stage1 + training_warnings(ctx) + clinical_warnings(ctx["clin_stats"], ctx["clin_positive"]))
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"<h1>{esc(title)}</h1>",
-            f"<p class='note'>Generated {created} by hpc-dfs {__version__} from <code>{esc(ctx['run'])}</code>.</p>",
-            headline(ctx), warnings_box(warnings),
-            section_run(ctx), section_data(ctx), section_curves(ctx["run"], ctx["rows"], ctx), section_validation(ctx),
+            f"<p class='note'>Generated {created} by hpc-dfs {__version__} from <code>{esc(run)}</code>.</p>",
+            headline(ctx), warnings_box(warnings), section_run(ctx), section_data(ctx), *_stage_sections(ctx, ctx1),
             section_evaluation(ctx["evaluation"], ctx["eval_path"]), section_overlays(ctx["evaluation"], ctx["pred"]),
             section_prediction(ctx["pred"], ctx["evaluation"]), section_clinical(ctx["clin"], ctx)]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

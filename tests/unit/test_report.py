@@ -177,3 +177,30 @@ def test_overlay_cuts_through_the_ground_truth_tumour_and_shows_errors():
     assert "through the ground-truth tumour centroid" in fig._suptitle.get_text()
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "tumour missed (FN)" in legend and "tumour false positive (FP)" in legend
+
+
+def test_cascade_folder_reports_both_stages(chain, tmp_path):
+    """A ``train --stage both`` folder (RUN/locate + RUN/refine) is one report: both stages' curves and metrics."""
+    s, run = chain["setup"], tmp_path / "cascade"
+    assert cli(["train", "--shards", str(s["shards"]), "--out", str(run), "--stage", "both", "--epochs", "1",
+                "--global-batch-size", "4", "--steps-per-epoch", "1", "--num-workers", "0", "--val-fold", "0",
+                "--set", "model.base_channels=4", "--set", "model.depth=2"]) == 0
+    assert cli(["predict", "--checkpoint", str(run / "locate" / "checkpoints" / "best.pt"), "--refine-checkpoint",
+                str(run / "refine" / "checkpoints" / "best.pt"), "--input", str(s["data"]), "--out",
+                str(run / "pred"), "--no-overlays"]) == 0
+    assert cli(["evaluate", "--pred", str(run / "pred"), "--gt", str(s["data"]), "--out", str(run / "eval.json")]) == 0
+    assert cli(["report", str(run), "--shards", str(s["shards"])]) == 0   # defaults: RUN/pred, RUN/eval.json
+    html = (run / "report.html").read_text()
+    h1 = re.search(r"<h1>(.*?)</h1>", html).group(1)
+    assert "cascade, stage 1 (locate) 1 + stage 2 (refine) 1 epochs" in h1, h1
+    for title in ("Stage 1 (locate: whole slices): training curves", "Stage 1 (locate): validation metrics",
+                  "Stage 2 (refine: kidney windows): training curves", "Stage 2 (refine): validation metrics",
+                  "Run", "Evaluation", "Prediction"):
+        assert f"<h2>{title}</h2>" in html, title
+    assert "missing" not in _section(html, "Run") and "missing" not in _section(html, "Evaluation")
+    assert "rendered from metrics.jsonl" in _section(html, "Stage 1 (locate: whole slices): training curves")
+    warnings = re.search(r"<div class='warnings' id='warnings'>(.*?)</div>", html, re.S).group(1)
+    assert "stage 1 (locate): validation metrics are over" in warnings
+    # a plain run folder is still reported as one stage
+    assert cli(["report", str(run / "refine"), "--out", str(tmp_path / "r.html")]) == 0
+    assert "<h2>Training curves</h2>" in (tmp_path / "r.html").read_text()
