@@ -9,7 +9,8 @@ Each benchmark is a script ``bench/bench_<name>.py`` that measures one thing aga
 peer *in the same run* (ratios, not absolute timings, are the figures to compare across machines)
 and writes ``bench/results/<name>.json``. Benchmarks that need several ranks launch ``mpirun``
 themselves. This verb only discovers and runs them, one after the other, so that they do not compete
-for cores.
+for cores. ``--all`` also writes ``bench/results/bench_all.json``: each benchmark's wall time and
+exit status, the total, and the machine (the record behind "``make bench`` takes N minutes").
 """
 from __future__ import annotations
 
@@ -62,6 +63,22 @@ def _print_results(results: Path) -> None:
         print(f"{p}: {keys}")
 
 
+def _write_run_record(results: Path, runs: list[dict], total_s: float, quick: bool) -> None:
+    """``RESULTS/bench_all.json``: what ``hpc-dfs bench --all`` ran, how long each took, on which machine."""
+    import os
+    import platform
+
+    from hpc_dfs import fsutil
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    record = {"benchmark": "bench_all", "quick": quick, "runs": runs, "total_wall_s": round(total_s, 1),
+              "total_minutes": round(total_s / 60, 1),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version(), "load_avg_at_end": load},
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    fsutil.write_text(results / "bench_all.json", json.dumps(record, indent=2) + "\n")
+
+
 def main(args) -> int:
     """Run the named benchmarks one after the other; 1 when any of them failed.
 
@@ -85,15 +102,18 @@ def main(args) -> int:
         raise ConfigError("--eval-data and --out belong to the quality benchmark: run `hpc-dfs bench quality ...`")
     if args.eval_data is not None:
         require_path(args.eval_data, "dir", "--eval-data")
-    failed = []
+    failed, runs, t_all = [], [], time.perf_counter()
     for name in names:
         cmd = [sys.executable, str(found[name])] + (["--quick"] if args.quick else []) + passthrough
         log.info("running %s: %s", name, " ".join(cmd))
         t0 = time.perf_counter()
         rc = subprocess.call(cmd, cwd=found[name].parent.parent)
         log.info("%s finished in %.1f s with exit status %d", name, time.perf_counter() - t0, rc)
+        runs.append({"benchmark": name, "wall_s": round(time.perf_counter() - t0, 1), "exit_status": rc})
         if rc != 0:
             failed.append(name)
+    if args.all:
+        _write_run_record(args.bench_dir / "results", runs, time.perf_counter() - t_all, args.quick)
     _print_results(args.bench_dir / "results")
     if failed:
         log.error("benchmarks failed: %s", ", ".join(failed))
