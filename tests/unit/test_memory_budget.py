@@ -187,7 +187,8 @@ def test_label_map_sample_and_boxes_equal_the_whole_volume_code(monkeypatch):
     blobs[0, 39, 49] = 1  # a speck in a corner: the bounding box is the whole volume
     probs = rng.random((3, 30, 40, 50)).astype(np.float32)
     for vol, kw in ((blobs, {}), (blobs[:, ::-1, ::-1], {"max_boxes": 3, "min_fraction": 0.0}),
-                    (blobs[3:20], {"margin_mm": 2.0}), (probs, {"threshold": 0.9}), (np.zeros_like(blobs), {})):
+                    (blobs[3:20], {"margin_mm": 2.0}), (blobs[3:20], {"margin_mm": 0.0, "min_size_mm": 0.0}),
+                    (probs, {"threshold": 0.9}), (np.zeros_like(blobs), {})):
         assert roi.kidney_boxes(vol, (2.0, 1.0, 1.0), **kw) == naive_kidney_boxes(vol, (2.0, 1.0, 1.0), **kw)
 
 
