@@ -91,10 +91,10 @@ def make_plan(data_dir: Path, cfg) -> Plan:
 
 def _read_clinical(plan: Plan, setting: str) -> None:
     """Fill ``plan.records``/``frame`` from the clinical file; a missing or malformed record is a case error."""
+    if setting == "none":  # before the import: pandas alone is ~35 MB of every rank's memory
+        return
     from hpc_dfs.data import clinical as clin
 
-    if setting == "none":
-        return
     path = clin.find_clinical_file(plan.data_dir) if setting == "auto" else Path(setting)
     if path is None:
         raise PreprocessError(f"no clinical records in {plan.data_dir} (kits.json, kits23.json or clinical.csv): "
