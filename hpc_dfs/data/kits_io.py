@@ -172,7 +172,7 @@ def read_header(path: Path, case_id: str) -> tuple[tuple[int, ...], tuple[float,
     return shape, zooms, img.affine
 
 
-_READ_CHUNK = 1 << 24  # bytes decompressed per read: the only transient copy of a .nii.gz volume
+_READ_CHUNK = 1 << 22  # bytes decompressed per read: the only transient copy of a .nii.gz volume
 
 
 def _read_data(img, path: Path) -> np.ndarray:
@@ -233,7 +233,7 @@ def load_nifti(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple]
     return arr, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
-_SLAB_VOXELS = 1 << 24  # voxels per slab of the label checks and lookups (bounds their temporaries)
+_SLAB_VOXELS = 1 << 22  # voxels per slab of the label checks and lookups (bounds their temporaries)
 
 
 def _slabs(arr: np.ndarray):

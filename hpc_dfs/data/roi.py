@@ -139,7 +139,7 @@ def kidney_mask(volume: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return v > threshold if np.issubdtype(v.dtype, np.floating) else v > 0
 
 
-_SLAB_VOXELS = 1 << 24  # voxels per slab when a whole volume is scanned (bounds the temporaries)
+_SLAB_VOXELS = 1 << 22  # voxels per slab when a whole volume is scanned (bounds the temporaries)
 
 
 def _cropped_mask(volume: np.ndarray,
