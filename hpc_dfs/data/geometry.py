@@ -36,7 +36,8 @@ __all__ = ["prepare_image", "resample_image", "normalise", "PAD_HU", "prepare_la
            "restore_labels", "make_geometry", "canonical_transform", "voxel_spacing"]
 
 _SLAB = 32  # slices interpolated at once: bounds memory on 512x512x1000 volumes
-_SLAB_VOXELS = 1 << 22  # at most this many voxels per slice slab of resample_image (16 MB as float32)
+_SLAB_VOXELS = 1 << 21  # at most this many voxels per slice slab of resample_image (8 MB as float32)
+#                          and prepare_label
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
@@ -170,9 +171,10 @@ def prepare_label(label: np.ndarray, geometry: dict) -> np.ndarray:
     iy = _nearest_index(h, h2)[sy_src]
     ix = _nearest_index(w, w2)[sx_src]
     out = np.zeros((n2, hs, ws), dtype=np.uint8)
-    for z0 in range(0, n2, _SLAB):
-        zz = iz[z0:z0 + _SLAB]
-        out[z0:z0 + _SLAB, sy_dst, sx_dst] = can[zz][:, iy][:, :, ix]
+    step = max(1, min(_SLAB, _SLAB_VOXELS // max(1, h * w)))  # a gather: the slab size changes no value
+    for z0 in range(0, n2, step):
+        zz = iz[z0:z0 + step]
+        out[z0:z0 + step, sy_dst, sx_dst] = can[zz][:, iy][:, :, ix]
     return out
 
 
