@@ -204,20 +204,20 @@ def test_resampling_does_not_depend_on_the_slab(monkeypatch):
 
 # ----------------------------------------------------------------------------- the budget
 def test_a_case_too_big_for_this_rank_fails_with_one_line(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(plan, "_SLACK", 0)  # needs from the voxels alone: tiny cases fit in 1 MiB, the big one not
+    monkeypatch.setattr(plan, "_SLACK", 0)  # needs from the voxels alone: tiny cases fit in 3 MiB, the big one not
     data = tmp_path / "data"
     for i in range(3):
         write_tiny_case(data, f"case_{i:05d}", shape=(6, 24, 20), seed=i)
     write_tiny_case(data, "case_00003", shape=(40, 128, 128), seed=3)
     write_records(data, [f"case_{i:05d}" for i in range(4)])
     out = tmp_path / "shards"
-    cfg = PreprocessConfig(slice_size=[32, 32], n_folds=2, fg_samples_per_case=200, memory_limit_mb=1)
+    cfg = PreprocessConfig(slice_size=[32, 32], n_folds=2, fg_samples_per_case=200, memory_limit_mb=3)
     assert run_preprocess(data, out, cfg) == 1
     m = json.loads((out / "manifest.json").read_text())
     assert [c["case_id"] for c in m["cases"]] == ["case_00000", "case_00001", "case_00002"]
     (err,) = [f["error"] for f in m["failed"] if f["case_id"] == "case_00003"]
     assert "\n" not in err and err.startswith("[case_00003] needs about ")
-    assert "(shape 40x128x128 int16) but this rank has 1 MB available (memory_limit_mb = 1)" in err
+    assert "(shape 40x128x128 int16) but this rank has 3 MB available (memory_limit_mb = 3)" in err
     assert "fewer ranks per node" in err
     assert not (out / "shard-case_00003.h5").exists() and len(list(out.glob("shard-*.h5"))) == 3
     assert err in caplog.text
