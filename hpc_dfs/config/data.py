@@ -112,6 +112,10 @@ class PreprocessConfig:
     cache_mb: int = field(default=2048, metadata={
         "help": "MiB per rank for keeping resampled cases in memory between the fingerprint and writing "
                 "passes (cases beyond it are decoded twice)"})
+    memory_limit_mb: int = field(default=0, metadata={
+        "help": "MiB of memory one rank may use for a case; a case whose estimated need (from its headers) is "
+                "larger fails with one line instead of an OOM kill. 0: the node's free memory (cgroup limit "
+                "included) divided by its ranks"})
     compression: Literal["lzf", "gzip", "none"] = field(default="none", metadata={
         "help": "HDF5 compression of the slice datasets (none: memory-mapped reads at the memmap floor; "
                 "lzf/gzip: 4-5x smaller shards, 4-5x slower reads; see bench/bench_reader.py)"})
@@ -129,6 +133,8 @@ class PreprocessConfig:
             raise ConfigError(f"percentiles must be two increasing values in [0, 100], got {self.percentiles}")
         if len(self.window) != 2 or self.window[0] >= self.window[1]:
             raise ConfigError(f"window must be [low, high] HU with low < high, got {self.window}")
+        if self.memory_limit_mb < 0:
+            raise ConfigError(f"memory_limit_mb must be >= 0 (0: auto), got {self.memory_limit_mb}")
         if self.n_folds < 1:
             raise ConfigError(f"n_folds must be >= 1, got {self.n_folds}")
         if self.fg_samples_per_case < 10:

@@ -36,6 +36,8 @@ __all__ = ["prepare_image", "resample_image", "normalise", "PAD_HU", "prepare_la
            "restore_labels", "make_geometry", "canonical_transform", "voxel_spacing"]
 
 _SLAB = 32  # slices interpolated at once: bounds memory on 512x512x1000 volumes
+_SLAB_VOXELS = 1 << 21  # at most this many voxels per slice slab of resample_image (8 MB as float32)
+#                          and prepare_label
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
@@ -117,13 +119,16 @@ def resample_image(image: np.ndarray, affine: np.ndarray, params: dict) -> tuple
     n = can.shape[0]
     hu = np.full((n, hs, ws), PAD_HU, dtype=np.float32)
     same = (h2, w2) == can.shape[1:]
-    for z0 in range(0, n, _SLAB):  # in-plane resampling, slab by slab, then the centred crop/pad
-        slab = torch.from_numpy(np.ascontiguousarray(can[z0:z0 + _SLAB], dtype=np.float32))
+    # slices are interpolated independently, so the slab size changes memory only (<= _SLAB_VOXELS float32 in,
+    # as many out), never a value
+    step = max(1, min(_SLAB, _SLAB_VOXELS // max(1, can.shape[1] * can.shape[2], h2 * w2)))
+    for z0 in range(0, n, step):  # in-plane resampling, slab by slab, then the centred crop/pad
+        slab = torch.from_numpy(np.ascontiguousarray(can[z0:z0 + step], dtype=np.float32))
         if not same:
             shrink = h2 < can.shape[1] or w2 < can.shape[2]
             slab = F.interpolate(slab[:, None], size=(h2, w2), mode="bilinear", align_corners=False,
                                  antialias=shrink)[:, 0]
-        hu[z0:z0 + _SLAB, sy_dst, sx_dst] = slab[:, sy_src, sx_src].numpy()
+        hu[z0:z0 + step, sy_dst, sx_dst] = slab[:, sy_src, sx_src].numpy()
     if n2 != n:  # along z (linear), only when a slice spacing is set
         t = torch.from_numpy(hu).permute(1, 2, 0).reshape(1, hs * ws, n)
         hu = F.interpolate(t, size=n2, mode="linear", align_corners=False).reshape(hs, ws, n2).permute(2, 0, 1)
@@ -166,9 +171,10 @@ def prepare_label(label: np.ndarray, geometry: dict) -> np.ndarray:
     iy = _nearest_index(h, h2)[sy_src]
     ix = _nearest_index(w, w2)[sx_src]
     out = np.zeros((n2, hs, ws), dtype=np.uint8)
-    for z0 in range(0, n2, _SLAB):
-        zz = iz[z0:z0 + _SLAB]
-        out[z0:z0 + _SLAB, sy_dst, sx_dst] = can[zz][:, iy][:, :, ix]
+    step = max(1, min(_SLAB, _SLAB_VOXELS // max(1, h * w)))  # a gather: the slab size changes no value
+    for z0 in range(0, n2, step):
+        zz = iz[z0:z0 + step]
+        out[z0:z0 + step, sy_dst, sx_dst] = can[zz][:, iy][:, :, ix]
     return out
 
 

@@ -172,6 +172,45 @@ def read_header(path: Path, case_id: str) -> tuple[tuple[int, ...], tuple[float,
     return shape, zooms, img.affine
 
 
+_READ_CHUNK = 1 << 22  # bytes decompressed per read: the only transient copy of a .nii.gz volume
+
+
+def _read_data(img, path: Path) -> np.ndarray:
+    """The voxel array of a loaded NIfTI, exactly as ``np.asanyarray(img.dataobj)`` gives it.
+
+    A ``.nii.gz`` without scaling is decompressed straight into the array in chunks of :data:`_READ_CHUNK`:
+    nibabel's own read of a gzip stream holds the whole decompressed volume twice (Python's gzip
+    ``readinto`` decompresses into a temporary ``bytes`` of the full size, then copies it). Anything else
+    (uncompressed files, memory-mapped by nibabel; scaled data) goes through nibabel.
+
+    Args:
+        img: the image from ``nib.load``.
+        path: its file (the ``.gz`` suffix chooses the chunked read).
+
+    Raises:
+        OSError: the stream holds fewer bytes than the header promises (as nibabel's own message).
+    """
+    proxy = img.dataobj
+    plain = getattr(proxy, "slope", None) == 1 and getattr(proxy, "inter", None) == 0
+    if not (path.name.endswith(".gz") and plain and hasattr(proxy, "offset")):
+        return np.asanyarray(proxy)
+    shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = bytearray(n_bytes)
+    view, done = memoryview(buf), 0
+    with nib.openers.ImageOpener(str(path), "rb") as fh:
+        fh.seek(int(proxy.offset))
+        while done < n_bytes:
+            got = fh.readinto(view[done:done + _READ_CHUNK])
+            if not got:
+                break
+            done += got
+    view.release()
+    if done != n_bytes:
+        raise OSError(f"Expected {n_bytes} bytes, got {done} bytes from {path}\n - could the file be damaged?")
+    return np.ndarray(shape, dtype, buffer=buf, order=proxy.order)
+
+
 def load_nifti(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Decode a NIfTI fully: (array with scaling applied, affine, zooms).
 
@@ -186,7 +225,7 @@ def load_nifti(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple]
         raise CaseError(case_id, f"missing {path.name} ({path})")
     try:
         img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)
+        arr = _read_data(img, path)
     except Exception as e:
         raise CaseError(case_id, f"{path.name}: {_describe_read_error(e, path)}") from None
     if arr.ndim != 3:
@@ -194,26 +233,50 @@ def load_nifti(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple]
     return arr, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
-def apply_label_map(raw: np.ndarray, label_map: dict[int, int], case_id: str, name: str) -> np.ndarray:
+_SLAB_VOXELS = 1 << 22  # voxels per slab of the label checks and lookups (bounds their temporaries)
+
+
+def _slabs(arr: np.ndarray):
+    """Index tuples of slabs of ``arr`` along its slowest axis in memory (the last for a Fortran-ordered array)."""
+    axis = arr.ndim - 1 if arr.flags.f_contiguous and not arr.flags.c_contiguous else 0
+    n = arr.shape[axis] if arr.ndim else 1
+    per = max(1, _SLAB_VOXELS // max(1, arr.size // max(1, n)))
+    for a in range(0, n, per):
+        idx = [slice(None)] * arr.ndim
+        idx[axis] = slice(a, a + per)
+        yield tuple(idx)
+
+
+def _as_index(raw_slab: np.ndarray) -> np.ndarray:
+    """A slab of raw labels as lookup indices (integral floats -> int64; integers as they are)."""
+    return raw_slab.astype(np.int64) if raw_slab.dtype.kind == "f" else raw_slab
+
+
+def apply_label_map(raw: np.ndarray, label_map: dict[int, int], case_id: str, name: str,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
     """Map raw labels to class indices (uint8); values outside the label set are a :class:`CaseError`.
 
     Uses a lookup table bounded by ``raw.max()`` instead of ``np.unique`` (a 512x512x600 volume
-    sorts for seconds; the lookup takes a fraction of that).
+    sorts for seconds; the lookup takes a fraction of that). Works slab by slab, so its temporaries stay
+    small whatever the volume; the result keeps ``raw``'s memory order.
 
     Args:
         raw: the label volume as stored.
         label_map: raw label -> class index.
         case_id: the case named in an error.
         name: the file named in an error.
+        out: where to write the classes (uint8, ``raw``'s shape; ``raw`` itself when it is uint8 and may be
+            overwritten); default a new array. Written only once ``raw`` has been checked.
 
     Raises:
         CaseError: non-integer values, or a value outside ``label_map``.
     """
     if raw.dtype.kind == "f":
-        if not np.all(np.isfinite(raw)) or np.any(raw != np.rint(raw)):
-            raise CaseError(case_id, f"{name} holds non-integer label values")
-        raw = raw.astype(np.int64)
-    lo, hi = int(raw.min()), int(raw.max())
+        for sl in _slabs(raw):
+            r = raw[sl]
+            if not np.all(np.isfinite(r)) or np.any(r != np.rint(r)):
+                raise CaseError(case_id, f"{name} holds non-integer label values")
+    lo, hi = (int(v) for v in (raw.min(), raw.max()))
     allowed = sorted(label_map)
     if lo < 0 or hi > max(allowed):
         bad = lo if lo < 0 else hi
@@ -222,11 +285,14 @@ def apply_label_map(raw: np.ndarray, label_map: dict[int, int], case_id: str, na
     for r, c in label_map.items():
         if r <= hi:
             lut[r] = c
-    out = lut[raw]
-    if hi >= 1 and np.any(out == 255):
+    if hi >= 1 and any(np.any(lut[_as_index(raw[sl])] == 255) for sl in _slabs(raw)):
         bad = sorted(set(range(hi + 1)) - set(allowed))
         present = [b for b in bad if np.any(raw == b)]
         raise CaseError(case_id, f"{name} holds label value {present[0]} outside the label set {allowed}")
+    if out is None:
+        out = np.empty(raw.shape, dtype=np.uint8, order="F" if raw.flags.f_contiguous else "C")
+    for sl in _slabs(raw):
+        out[sl] = lut[_as_index(raw[sl])]
     return out
 
 
@@ -267,7 +333,8 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
         diff = float(np.abs(affine - lab_affine).max())
         raise CaseError(cid, f"affine mismatch between {IMAGE_NAME} and {lab_path.name} (max difference "
                              f"{diff:.4g} mm): the label map is not on the image grid")
-    case.label = apply_label_map(raw, label_map, cid, lab_path.name)
+    in_place = raw if raw.dtype == np.uint8 and raw.flags.writeable else None  # ours: just decoded
+    case.label = apply_label_map(raw, label_map, cid, lab_path.name, out=in_place)
     case.label_path = lab_path
     return case
 

@@ -26,7 +26,8 @@ from hpc_dfs.data.refine import refine_windows
 from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
 
-__all__ = ["PreprocessError", "Plan", "make_plan", "CaseItem", "load_item", "source_sha", "reusable_shard"]
+__all__ = ["PreprocessError", "Plan", "make_plan", "CaseItem", "load_item", "case_memory_need", "available_memory",
+           "check_case_memory", "source_sha", "reusable_shard"]
 
 
 class PreprocessError(HpcDfsError):
@@ -90,10 +91,10 @@ def make_plan(data_dir: Path, cfg) -> Plan:
 
 def _read_clinical(plan: Plan, setting: str) -> None:
     """Fill ``plan.records``/``frame`` from the clinical file; a missing or malformed record is a case error."""
+    if setting == "none":  # before the import: pandas alone is ~35 MB of every rank's memory
+        return
     from hpc_dfs.data import clinical as clin
 
-    if setting == "none":
-        return
     path = clin.find_clinical_file(plan.data_dir) if setting == "auto" else Path(setting)
     if path is None:
         raise PreprocessError(f"no clinical records in {plan.data_dir} (kits.json, kits23.json or clinical.csv): "
@@ -169,12 +170,138 @@ def load_item(case_dir: Path, label_map: dict[int, int], spatial: dict,
     """
     case = load_case(case_dir, label_map=label_map, require_label=True)
     part = sample(case) if sample is not None else None
-    hu, geom = resample_image(case.image, case.affine, spatial)
-    item = CaseItem(case.case_id, hu, prepare_label(case.label, geom), geom, case.image.shape, case.spacing,
-                    case.affine, [p.name for p in (case.image_path, case.label_path) if p is not None])
-    if "refine" in spatial:  # the native volume is in memory only here: cut the stage-2 windows now
-        item.refine = refine_windows(case.image, case.label, case.affine, spatial)
+    geom = make_geometry(case.image.shape, case.affine, spatial)
+    labels = prepare_label(case.label, geom)
+    # the native volume is in memory only here: cut the stage-2 windows now, then let the native label go
+    # before the float32 slices are made (at most image + label, or image + slices, are held at once)
+    windows = refine_windows(case.image, case.label, case.affine, spatial) if "refine" in spatial else None
+    case.label = None
+    hu, _ = resample_image(case.image, case.affine, spatial)
+    item = CaseItem(case.case_id, hu, labels, geom, case.image.shape, case.spacing, case.affine,
+                    [p.name for p in (case.image_path, case.label_path) if p is not None], refine=windows)
     return item, part
+
+
+# ----------------------------------------------------------------------------- memory
+_SLACK = 64 * 2 ** 20   # stage-2 windows, kidney components, the read chunk, an interpolation slab, allocator slack
+_SHARD_COPY = 1.15      # a shard is built in memory (hpc_dfs.fsutil.atomic_h5) while its item is still held
+
+
+def case_memory_need(case_dir: Path, spatial: dict) -> Optional[tuple[int, str]]:
+    """(bytes, what) a rank needs, beyond what it already holds, to load, resample and write one case.
+
+    From the headers only: the native image and label as stored (the label is mapped in place when it is
+    uint8, else next to a uint8 copy), then either the native label or the float32 slices being made (the label
+    is let go first), the uint8 label slices and the stage-2 windows, and the shard built in memory next to its
+    slices. Measured (bench/bench_memory.py), the estimate is 10-30% above the real peak on KiTS19's largest
+    shapes.
+
+    Args:
+        case_dir: ``DATA/case_XXXXX``.
+        spatial: the spatial preprocessing parameters (``slice_size``, ``target_spacing``, ``orientation``).
+
+    Returns:
+        The bytes and ``"shape 1000x512x512 int16"``; None when a header cannot be read (:func:`load_item`
+        names that problem).
+    """
+    import nibabel as nib
+
+    lab_path = find_label_file(case_dir)
+    try:
+        img = nib.load(str(case_dir / IMAGE_NAME))
+        shape, dtype = tuple(int(s) for s in img.shape), np.dtype(img.get_data_dtype())
+        lab = nib.load(str(lab_path)) if lab_path is not None else None
+        geom = make_geometry(shape, img.affine, spatial)
+    except Exception:  # a broken or missing file: load_item reports it with the full message
+        return None
+    n = int(np.prod(shape, dtype=np.int64))
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    image_b = n * (dtype.itemsize if (slope, inter) == (1, 0) else dtype.itemsize + 8)  # scaled: float64 copy
+    label_b = 0
+    if lab is not None:
+        ldt = np.dtype(lab.get_data_dtype())
+        label_b = int(np.prod(lab.shape, dtype=np.int64)) * (ldt.itemsize + (0 if ldt == np.uint8 else 1))
+    n2, (hs, ws) = geom["resampled_shape"][0], geom["slice_size"]
+    hu_b, lab_out = n2 * hs * ws * 4, n2 * hs * ws
+    refine = spatial.get("refine")
+    if refine:  # at most max_boxes windows over every slice, float32 + uint8 (a kidney spans fewer slices)
+        lab_out += int(refine["max_boxes"]) * geom["canonical_shape"][0] * int(np.prod(refine["slice_size"])) * 5
+    load = image_b + max(label_b, hu_b) + lab_out
+    write = _SHARD_COPY * 2 * (hu_b + lab_out)
+    return int(max(load, write) + _SLACK), f"shape {'x'.join(map(str, shape))} {dtype.name}"
+
+
+def available_memory(limit_mb: int = 0, ranks_per_node: int = 1) -> tuple[int, str]:
+    """(bytes, how) this rank may use: ``limit_mb`` MiB when set, else the node's free memory shared by its ranks.
+
+    Free memory is ``MemAvailable`` of ``/proc/meminfo``, or less when the cgroup (``memory.max`` less
+    ``memory.current``) allows less; it is divided by ``ranks_per_node``, since every rank of the node may load
+    a case at the same time.
+
+    Args:
+        limit_mb: a fixed budget in MiB (``PreprocessConfig.memory_limit_mb``); 0: from the system.
+        ranks_per_node: the ranks sharing this node's memory.
+    """
+    if limit_mb > 0:
+        return int(limit_mb) * 2 ** 20, f"memory_limit_mb = {int(limit_mb)}"
+    free = _meminfo_available()
+    cgroup = _cgroup_left()
+    if cgroup is not None:
+        free = cgroup if free is None else min(free, cgroup)
+    if free is None:  # no /proc (not Linux): nothing to compare with
+        return 2 ** 62, "no memory figure on this system"
+    k = max(1, int(ranks_per_node))
+    return free // k, f"{free / 1e9:.1f} GB free / {k} rank{'s' if k > 1 else ''} on this node"
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_left() -> Optional[int]:
+    """Bytes the cgroup (v2, else v1) still allows, or None without a limit."""
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            text = Path(limit).read_text().strip()
+            if text == "max" or int(text) >= 2 ** 60:
+                return None
+            return max(0, int(text) - int(Path(used).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_case_memory(case_dir: Path, spatial: dict, limit_mb: int = 0, ranks_per_node: int = 1) -> None:
+    """Refuse, before it is decoded, a case this rank has not the memory for (one line instead of an OOM kill).
+
+    Args:
+        case_dir: ``DATA/case_XXXXX``.
+        spatial: the spatial preprocessing parameters.
+        limit_mb: see :func:`available_memory`.
+        ranks_per_node: see :func:`available_memory`.
+
+    Raises:
+        CaseError: ``[case_id] needs about X GB to preprocess (...) but this rank has Y GB available (...)``.
+    """
+    need = case_memory_need(case_dir, spatial)
+    if need is None:
+        return
+    have, how = available_memory(limit_mb, ranks_per_node)
+    if need[0] > have:
+        raise CaseError(case_dir.name, f"needs about {_size(need[0])} to preprocess ({need[1]}) but this rank has "
+                                       f"{_size(have)} available ({how}): use fewer ranks per node "
+                                       "(--ntasks-per-node) or a node with more memory")
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
 
 
 # ----------------------------------------------------------------------------- resume

@@ -155,7 +155,7 @@ def refine_windows(image: np.ndarray, label: np.ndarray, affine: np.ndarray, spa
     aff_c = canonical_affine(sp, codes)
     hs, ws = plan["slice_size"]
     hus, labels, stacks, boxes = [], [], [], []
-    for i, box in enumerate(_boxes(lab_c > 0, sp, plan)):
+    for i, box in enumerate(_boxes(lab_c, sp, plan)):  # the class map: kidney_mask takes label > 0
         crop, size = window(box, img_c.shape, sp, plan, fit=False)
         hu, geom = resample_image(np.asarray(img_c[crop], dtype=np.float32), aff_c, _resample_params(spatial, size))
         hus.append(hu)

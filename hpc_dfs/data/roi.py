@@ -139,6 +139,41 @@ def kidney_mask(volume: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return v > threshold if np.issubdtype(v.dtype, np.floating) else v > 0
 
 
+_SLAB_VOXELS = 1 << 22  # voxels per slab when a whole volume is scanned (bounds the temporaries)
+
+
+def _cropped_mask(volume: np.ndarray,
+                 threshold: float) -> tuple[tuple[int, ...], tuple[int, ...], Optional[np.ndarray]]:
+    """(volume shape, crop origin, :func:`kidney_mask` of the foreground's bounding box), or a None mask without
+    foreground; the whole volume's mask never exists at once (it is scanned in slabs of slices)."""
+    v = np.asarray(volume)
+    if v.ndim not in (3, 4):
+        kidney_mask(v, threshold)  # raises the ValueError that names the shape
+    lead = (slice(None),) if v.ndim == 4 else ()
+    shape = tuple(int(s) for s in v.shape[-3:])
+    hits = [np.zeros(d, dtype=bool) for d in shape]
+    per = max(1, _SLAB_VOXELS // max(1, int(np.prod(v.shape)) // max(1, shape[0])))
+    for z0 in range(0, shape[0], per):
+        m = kidney_mask(v[(*lead, slice(z0, z0 + per))], threshold)
+        hits[0][z0:z0 + per] |= m.any(axis=(1, 2))
+        hits[1] |= m.any(axis=(0, 2))
+        hits[2] |= m.any(axis=(0, 1))
+    if not hits[0].any():
+        return shape, (0, 0, 0), None
+    bounds = [(int(np.argmax(h)), len(h) - int(np.argmax(h[::-1]))) for h in hits]
+    crop = tuple(slice(a, b) for a, b in bounds)
+    return shape, tuple(a for a, _ in bounds), kidney_mask(v[(*lead, *crop)], threshold)
+
+
+def _component_sizes(comp: np.ndarray, n: int) -> np.ndarray:
+    """Voxels of components 1..n of a label image, counted slab by slab (``np.bincount`` widens to int64)."""
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    per = max(1, _SLAB_VOXELS // max(1, comp.size // max(1, comp.shape[0])))
+    for z0 in range(0, comp.shape[0], per):
+        sizes += np.bincount(comp[z0:z0 + per].reshape(-1), minlength=n + 1)
+    return sizes[1:]
+
+
 def kidney_boxes(volume: np.ndarray, spacing: Sequence[float], margin_mm: Triple = 10.0,
                  min_size_mm: Triple = (30.0, 64.0, 64.0), max_boxes: int = 2, min_fraction: float = 0.1,
                  threshold: float = 0.5) -> list[Box]:
@@ -168,20 +203,23 @@ def kidney_boxes(volume: np.ndarray, spacing: Sequence[float], margin_mm: Triple
     """
     from scipy import ndimage
 
-    mask = kidney_mask(volume, threshold)
     margin = [int(math.ceil(m / s)) for m, s in zip(_triple(margin_mm, "margin_mm"), spacing)]
     min_size = [int(math.ceil(m / s)) for m, s in zip(_triple(min_size_mm, "min_size_mm"), spacing)]
+    shape, origin, mask = _cropped_mask(volume, threshold)
+    if mask is None:
+        return []
+    # components of the foreground's bounding box only: the same components, numbered in the same raster order
     comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return []
-    sizes = np.bincount(comp.reshape(-1), minlength=n + 1)[1:]
+    sizes = _component_sizes(comp, n)
     order = np.argsort(-sizes, kind="stable")[:max_boxes]
     keep = [int(i) for i in order if sizes[i] >= min_fraction * sizes[order[0]]]
     found = ndimage.find_objects(comp)
     boxes = []
     for i in keep:
-        ranges = [_grown(sl.start, sl.stop, m, ms, dim)
-                  for sl, m, ms, dim in zip(found[i], margin, min_size, mask.shape)]
+        ranges = [_grown(sl.start + o, sl.stop + o, m, ms, dim)
+                  for sl, o, m, ms, dim in zip(found[i], origin, margin, min_size, shape)]
         boxes.append(Box(tuple(r[0] for r in ranges), tuple(r[1] for r in ranges), int(sizes[i])))
     return sorted(boxes, key=lambda b: (b.centre[2], b.centre[1], b.centre[0]))
 

@@ -47,7 +47,8 @@ from hpc_dfs import __version__
 from hpc_dfs.config import require_path
 from hpc_dfs.data.fingerprint import CasePart
 from hpc_dfs.data.geometry import normalise
-from hpc_dfs.data.plan import CaseItem, Plan, PreprocessError, load_item, make_plan, reusable_shard, source_sha
+from hpc_dfs.data.plan import (CaseItem, Plan, PreprocessError, available_memory, case_memory_need,
+                                check_case_memory, load_item, make_plan, reusable_shard, source_sha)
 from hpc_dfs.data.progress import add_progress_argument, progress_bar, wants_progress
 from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.fsutil import DiskWriteError, clean_stale_tmp, write_json
@@ -290,14 +291,16 @@ def _stop_on_full_disk(me: _Rank, err: DiskWriteError) -> None:
 
 # ----------------------------------------------------------------------------- 2. fingerprint
 def _fingerprint_pass(me: _Rank, plan: Plan, mine: list[str], sparams: dict) -> _Local:
-    """Load, validate and sample this rank's cases, or reuse their valid shards; keep items up to ``cache_mb``."""
+    """Load, validate and sample this rank's cases, or reuse their valid shards; keep items up to ``cache_mb``
+    while the memory left still holds the largest case to come (:func:`_cache_fits`)."""
     local = _Local()
-    for cid in mine:
+    needs = [(case_memory_need(plan.case_dirs[cid], sparams) or (0, ""))[0] for cid in mine]
+    for i, cid in enumerate(mine):
         try:
             part, sha, reused, item = _fingerprint_case(me, plan, cid, sparams)
             if reused is not None:
                 local.reused[cid] = reused
-            if item is not None and local.cached_bytes + item.nbytes <= me.cfg.cache_mb * 2 ** 20:
+            if item is not None and _cache_fits(me, local, item, max(needs[i + 1:], default=0)):
                 local.cache[cid] = item
                 local.cached_bytes += item.nbytes
             local.parts[cid], local.shas[cid] = part, sha
@@ -305,6 +308,21 @@ def _fingerprint_pass(me: _Rank, plan: Plan, mine: list[str], sparams: dict) -> 
             me.fail(cid, e)
         me.bar.update(1)
     return local
+
+
+def _cache_fits(me: _Rank, local: _Local, item: CaseItem, need_next: int) -> bool:
+    """Whether ``item`` may stay in memory: within ``cache_mb``, and the memory left holds the next case's need."""
+    held = local.cached_bytes + item.nbytes
+    if held > me.cfg.cache_mb * 2 ** 20:
+        return False
+    have, _ = available_memory(me.cfg.memory_limit_mb, _ranks_per_node())
+    return have - (held if me.cfg.memory_limit_mb else 0) >= need_next  # the system's figure already counts it
+
+
+def _ranks_per_node() -> int:
+    from hpc_dfs import dist
+
+    return dist.local_size()
 
 
 def _fingerprint_case(me: _Rank, plan: Plan, cid: str,
@@ -320,6 +338,7 @@ def _fingerprint_case(me: _Rank, plan: Plan, cid: str,
         attrs, samples = prev
         return CasePart.from_meta(attrs["fingerprint_part"], samples), sha, attrs, None
     meta = plan.metas[cid]
+    check_case_memory(cd, sparams, cfg.memory_limit_mb, _ranks_per_node())
     item, part = load_item(cd, plan.label_map, sparams, sample=lambda case: fpm.case_part(
         cid, case.image, case.label, meta["shape"], meta["spacing"], cfg.fg_samples_per_case, cfg.seed))
     return part, sha, None, item
@@ -404,6 +423,7 @@ def _write_or_keep(me: _Rank, plan: Plan, cid: str, local: _Local, shared: _Shar
         return prev["manifest_entry"], True
     item = local.cache.pop(cid, None)
     if item is None:  # beyond cache_mb (or a shard to redo): decoded again
+        check_case_memory(plan.case_dirs[cid], sparams, me.cfg.memory_limit_mb, _ranks_per_node())
         item, _ = load_item(plan.case_dirs[cid], plan.label_map, sparams)
     return _write_case(me.out_dir / shard_name(cid), item, shared, me.cfg), False
 
