@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -175,10 +176,35 @@ class MpiObjectsBackend(Backend):
 
     name = "mpi4py"
 
+    #: the longest sleep between two tests of a pending barrier (seconds): the latency a wait may add
+    MAX_POLL_S = 0.005
+
     def __init__(self, comm: Any, mpi: Any) -> None:
+        self._comm, self._mpi = comm, mpi
+        self._quiet_wait(comm.Get_size())  # the ranks finish their imports at different times
         node = comm.Split_type(mpi.COMM_TYPE_SHARED)   # a collective: every rank constructs this at init()
         super().__init__(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size())
-        self._comm, self._mpi = comm, mpi
+
+    def _quiet_wait(self, size: int | None = None) -> bool:
+        """Return when every rank has arrived, sleeping (not spinning) while the slower ones work.
+
+        MPI's blocking collectives busy-poll: a rank that waits in one burns a whole core, which on a node
+        with as many ranks as cores (or a shared one) is taken from the ranks still working. So each
+        object collective and barrier first waits here on a non-blocking barrier, tested with a sleep
+        that grows from 0.1 ms to :attr:`MAX_POLL_S`; the collective itself then finds every rank there.
+
+        Returns:
+            Whether it waited: False at size 1, or for a communicator without ``Ibarrier`` (before MPI-3),
+            where the blocking collective that follows does the waiting.
+        """
+        if (self.size if size is None else size) <= 1 or not hasattr(self._comm, "Ibarrier"):
+            return False
+        req = self._comm.Ibarrier()
+        delay = 1e-4
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(2 * delay, self.MAX_POLL_S)
+        return True
 
     def describe(self) -> dict:
         return {"horovod": False, "mpi4py": True}
@@ -186,17 +212,21 @@ class MpiObjectsBackend(Backend):
     def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
         kind = reduction(op)
         out = np.empty_like(arr)
+        self._quiet_wait()
         self._comm.Allreduce(arr, out, op=getattr(self._mpi, _REDUCTIONS[kind][1]))
         return out / self.size if kind == "mean" else out
 
     def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
+        self._quiet_wait()
         return self._comm.bcast(obj, root=root)
 
     def allgather_object(self, obj: Any, name: str | None) -> list:
+        self._quiet_wait()
         return self._comm.allgather(obj)
 
     def barrier(self) -> None:
-        self._comm.Barrier()
+        if not self._quiet_wait():
+            self._comm.Barrier()
 
     @staticmethod
     def _needs_horovod(what: str) -> DistError:
