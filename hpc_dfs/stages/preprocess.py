@@ -225,7 +225,7 @@ def _start(out_dir: Path, cfg, fail_fast: bool) -> _Rank:
     dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     dist.configure_threads()
     me = _Rank(cfg, out_dir, dist.rank(), dist.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
-    if cfg.clinical != "none":  # import sklearn now (~1.5 s), not inside the timed stage on every rank
+    if cfg.clinical != "none" and me.rank == 0:  # rank 0 alone fits the clinical pipeline (sklearn, ~1.5 s)
         import sklearn.compose  # noqa: F401
     return me
 
@@ -357,15 +357,41 @@ def _derive(me: _Rank, plan: Plan, spatial: dict, parts: dict[str, CasePart], sh
     except ValueError as e:
         raise PreprocessError(str(e)) from None
     valid_ids = sorted(parts)
-    pipeline = None
+    pipeline = _fit_clinical(me, plan, valid_ids)
     features = {cid: np.zeros(0, np.float32) for cid in valid_ids}
-    if plan.frame is not None:
-        pipe = clin.ClinicalPipeline().fit(plan.frame.loc[valid_ids])
-        x = pipe.transform(plan.frame.loc[valid_ids])
+    if pipeline is not None:
+        x = clin.ClinicalPipeline.from_json(pipeline).transform(plan.frame.loc[valid_ids])
         features = {cid: x[i] for i, cid in enumerate(valid_ids)}
-        pipeline = pipe.to_json()
     risk = {cid: clin.risk_label(plan.records[cid]) if cid in plan.records else None for cid in valid_ids}
     return _Shared(parts, shas, fingerprint, params, pipeline, features, risk, _params_hash(params, pipeline))
+
+
+def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]:
+    """The clinical pipeline fitted on the valid cases, as JSON, on every rank; None without clinical records.
+
+    Rank 0 alone fits it (only it imports sklearn, ~1.5 s of every rank's start-up otherwise) and sends the
+    JSON; every rank, rank 0 too, then transforms from that JSON, so the features are the same whatever the
+    number of ranks (the transform reads only the fitted numbers, which JSON carries exactly).
+    """
+    from hpc_dfs import dist
+    from hpc_dfs.data import clinical as clin
+
+    if plan.frame is None:
+        return None
+    pipeline, problem = None, None
+    if me.rank == 0:
+        try:
+            pipeline = clin.ClinicalPipeline().fit(plan.frame.loc[valid_ids]).to_json()
+        except Exception as e:  # the other ranks wait for the pipeline: they stop too, naming the problem
+            problem = e
+    if me.world > 1:
+        pipeline, why = dist.broadcast_object((pipeline, None if problem is None else repr(problem)),
+                                              name="preprocess.clinical_pipeline")
+        if why is not None and problem is None:
+            raise PreprocessError(f"fitting the clinical pipeline failed on rank 0: {why}")
+    if problem is not None:
+        raise problem
+    return pipeline
 
 
 def _params_hash(params: dict, pipeline: Optional[dict]) -> str:
