@@ -119,6 +119,7 @@ class _Rank:
     fail_fast: bool
     failed: dict[str, str] = field(default_factory=dict)   # case id -> "[case_id] problem", this rank's
     bar: Any = None
+    fit_rank: int = 0                # the rank that fits the clinical pipeline: the one with the least work
 
     def fail(self, cid: str, err: Exception) -> None:
         """Record and log one bad case as ``[case_id] problem``; under --fail-fast stop here."""
@@ -174,7 +175,6 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     from hpc_dfs import dist
     from hpc_dfs.config.data import PreprocessConfig
     from hpc_dfs.data import fingerprint as fpm
-    from hpc_dfs.data.reader import partition_balanced
 
     me = _start(Path(out_dir), cfg or PreprocessConfig(), fail_fast)
     t_start = time.time()  # after dist.init() and imports: the logged time is the stage's own work
@@ -188,13 +188,13 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     spatial = fpm.spatial_fingerprint(plan.readable())  # the target spacing needs only headers
     sparams = fpm.spatial_params(spatial, me.cfg)
     _prepare_out(me)
-    mine = partition_balanced([(cid, (m or {}).get("n_voxels", 0)) for cid, m in plan.metas.items()],
-                              me.rank, me.world)
+    mine = _partition(me, plan)
     me.bar = progress_bar(progress and me.rank == 0, total=2 * len(mine), desc=f"preprocess (rank 0 of {me.world})")
     try:
         local = _fingerprint_pass(me, plan, mine, sparams)                             # 2. fingerprint
     except _Abort:
         return _summary(me, me.failed, fail_fast=True)
+    _warm_clinical(me, plan)
     parts, shas = _exchange_parts(me, local, errors)
     if not parts:
         return _nothing_left(me, errors, f"no valid case to preprocess in {plan.data_dir}")
@@ -219,15 +219,37 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
 
 # ----------------------------------------------------------------------------- 1. plan
 def _start(out_dir: Path, cfg, fail_fast: bool) -> _Rank:
-    """Join the ranks (object collectives only) and pay the imports before the stage's clock starts."""
+    """Join the ranks (object collectives only) and give this rank its share of the cores."""
     from hpc_dfs import dist
 
     dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     dist.configure_threads()
-    me = _Rank(cfg, out_dir, dist.rank(), dist.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
-    if cfg.clinical != "none" and me.rank == 0:  # rank 0 alone fits the clinical pipeline (sklearn, ~1.5 s)
+    return _Rank(cfg, out_dir, dist.rank(), dist.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
+
+
+def _partition(me: _Rank, plan: Plan) -> list[str]:
+    """This rank's cases, balanced by voxels (largest first, deterministic); sets ``me.fit_rank``.
+
+    The clinical pipeline is fitted by the rank left with the fewest voxels (ties: the highest rank, as the
+    largest cases go to the lowest ranks first): its sklearn import (~1.5 s) then overlaps the others' work.
+    """
+    from hpc_dfs.data.reader import partition_balanced
+
+    items = [(cid, (m or {}).get("n_voxels", 0)) for cid, m in plan.metas.items()]
+    if me.world == 1:
+        return partition_balanced(items, 0, 1)
+    sizes = dict(items)
+    shares = [partition_balanced(items, r, me.world) for r in range(me.world)]
+    loads = [sum(sizes[cid] for cid in share) for share in shares]
+    me.fit_rank = min(range(me.world), key=lambda r: (loads[r], -r))
+    return shares[me.rank]
+
+
+def _warm_clinical(me: _Rank, plan: Plan) -> None:
+    """On the rank that fits the clinical pipeline, import sklearn once its own cases are done (while others
+    may still work), not at start-up on every rank."""
+    if plan.frame is not None and me.rank == me.fit_rank:
         import sklearn.compose  # noqa: F401
-    return me
 
 
 def _report_plan(me: _Rank, plan: Plan) -> None:
@@ -369,9 +391,10 @@ def _derive(me: _Rank, plan: Plan, spatial: dict, parts: dict[str, CasePart], sh
 def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]:
     """The clinical pipeline fitted on the valid cases, as JSON, on every rank; None without clinical records.
 
-    Rank 0 alone fits it (only it imports sklearn, ~1.5 s of every rank's start-up otherwise) and sends the
-    JSON; every rank, rank 0 too, then transforms from that JSON, so the features are the same whatever the
-    number of ranks (the transform reads only the fitted numbers, which JSON carries exactly).
+    One rank (``me.fit_rank``) fits it, the only one to import sklearn (~1.5 s of every rank's start-up
+    otherwise), and sends the JSON; every rank, that one too, then transforms from the JSON, so the features
+    are the same whatever the number of ranks (the transform reads only the fitted numbers, which JSON
+    carries exactly).
     """
     from hpc_dfs import dist
     from hpc_dfs.data import clinical as clin
@@ -379,16 +402,16 @@ def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]
     if plan.frame is None:
         return None
     pipeline, problem = None, None
-    if me.rank == 0:
+    if me.rank == me.fit_rank:
         try:
             pipeline = clin.ClinicalPipeline().fit(plan.frame.loc[valid_ids]).to_json()
         except Exception as e:  # the other ranks wait for the pipeline: they stop too, naming the problem
             problem = e
     if me.world > 1:
         pipeline, why = dist.broadcast_object((pipeline, None if problem is None else repr(problem)),
-                                              name="preprocess.clinical_pipeline")
+                                              root=me.fit_rank, name="preprocess.clinical_pipeline")
         if why is not None and problem is None:
-            raise PreprocessError(f"fitting the clinical pipeline failed on rank 0: {why}")
+            raise PreprocessError(f"fitting the clinical pipeline failed on rank {me.fit_rank}: {why}")
     if problem is not None:
         raise problem
     return pipeline
