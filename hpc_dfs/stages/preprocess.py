@@ -120,6 +120,7 @@ class _Rank:
     failed: dict[str, str] = field(default_factory=dict)   # case id -> "[case_id] problem", this rank's
     bar: Any = None
     fit_rank: int = 0                # the rank that fits the clinical pipeline: the one with the least work
+    clock: Any = None                # hpc_dfs.dist.phases.PhaseClock: where this rank's seconds went
 
     def fail(self, cid: str, err: Exception) -> None:
         """Record and log one bad case as ``[case_id] problem``; under --fail-fast stop here."""
@@ -175,10 +176,16 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     from hpc_dfs import dist
     from hpc_dfs.config.data import PreprocessConfig
     from hpc_dfs.data import fingerprint as fpm
+    from hpc_dfs.dist.phases import PhaseClock
 
+    clock = PhaseClock()
+    clock.mark("start+imports")
     me = _start(Path(out_dir), cfg or PreprocessConfig(), fail_fast)
+    me.clock = clock
+    clock.mark("dist_init")
     t_start = time.time()  # after dist.init() and imports: the logged time is the stage's own work
     plan = make_plan(Path(data_dir), me.cfg)                                           # 1. plan
+    clock.mark("plan")
     errors = dict(plan.errors)
     _report_plan(me, plan)
     if errors and fail_fast:
@@ -189,17 +196,23 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     sparams = fpm.spatial_params(spatial, me.cfg)
     _prepare_out(me)
     mine = _partition(me, plan)
+    clock.mark("prepare_out+partition")
     me.bar = progress_bar(progress and me.rank == 0, total=2 * len(mine), desc=f"preprocess (rank 0 of {me.world})")
     try:
         local = _fingerprint_pass(me, plan, mine, sparams)                             # 2. fingerprint
     except _Abort:
         return _summary(me, me.failed, fail_fast=True)
+    clock.mark("fingerprint")
     _warm_clinical(me, plan)
+    clock.mark("sklearn_import")
     parts, shas = _exchange_parts(me, local, errors)
+    clock.mark("exchange")
     if not parts:
         return _nothing_left(me, errors, f"no valid case to preprocess in {plan.data_dir}")
     shared = _derive(me, plan, spatial, parts, shas)
+    clock.mark("derive+clinical")
     _retire_other_manifest(me, shared.phash)
+    clock.mark("retire_manifest")
     try:
         results, n_reused = _write_pass(me, plan, mine, local, shared, sparams)         # 3. write
     except _Abort:
@@ -207,13 +220,18 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     except DiskWriteError as e:
         _stop_on_full_disk(me, e)
     me.bar.close()
+    clock.mark("write")
     results, n_reused = _exchange_results(me, results, n_reused, errors)
+    clock.mark("gather_results")
     if me.rank == 0:                                                                   # 4. manifest, last
         try:
             _write_manifest(me, plan, shared, results, errors, n_reused, t_start)
         except DiskWriteError as e:
             _stop_on_full_disk(me, e)
+    clock.mark("manifest")
     dist.barrier()
+    clock.mark("barrier")
+    _log_phases(me, plan, mine)
     return _summary(me, errors) if errors else 0
 
 
@@ -250,6 +268,13 @@ def _warm_clinical(me: _Rank, plan: Plan) -> None:
     may still work), not at start-up on every rank."""
     if plan.frame is not None and me.rank == me.fit_rank:
         import sklearn.compose  # noqa: F401
+
+
+def _log_phases(me: _Rank, plan: Plan, mine: list[str]) -> None:
+    """One DEBUG line per rank: its cases, their voxels, and the wall/CPU seconds of each phase."""
+    voxels = sum((plan.metas.get(cid) or {}).get("n_voxels", 0) for cid in mine)
+    me.log.debug("phases rank=%d world=%d fit_rank=%d cases=%s voxels=%d %s", me.rank, me.world, me.fit_rank,
+                 ",".join(mine), voxels, me.clock.json())
 
 
 def _report_plan(me: _Rank, plan: Plan) -> None:
