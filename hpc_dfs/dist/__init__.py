@@ -44,8 +44,8 @@ from hpc_dfs.dist.launch import launch_rank_size, launcher
 from hpc_dfs.dist.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "DistError", "init", "shutdown", "horovod_available", "launcher", "rank_size_or_env", "rank", "size",
-    "local_rank", "local_size", "is_main", "topology", "device", "configure_threads", "allreduce",
+    "DistError", "init", "shutdown", "finish_for_exit", "horovod_available", "launcher", "rank_size_or_env", "rank",
+    "size", "local_rank", "local_size", "is_main", "topology", "device", "configure_threads", "allreduce",
     "allreduce_scalar", "allgather", "broadcast_object", "allgather_object", "barrier", "broadcast_model",
     "broadcast_optimizer_state", "DistributedOptimizer", "abort", "SyncBatchNorm", "convert_sync_batchnorm",
 ]
@@ -75,6 +75,21 @@ def shutdown() -> None:
     if _backend is not None:
         _backend.shutdown()
     _backend = None
+
+
+def finish_for_exit() -> bool:
+    """Finalize MPI if this process started it (mpi4py backend), before a process exits without teardown.
+
+    Returns:
+        Whether the process may now exit at once (``os._exit``): False under Horovod, whose shutdown
+        belongs to the interpreter's own exit.
+    """
+    if _backend is None or _backend.name == "single":
+        return True
+    if _backend.name != "mpi4py":
+        return False
+    _backend.finalize()
+    return True
 
 
 def _b() -> Backend:

@@ -209,6 +209,11 @@ class MpiObjectsBackend(Backend):
     def describe(self) -> dict:
         return {"horovod": False, "mpi4py": True}
 
+    def finalize(self) -> None:
+        """``MPI_Finalize`` (once): needed before ``os._exit``, which skips mpi4py's own finalization."""
+        if not self._mpi.Is_finalized():
+            self._mpi.Finalize()
+
     def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
         kind = reduction(op)
         out = np.empty_like(arr)
