@@ -16,7 +16,8 @@ Usage::
   stages that need only ranks and object collectives (synth, preprocess, predict, evaluate). Horovod is
   not started (its background thread slowed CPU-bound work of 2 ranks on 2 cores by 1.5-2x); a tensor
   collective, model broadcast or distributed optimizer is then a :class:`DistError`.
-- **Single process**: a plain process whose Horovod cannot be imported; every collective has its
+- **Single process**: a plain process that asked for ``init(horovod=False)`` (no Horovod to start), or
+  whose Horovod cannot be imported; every collective has its
   size-1 meaning, so single-process tools work without Horovod. A launch of more than one process
   without Horovod is a :class:`DistError` (exit code 4), as is a Horovod built without the launcher's
   controller, or one that sees another number of processes than the launcher started.
@@ -58,7 +59,8 @@ def init(horovod: bool = True) -> None:
 
     Args:
         horovod: False when the stage needs only ranks and object collectives (preprocess, predict,
-            evaluate, synth): under an MPI launcher these then go through mpi4py and Horovod is not started.
+            evaluate, synth): under an MPI launcher these then go through mpi4py, in a plain process through
+            the size-1 backend, and Horovod is not started.
             Under ``horovodrun --gloo`` Horovod is still used (there is no MPI there).
 
     Raises:

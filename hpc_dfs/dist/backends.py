@@ -3,13 +3,14 @@
 ============  ===========================================  ==============================================
 backend       chosen when                                  what it can do
 ============  ===========================================  ==============================================
-Horovod       ``init()``; also ``init(horovod=False)``     everything: tensor collectives (differentiable
-              under ``horovodrun --gloo`` or in a plain    allreduce), object collectives, the distributed
-              process where Horovod imports                optimizer, model and optimizer broadcast
+Horovod       ``init()`` (in a plain process: where        everything: tensor collectives (differentiable
+              Horovod imports); ``init(horovod=False)``    allreduce), object collectives, the distributed
+              only under ``horovodrun --gloo``             optimizer, model and optimizer broadcast
 MpiObjects    ``init(horovod=False)`` under ``mpirun`` or  ranks, object collectives, number allreduce,
               ``srun`` (mpi4py's COMM_WORLD)               barrier; tensor work is a :class:`DistError`
-Single        a plain process whose Horovod cannot be      size-1 semantics of everything (a collective
-              imported                                     returns its input, a broadcast is a no-op)
+Single        a plain process: ``init(horovod=False)``,    size-1 semantics of everything (a collective
+              or ``init()`` where Horovod cannot be        returns its input, a broadcast is a no-op)
+              imported
 ============  ===========================================  ==============================================
 
 Horovod and mpi4py are imported here and nowhere else in hpc_dfs (and in :mod:`hpc_dfs.dist.syncbn` for
@@ -332,7 +333,8 @@ def select(horovod: bool = True) -> Backend:
 
     Args:
         horovod: False when the stage needs only ranks and object collectives; under ``mpirun``/``srun``
-            that selects :class:`MpiObjectsBackend` (under ``horovodrun --gloo`` there is no MPI, so Horovod).
+            that selects :class:`MpiObjectsBackend`, in a plain process :class:`SingleBackend` (under
+            ``horovodrun --gloo`` there is no MPI, so Horovod).
 
     Raises:
         DistError: (exit code 4) when the launcher started more than one process and the library the
@@ -341,6 +343,8 @@ def select(horovod: bool = True) -> Backend:
     lch = launcher()
     if not horovod and lch in ("mpirun", "srun"):
         return _mpi_objects(lch)
+    if not horovod and lch == "none":  # one plain process: nothing to start (Horovod's init and its thread cost)
+        return SingleBackend()
     n = launch_rank_size()[1]
     try:
         import horovod.torch as hvd  # the only import of horovod in hpc_dfs (besides syncbn's SyncBatchNorm)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +132,19 @@ def test_on_a_tie_the_last_rank_fits_and_alone_it_is_rank_0():
         assert me.fit_rank == 1
     me = _me(0, 1)
     assert pre._partition(me, _plan({"a": 10, "b": 10})) == ["a", "b"] and me.fit_rank == 0
+
+
+def test_a_plain_process_asking_for_ranks_only_starts_no_horovod(monkeypatch):
+    from hpc_dfs.dist.launch import launch_rank_size
+
+    class _Hvd:  # a Horovod that imports: init() must not be reached
+        def __getattr__(self, name):
+            raise AssertionError(f"horovod.{name} used by init(horovod=False) in a plain process")
+
+    for var in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID",
+                "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "HOROVOD_RANK", "HOROVOD_SIZE",
+                "HOROVOD_GLOO_RENDEZVOUS_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_rank_size() == (0, 1) and backends.launcher() == "none"
+    monkeypatch.setitem(sys.modules, "horovod.torch", _Hvd())
+    assert isinstance(backends.select(horovod=False), backends.SingleBackend)
