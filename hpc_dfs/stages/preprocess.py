@@ -14,10 +14,14 @@ Four steps, every rank running the same code (``hpc_dfs.dist`` gives rank and si
    resamples them (kept in memory up to ``cache_mb`` so most cases are decoded once); the samples
    are gathered and combined in case-id order, so every rank derives the same normalisation
    whatever the number of ranks; the clinical pipeline (impute/scale/one-hot) is fitted on the valid
-   training cases;
+   training cases by one rank (the one with the fewest voxels; only it imports sklearn) and sent to the
+   others as JSON, from which every rank computes the features;
 3. **write**: each rank writes one shard per case (``shard-<case_id>.h5``, atomically), skipping cases
    whose shard is already valid for the same inputs and parameters (resume after a crash);
 4. **manifest**: rank 0 gathers the results and writes ``clinical_pipeline.json`` then ``manifest.json``.
+
+With ``HPC_DFS_LOG_LEVEL=DEBUG`` every rank logs one ``phases`` line: its cases, their voxels and the wall and
+CPU seconds of each step from the process's start (:mod:`hpc_dfs.dist.phases`).
 
 A bad case (missing imaging, truncated gzip, shape or affine mismatch, labels outside the set,
 non-finite voxels, missing or malformed clinical record) is reported once as
