@@ -141,10 +141,33 @@ def voxel_count(image_path: Path) -> int:
         return 0
 
 
-def partition(cases: list[CaseInput], rank: int, world: int) -> list[CaseInput]:
-    """This rank's cases, balanced by voxel count (hpc_dfs.data.reader.partition_balanced)."""
+def voxel_counts(cases: list[CaseInput], rank: int, world: int) -> dict[str, int]:
+    """Voxels of every case by id: each rank reads the headers of every ``world``-th case, then they share them.
+
+    A collective when ``world > 1`` (every rank calls it), so no rank reads every header.
+    """
+    own = {c.case_id: voxel_count(c.image_path) for c in cases[rank::world]}
+    if world == 1:
+        return own
+    merged: dict[str, int] = {}
+    for part in dist.allgather_object(own, name="predict.voxel_counts"):
+        merged.update(part)
+    return merged
+
+
+def partition(cases: list[CaseInput], rank: int, world: int, counts: dict[str, int] | None = None) -> list[CaseInput]:
+    """This rank's cases, balanced by voxel count (hpc_dfs.data.reader.partition_balanced).
+
+    Args:
+        cases: every case, in the same order on every rank.
+        rank: this rank.
+        world: the number of ranks.
+        counts: voxels by case id (:func:`voxel_counts`); read from the headers here without it.
+    """
     from hpc_dfs.data.reader import partition_balanced
-    items = [(c, voxel_count(c.image_path)) for c in cases]
+    if counts is None:
+        counts = {c.case_id: voxel_count(c.image_path) for c in cases}
+    items = [(c, counts[c.case_id]) for c in cases]
     mine = partition_balanced(items, rank, world)
     return sorted(mine, key=lambda c: c.case_id)
 
@@ -762,7 +785,7 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
                  "on" if cfg.tta else "off", "on" if cfg.postprocess.enabled else "off", threads, setup.device)
         if any(r.needs_clinical for r in reps):
             log.info("clinical records: %s", setup.clinical_source or "none found (all cases run image-only)")
-    mine = partition(setup.cases, rank, world) if world > 1 else setup.cases
+    mine = partition(setup.cases, rank, world, voxel_counts(setup.cases, rank, world)) if world > 1 else setup.cases
     clock.mark("partition")
     rows = _predict_all(mine, setup, cfg, paths.out)
     clock.mark("cases")

@@ -148,3 +148,22 @@ def test_a_plain_process_asking_for_ranks_only_starts_no_horovod(monkeypatch):
     assert launch_rank_size() == (0, 1) and backends.launcher() == "none"
     monkeypatch.setitem(sys.modules, "horovod.torch", _Hvd())
     assert isinstance(backends.select(horovod=False), backends.SingleBackend)
+
+
+def test_predict_shares_the_header_reads_and_partitions_as_before(monkeypatch, tmp_path):
+    from hpc_dfs.stages import predict as pr
+
+    cases = [pr.CaseInput(f"case_{i:05d}", tmp_path / f"case_{i:05d}" / "imaging.nii.gz") for i in range(5)]
+    sizes = {c.case_id: 100 - 7 * i for i, c in enumerate(cases)}
+    read = []
+
+    def count(path):
+        read.append(path.parent.name)
+        return sizes[path.parent.name]
+    monkeypatch.setattr(pr, "voxel_count", count)
+    assert pr.voxel_counts(cases, 1, 2) == {"case_00001": 93, "case_00003": 79} == {c: sizes[c] for c in read}
+    read.clear()
+    assert pr.voxel_counts(cases, 0, 1) == sizes and len(read) == 5
+    for r in range(2):  # with the shared counts, each rank gets what it got reading every header itself
+        assert pr.partition(cases, r, 2, sizes) == pr.partition(cases, r, 2)
+    assert sorted(c.case_id for r in range(2) for c in pr.partition(cases, r, 2, sizes)) == sorted(sizes)
