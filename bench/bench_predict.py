@@ -8,7 +8,10 @@ width 8, the demo's model). Timed: the whole ``mpirun -np N hpc-dfs predict`` on
 (another seed), once with ``--checkpoint`` only and once with ``--refine-checkpoint`` too, interleaved
 np=1 / np=2. Every np=2 output is compared byte for byte with np=1's (every file under the output folder
 except logs and timing summaries). Goal: np=2 >= 1.8x np=1 for the whole command, outputs identical.
-Writes ``bench/results/predict.json``.
+Every run carries ``phases``: per rank its cases and the wall/CPU seconds of each phase from the process's
+start (start-up + imports, dist init, setup = checkpoints and records, partition, cases, gather, summary),
+from the stage's DEBUG line (``HPC_DFS_LOG_LEVEL=DEBUG``). Speed-ups are given for the best runs and for
+the medians over the repeats. Writes ``bench/results/predict.json``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import hashlib
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,10 +70,20 @@ def predict(np_: int, run: Path, test: Path, out: Path, cascade: bool) -> dict:
     if cascade:
         ck += ["--refine-checkpoint", str(run / "refine" / "checkpoints" / "last.pt")]
     r = benchlib.timed(benchlib.mpirun(np_, benchlib.hpc("predict", *ck, "--input", str(test), "--out", str(out),
-                                                          "--no-overlays")))
+                                                          "--no-overlays")),
+                       env_=benchlib.env(HPC_DFS_LOG_LEVEL="DEBUG"))
     m = re.search(r"written to .* in ([0-9.]+) s", r["stderr"])
     return {"np": np_, "cascade": cascade, "wall_s": r["wall_s"], "stage_s": float(m.group(1)) if m else None,
-            "peak_rss_MB_max_process": r["peak_rss_MB_max_process"]}
+            "peak_rss_MB_max_process": r["peak_rss_MB_max_process"], "phases": phases(r["stderr"])}
+
+
+def phases(stderr: str) -> dict:
+    """Per rank (``rank0``, ...): its cases and phase times, from the stage's DEBUG ``phases`` lines."""
+    out = {}
+    for m in re.finditer(r"phases rank=(\d+) world=\d+ cases=(\S*) (\[.*\])", stderr):
+        out[f"rank{m.group(1)}"] = {"cases": [c for c in m.group(2).split(",") if c],
+                                    "phases": json.loads(m.group(3))}
+    return dict(sorted(out.items()))
 
 
 def summarise(runs: list[dict], slices: int, cases: int) -> dict:
@@ -83,6 +97,9 @@ def summarise(runs: list[dict], slices: int, cases: int) -> dict:
                                "slices_per_s_stage": round(slices / b[n]["stage_s"], 2) if b[n]["stage_s"] else None}
                     for n in (1, 2)}
         out[key]["speedup_np2_wall"] = round(b[1]["wall_s"] / b[2]["wall_s"], 2)
+        med = {n: statistics.median(r["wall_s"] for r in runs if r["np"] == n and r["cascade"] == cascade)
+               for n in (1, 2)}
+        out[key]["speedup_np2_wall_median"] = round(med[1] / med[2], 2)
         out[key]["speedup_np2_stage"] = (round(b[1]["stage_s"] / b[2]["stage_s"], 2)
                                          if b[1]["stage_s"] and b[2]["stage_s"] else None)
     return out

@@ -14,7 +14,10 @@ imports, MPI/Horovod start-up, fingerprint and writing all counted), launched th
 
 Runs are interleaved (hpc-dfs and nnU-Net alternate) so that the ratios share the machine's load.
 ``--profile`` adds one np=2 run of hpc-dfs under cProfile per rank (top functions by cumulative time).
-Writes ``bench/results/preprocess.json``.
+Every hpc-dfs run also carries ``phases``: per rank its cases, their voxels and the wall/CPU seconds of each
+phase from the process's start (start-up + imports, dist init, plan, fingerprint, exchange, write, manifest),
+read from the stage's DEBUG line (``HPC_DFS_LOG_LEVEL=DEBUG``); ``ratios`` gives the medians over the
+repeats beside the best runs. Writes ``bench/results/preprocess.json``.
 """
 from __future__ import annotations
 
@@ -90,10 +93,19 @@ def run_hpc(np_: int, data: Path, out: Path, slice_size: list[int], spacing: str
     else:  # one cProfile file per rank
         argv = ["sh", "-c", f'exec {sys.executable} -m cProfile -o {profile_dir}/rank$OMPI_COMM_WORLD_RANK.prof '
                             f'-m hpc_dfs {" ".join(args)}']
-    r = benchlib.timed(benchlib.mpirun(np_, argv))
+    r = benchlib.timed(benchlib.mpirun(np_, argv), env_=benchlib.env(HPC_DFS_LOG_LEVEL="DEBUG"))
     m = re.search(r"in ([0-9.]+) s on", r["stderr"])
     return {"tool": "hpc-dfs", "np": np_, "slice_size": slice_size, "in_plane_spacing": spacing or "auto",
-            **_strip(r), "stage_s": float(m.group(1)) if m else None}
+            **_strip(r), "stage_s": float(m.group(1)) if m else None, "phases": phases(r["stderr"])}
+
+
+def phases(stderr: str) -> dict:
+    """Per rank (``rank0``, ...): its cases, their voxels and phase times, from the stage's DEBUG ``phases`` lines."""
+    out = {}
+    for m in re.finditer(r"phases rank=(\d+) world=\d+ fit_rank=(\d+) cases=(\S*) voxels=(\d+) (\[.*\])", stderr):
+        out[f"rank{m.group(1)}"] = {"cases": [c for c in m.group(3).split(",") if c], "voxels": int(m.group(4)),
+                                    "fits_clinical": m.group(2) == m.group(1), "phases": json.loads(m.group(5))}
+    return dict(sorted(out.items()))
 
 
 def _strip(r: dict) -> dict:
@@ -124,6 +136,14 @@ def best(runs: list[dict], **match) -> dict | None:
     return min(sel, key=lambda r: r["wall_s"]) if sel else None
 
 
+def median_wall(runs: list[dict], **match) -> float | None:
+    """The median wall time of the matching runs (the repeats), or None."""
+    import statistics
+
+    sel = [r["wall_s"] for r in runs if all(r.get(k) == v for k, v in match.items())]
+    return round(statistics.median(sel), 2) if sel else None
+
+
 def ratios(runs: list[dict], nn_size: list[int], nn_spacing: str | None) -> dict:
     """The figures the goals are about: hpc-dfs/nnU-Net wall time at np=1 (<= 0.5) and np=2/np=1 (>= 1.8)."""
     def r(a, b, key="wall_s"):
@@ -138,8 +158,14 @@ def ratios(runs: list[dict], nn_size: list[int], nn_spacing: str | None) -> dict
         "hpc_np2_over_nnunet_np2_wall_256": r(h2, n2), "hpc_np2_over_nnunet_np2_wall_nnres": r(s2, n2),
         "hpc_speedup_np2_wall_256": r(h1, h2), "hpc_speedup_np2_wall_nnres": r(s1, s2),
         "hpc_speedup_np2_stage_256": r(h1, h2, "stage_s"), "nnunet_speedup_np2_wall": r(n1, n2),
+        "hpc_speedup_np2_wall_256_median": _ratio(median_wall(runs, tool="hpc-dfs", np=1, slice_size=[256, 256]),
+                                                  median_wall(runs, tool="hpc-dfs", np=2, slice_size=[256, 256])),
         "goals": "hpc np=1 wall <= 0.5x nnU-Net np=1 (both resolutions); hpc np=2 >= 1.8x its np=1, whole command",
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
 
 
 def main() -> None:

@@ -1,5 +1,3 @@
-import sys
+from hpc_dfs.cli import run
 
-from hpc_dfs.cli import main
-
-sys.exit(main())
+run()

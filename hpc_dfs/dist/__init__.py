@@ -16,7 +16,8 @@ Usage::
   stages that need only ranks and object collectives (synth, preprocess, predict, evaluate). Horovod is
   not started (its background thread slowed CPU-bound work of 2 ranks on 2 cores by 1.5-2x); a tensor
   collective, model broadcast or distributed optimizer is then a :class:`DistError`.
-- **Single process**: a plain process whose Horovod cannot be imported; every collective has its
+- **Single process**: a plain process that asked for ``init(horovod=False)`` (no Horovod to start), or
+  whose Horovod cannot be imported; every collective has its
   size-1 meaning, so single-process tools work without Horovod. A launch of more than one process
   without Horovod is a :class:`DistError` (exit code 4), as is a Horovod built without the launcher's
   controller, or one that sees another number of processes than the launcher started.
@@ -44,8 +45,8 @@ from hpc_dfs.dist.launch import launch_rank_size, launcher
 from hpc_dfs.dist.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "DistError", "init", "shutdown", "horovod_available", "launcher", "rank_size_or_env", "rank", "size",
-    "local_rank", "local_size", "is_main", "topology", "device", "configure_threads", "allreduce",
+    "DistError", "init", "shutdown", "finish_for_exit", "horovod_available", "launcher", "rank_size_or_env", "rank",
+    "size", "local_rank", "local_size", "is_main", "topology", "device", "configure_threads", "allreduce",
     "allreduce_scalar", "allgather", "broadcast_object", "allgather_object", "barrier", "broadcast_model",
     "broadcast_optimizer_state", "DistributedOptimizer", "abort", "SyncBatchNorm", "convert_sync_batchnorm",
 ]
@@ -58,7 +59,8 @@ def init(horovod: bool = True) -> None:
 
     Args:
         horovod: False when the stage needs only ranks and object collectives (preprocess, predict,
-            evaluate, synth): under an MPI launcher these then go through mpi4py and Horovod is not started.
+            evaluate, synth): under an MPI launcher these then go through mpi4py, in a plain process through
+            the size-1 backend, and Horovod is not started.
             Under ``horovodrun --gloo`` Horovod is still used (there is no MPI there).
 
     Raises:
@@ -75,6 +77,21 @@ def shutdown() -> None:
     if _backend is not None:
         _backend.shutdown()
     _backend = None
+
+
+def finish_for_exit() -> bool:
+    """Finalize MPI if this process started it (mpi4py backend), before a process exits without teardown.
+
+    Returns:
+        Whether the process may now exit at once (``os._exit``): False under Horovod, whose shutdown
+        belongs to the interpreter's own exit.
+    """
+    if _backend is None or _backend.name == "single":
+        return True
+    if _backend.name != "mpi4py":
+        return False
+    _backend.finalize()
+    return True
 
 
 def _b() -> Backend:

@@ -3,13 +3,14 @@
 ============  ===========================================  ==============================================
 backend       chosen when                                  what it can do
 ============  ===========================================  ==============================================
-Horovod       ``init()``; also ``init(horovod=False)``     everything: tensor collectives (differentiable
-              under ``horovodrun --gloo`` or in a plain    allreduce), object collectives, the distributed
-              process where Horovod imports                optimizer, model and optimizer broadcast
+Horovod       ``init()`` (in a plain process: where        everything: tensor collectives (differentiable
+              Horovod imports); ``init(horovod=False)``    allreduce), object collectives, the distributed
+              only under ``horovodrun --gloo``             optimizer, model and optimizer broadcast
 MpiObjects    ``init(horovod=False)`` under ``mpirun`` or  ranks, object collectives, number allreduce,
               ``srun`` (mpi4py's COMM_WORLD)               barrier; tensor work is a :class:`DistError`
-Single        a plain process whose Horovod cannot be      size-1 semantics of everything (a collective
-              imported                                     returns its input, a broadcast is a no-op)
+Single        a plain process: ``init(horovod=False)``,    size-1 semantics of everything (a collective
+              or ``init()`` where Horovod cannot be        returns its input, a broadcast is a no-op)
+              imported
 ============  ===========================================  ==============================================
 
 Horovod and mpi4py are imported here and nowhere else in hpc_dfs (and in :mod:`hpc_dfs.dist.syncbn` for
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -175,28 +177,62 @@ class MpiObjectsBackend(Backend):
 
     name = "mpi4py"
 
+    #: the longest sleep between two tests of a pending barrier (seconds): the latency a wait may add
+    MAX_POLL_S = 0.005
+
     def __init__(self, comm: Any, mpi: Any) -> None:
+        self._comm, self._mpi = comm, mpi
+        self._quiet_wait(comm.Get_size())  # the ranks finish their imports at different times
         node = comm.Split_type(mpi.COMM_TYPE_SHARED)   # a collective: every rank constructs this at init()
         super().__init__(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size())
-        self._comm, self._mpi = comm, mpi
+
+    def _quiet_wait(self, size: int | None = None) -> bool:
+        """Return when every rank has arrived, sleeping (not spinning) while the slower ones work.
+
+        MPI's blocking collectives busy-poll: a rank that waits in one burns a whole core, which on a node
+        with as many ranks as cores (or a shared one) is taken from the ranks still working. So each
+        object collective and barrier first waits here on a non-blocking barrier, tested with a sleep
+        that grows from 0.1 ms to :attr:`MAX_POLL_S`; the collective itself then finds every rank there.
+
+        Returns:
+            Whether it waited: False at size 1, or for a communicator without ``Ibarrier`` (before MPI-3),
+            where the blocking collective that follows does the waiting.
+        """
+        if (self.size if size is None else size) <= 1 or not hasattr(self._comm, "Ibarrier"):
+            return False
+        req = self._comm.Ibarrier()
+        delay = 1e-4
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(2 * delay, self.MAX_POLL_S)
+        return True
 
     def describe(self) -> dict:
         return {"horovod": False, "mpi4py": True}
 
+    def finalize(self) -> None:
+        """``MPI_Finalize`` (once): needed before ``os._exit``, which skips mpi4py's own finalization."""
+        if not self._mpi.Is_finalized():
+            self._mpi.Finalize()
+
     def allreduce_array(self, arr: np.ndarray, op: str, name: str | None) -> np.ndarray:
         kind = reduction(op)
         out = np.empty_like(arr)
+        self._quiet_wait()
         self._comm.Allreduce(arr, out, op=getattr(self._mpi, _REDUCTIONS[kind][1]))
         return out / self.size if kind == "mean" else out
 
     def broadcast_object(self, obj: Any, root: int, name: str | None) -> Any:
+        self._quiet_wait()
         return self._comm.bcast(obj, root=root)
 
     def allgather_object(self, obj: Any, name: str | None) -> list:
+        self._quiet_wait()
         return self._comm.allgather(obj)
 
     def barrier(self) -> None:
-        self._comm.Barrier()
+        if not self._quiet_wait():
+            self._comm.Barrier()
 
     @staticmethod
     def _needs_horovod(what: str) -> DistError:
@@ -297,7 +333,8 @@ def select(horovod: bool = True) -> Backend:
 
     Args:
         horovod: False when the stage needs only ranks and object collectives; under ``mpirun``/``srun``
-            that selects :class:`MpiObjectsBackend` (under ``horovodrun --gloo`` there is no MPI, so Horovod).
+            that selects :class:`MpiObjectsBackend`, in a plain process :class:`SingleBackend` (under
+            ``horovodrun --gloo`` there is no MPI, so Horovod).
 
     Raises:
         DistError: (exit code 4) when the launcher started more than one process and the library the
@@ -306,6 +343,8 @@ def select(horovod: bool = True) -> Backend:
     lch = launcher()
     if not horovod and lch in ("mpirun", "srun"):
         return _mpi_objects(lch)
+    if not horovod and lch == "none":  # one plain process: nothing to start (Horovod's init and its thread cost)
+        return SingleBackend()
     n = launch_rank_size()[1]
     try:
         import horovod.torch as hvd  # the only import of horovod in hpc_dfs (besides syncbn's SyncBatchNorm)

@@ -141,10 +141,33 @@ def voxel_count(image_path: Path) -> int:
         return 0
 
 
-def partition(cases: list[CaseInput], rank: int, world: int) -> list[CaseInput]:
-    """This rank's cases, balanced by voxel count (hpc_dfs.data.reader.partition_balanced)."""
+def voxel_counts(cases: list[CaseInput], rank: int, world: int) -> dict[str, int]:
+    """Voxels of every case by id: each rank reads the headers of every ``world``-th case, then they share them.
+
+    A collective when ``world > 1`` (every rank calls it), so no rank reads every header.
+    """
+    own = {c.case_id: voxel_count(c.image_path) for c in cases[rank::world]}
+    if world == 1:
+        return own
+    merged: dict[str, int] = {}
+    for part in dist.allgather_object(own, name="predict.voxel_counts"):
+        merged.update(part)
+    return merged
+
+
+def partition(cases: list[CaseInput], rank: int, world: int, counts: dict[str, int] | None = None) -> list[CaseInput]:
+    """This rank's cases, balanced by voxel count (hpc_dfs.data.reader.partition_balanced).
+
+    Args:
+        cases: every case, in the same order on every rank.
+        rank: this rank.
+        world: the number of ranks.
+        counts: voxels by case id (:func:`voxel_counts`); read from the headers here without it.
+    """
     from hpc_dfs.data.reader import partition_balanced
-    items = [(c, voxel_count(c.image_path)) for c in cases]
+    if counts is None:
+        counts = {c.case_id: voxel_count(c.image_path) for c in cases}
+    items = [(c, counts[c.case_id]) for c in cases]
     mine = partition_balanced(items, rank, world)
     return sorted(mine, key=lambda c: c.case_id)
 
@@ -742,13 +765,19 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
             :func:`_setup_on_every_rank`), or a full disk (exit 4, the file named; on every rank).
     """
     import torch
+
+    from hpc_dfs.dist.phases import PhaseClock
+    clock = PhaseClock()
+    clock.mark("start+imports")
     dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     rank, world = dist.rank(), dist.size()
     threads = dist.configure_threads(cfg.threads if cfg.threads > 0 else None)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+    clock.mark("dist_init")
     t0 = time.perf_counter()
     setup = _setup_on_every_rank(cfg, paths)
+    clock.mark("setup")
     reps = setup.reps
     if rank == 0:
         log.info("%d cases on %d rank(s), %d checkpoint(s) [%s], TTA %s, post-processing %s, %d thread(s)/rank, %s",
@@ -756,16 +785,22 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
                  "on" if cfg.tta else "off", "on" if cfg.postprocess.enabled else "off", threads, setup.device)
         if any(r.needs_clinical for r in reps):
             log.info("clinical records: %s", setup.clinical_source or "none found (all cases run image-only)")
-    mine = partition(setup.cases, rank, world) if world > 1 else setup.cases
+    mine = partition(setup.cases, rank, world, voxel_counts(setup.cases, rank, world)) if world > 1 else setup.cases
+    clock.mark("partition")
     rows = _predict_all(mine, setup, cfg, paths.out)
+    clock.mark("cases")
     gathered = sorted((r for part in dist.allgather_object(rows) for r in part), key=lambda r: r["case_id"])
+    clock.mark("gather")
     problem = None
     if rank == 0:
         try:
             _write_summary(gathered, setup, cfg, paths, threads, time.perf_counter() - t0)
         except fsutil.DiskWriteError as e:
             problem = str(e)
+    clock.mark("summary")
     problem = dist.broadcast_object(problem)  # also the barrier: no rank leaves before the summary is written
+    clock.mark("barrier")
+    log.debug("phases rank=%d world=%d cases=%s %s", rank, world, ",".join(c.case_id for c in mine), clock.json())
     problem = problem or next((r["error"] for r in gathered if r.get("disk_full")), None)
     if problem:  # every rank raises the same one line (exit 4)
         raise PredictError(problem, code=EXIT_ENV)

@@ -14,10 +14,14 @@ Four steps, every rank running the same code (``hpc_dfs.dist`` gives rank and si
    resamples them (kept in memory up to ``cache_mb`` so most cases are decoded once); the samples
    are gathered and combined in case-id order, so every rank derives the same normalisation
    whatever the number of ranks; the clinical pipeline (impute/scale/one-hot) is fitted on the valid
-   training cases;
+   training cases by one rank (the one with the fewest voxels; only it imports sklearn) and sent to the
+   others as JSON, from which every rank computes the features;
 3. **write**: each rank writes one shard per case (``shard-<case_id>.h5``, atomically), skipping cases
    whose shard is already valid for the same inputs and parameters (resume after a crash);
 4. **manifest**: rank 0 gathers the results and writes ``clinical_pipeline.json`` then ``manifest.json``.
+
+With ``HPC_DFS_LOG_LEVEL=DEBUG`` every rank logs one ``phases`` line: its cases, their voxels and the wall and
+CPU seconds of each step from the process's start (:mod:`hpc_dfs.dist.phases`).
 
 A bad case (missing imaging, truncated gzip, shape or affine mismatch, labels outside the set,
 non-finite voxels, missing or malformed clinical record) is reported once as
@@ -120,6 +124,8 @@ class _Rank:
     fail_fast: bool
     failed: dict[str, str] = field(default_factory=dict)   # case id -> "[case_id] problem", this rank's
     bar: Any = None
+    fit_rank: int = 0                # the rank that fits the clinical pipeline: the one with the least work
+    clock: Any = None                # hpc_dfs.dist.phases.PhaseClock: where this rank's seconds went
 
     def fail(self, cid: str, err: Exception) -> None:
         """Record and log one bad case as ``[case_id] problem``; under --fail-fast stop here."""
@@ -175,11 +181,16 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     from hpc_dfs import dist
     from hpc_dfs.config.data import PreprocessConfig
     from hpc_dfs.data import fingerprint as fpm
-    from hpc_dfs.data.reader import partition_balanced
+    from hpc_dfs.dist.phases import PhaseClock
 
+    clock = PhaseClock()
+    clock.mark("start+imports")
     me = _start(Path(out_dir), cfg or PreprocessConfig(), fail_fast)
+    me.clock = clock
+    clock.mark("dist_init")
     t_start = time.time()  # after dist.init() and imports: the logged time is the stage's own work
     plan = make_plan(Path(data_dir), me.cfg)                                           # 1. plan
+    clock.mark("plan")
     errors = dict(plan.errors)
     _report_plan(me, plan)
     if errors and fail_fast:
@@ -189,18 +200,24 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     spatial = fpm.spatial_fingerprint(plan.readable())  # the target spacing needs only headers
     sparams = fpm.spatial_params(spatial, me.cfg)
     _prepare_out(me)
-    mine = partition_balanced([(cid, (m or {}).get("n_voxels", 0)) for cid, m in plan.metas.items()],
-                              me.rank, me.world)
+    mine = _partition(me, plan)
+    clock.mark("prepare_out+partition")
     me.bar = progress_bar(progress and me.rank == 0, total=2 * len(mine), desc=f"preprocess (rank 0 of {me.world})")
     try:
         local = _fingerprint_pass(me, plan, mine, sparams)                             # 2. fingerprint
     except _Abort:
         return _summary(me, me.failed, fail_fast=True)
+    clock.mark("fingerprint")
+    _warm_clinical(me, plan)
+    clock.mark("sklearn_import")
     parts, shas = _exchange_parts(me, local, errors)
+    clock.mark("exchange")
     if not parts:
         return _nothing_left(me, errors, f"no valid case to preprocess in {plan.data_dir}")
     shared = _derive(me, plan, spatial, parts, shas)
+    clock.mark("derive+clinical")
     _retire_other_manifest(me, shared.phash)
+    clock.mark("retire_manifest")
     try:
         results, n_reused = _write_pass(me, plan, mine, local, shared, sparams)         # 3. write
     except _Abort:
@@ -208,27 +225,61 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     except DiskWriteError as e:
         _stop_on_full_disk(me, e)
     me.bar.close()
+    clock.mark("write")
     results, n_reused = _exchange_results(me, results, n_reused, errors)
+    clock.mark("gather_results")
     if me.rank == 0:                                                                   # 4. manifest, last
         try:
             _write_manifest(me, plan, shared, results, errors, n_reused, t_start)
         except DiskWriteError as e:
             _stop_on_full_disk(me, e)
+    clock.mark("manifest")
     dist.barrier()
+    clock.mark("barrier")
+    _log_phases(me, plan, mine)
     return _summary(me, errors) if errors else 0
 
 
 # ----------------------------------------------------------------------------- 1. plan
 def _start(out_dir: Path, cfg, fail_fast: bool) -> _Rank:
-    """Join the ranks (object collectives only) and pay the imports before the stage's clock starts."""
+    """Join the ranks (object collectives only) and give this rank its share of the cores."""
     from hpc_dfs import dist
 
     dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     dist.configure_threads()
-    me = _Rank(cfg, out_dir, dist.rank(), dist.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
-    if cfg.clinical != "none":  # import sklearn now (~1.5 s), not inside the timed stage on every rank
+    return _Rank(cfg, out_dir, dist.rank(), dist.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
+
+
+def _partition(me: _Rank, plan: Plan) -> list[str]:
+    """This rank's cases, balanced by voxels (largest first, deterministic); sets ``me.fit_rank``.
+
+    The clinical pipeline is fitted by the rank left with the fewest voxels (ties: the highest rank, as the
+    largest cases go to the lowest ranks first): its sklearn import (~1.5 s) then overlaps the others' work.
+    """
+    from hpc_dfs.data.reader import partition_balanced
+
+    items = [(cid, (m or {}).get("n_voxels", 0)) for cid, m in plan.metas.items()]
+    if me.world == 1:
+        return partition_balanced(items, 0, 1)
+    sizes = dict(items)
+    shares = [partition_balanced(items, r, me.world) for r in range(me.world)]
+    loads = [sum(sizes[cid] for cid in share) for share in shares]
+    me.fit_rank = min(range(me.world), key=lambda r: (loads[r], -r))
+    return shares[me.rank]
+
+
+def _warm_clinical(me: _Rank, plan: Plan) -> None:
+    """On the rank that fits the clinical pipeline, import sklearn once its own cases are done (while others
+    may still work), not at start-up on every rank."""
+    if plan.frame is not None and me.rank == me.fit_rank:
         import sklearn.compose  # noqa: F401
-    return me
+
+
+def _log_phases(me: _Rank, plan: Plan, mine: list[str]) -> None:
+    """One DEBUG line per rank: its cases, their voxels, and the wall/CPU seconds of each phase."""
+    voxels = sum((plan.metas.get(cid) or {}).get("n_voxels", 0) for cid in mine)
+    me.log.debug("phases rank=%d world=%d fit_rank=%d cases=%s voxels=%d %s", me.rank, me.world, me.fit_rank,
+                 ",".join(mine), voxels, me.clock.json())
 
 
 def _report_plan(me: _Rank, plan: Plan) -> None:
@@ -376,15 +427,42 @@ def _derive(me: _Rank, plan: Plan, spatial: dict, parts: dict[str, CasePart], sh
     except ValueError as e:
         raise PreprocessError(str(e)) from None
     valid_ids = sorted(parts)
-    pipeline = None
+    pipeline = _fit_clinical(me, plan, valid_ids)
     features = {cid: np.zeros(0, np.float32) for cid in valid_ids}
-    if plan.frame is not None:
-        pipe = clin.ClinicalPipeline().fit(plan.frame.loc[valid_ids])
-        x = pipe.transform(plan.frame.loc[valid_ids])
+    if pipeline is not None:
+        x = clin.ClinicalPipeline.from_json(pipeline).transform(plan.frame.loc[valid_ids])
         features = {cid: x[i] for i, cid in enumerate(valid_ids)}
-        pipeline = pipe.to_json()
     risk = {cid: clin.risk_label(plan.records[cid]) if cid in plan.records else None for cid in valid_ids}
     return _Shared(parts, shas, fingerprint, params, pipeline, features, risk, _params_hash(params, pipeline))
+
+
+def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]:
+    """The clinical pipeline fitted on the valid cases, as JSON, on every rank; None without clinical records.
+
+    One rank (``me.fit_rank``) fits it, the only one to import sklearn (~1.5 s of every rank's start-up
+    otherwise), and sends the JSON; every rank, that one too, then transforms from the JSON, so the features
+    are the same whatever the number of ranks (the transform reads only the fitted numbers, which JSON
+    carries exactly).
+    """
+    from hpc_dfs import dist
+    from hpc_dfs.data import clinical as clin
+
+    if plan.frame is None:
+        return None
+    pipeline, problem = None, None
+    if me.rank == me.fit_rank:
+        try:
+            pipeline = clin.ClinicalPipeline().fit(plan.frame.loc[valid_ids]).to_json()
+        except Exception as e:  # the other ranks wait for the pipeline: they stop too, naming the problem
+            problem = e
+    if me.world > 1:
+        pipeline, why = dist.broadcast_object((pipeline, None if problem is None else repr(problem)),
+                                              root=me.fit_rank, name="preprocess.clinical_pipeline")
+        if why is not None and problem is None:
+            raise PreprocessError(f"fitting the clinical pipeline failed on rank {me.fit_rank}: {why}")
+    if problem is not None:
+        raise problem
+    return pipeline
 
 
 def _params_hash(params: dict, pipeline: Optional[dict]) -> str:
