@@ -15,10 +15,13 @@ Rows: single stage (``--stage locate`` alone) and cascade (``locate`` + ``refine
 domain randomisation (training CT rendered in ``synth``'s ``random`` style *and* the SynthSeg-style
 augmentation, ``augmentation.domain_random_prob``); for the cascade, the fusion ablation on the same cases and
 budget: image-only, FiLM, late, and FiLM trained with the clinical records shuffled across cases (a control
-that must not beat FiLM if fusion is real).
+that must not beat FiLM if fusion is real); the FiLM cascade trained for the same number of steps on 4x the
+training cases (48: does the data or the budget limit it?); with stage 2's 2.5D context at k = 1 and 5 slices
+(the default, 3, is the "cascade, FiLM" row); and with the randomisation as augmentation only, on the
+default-style training CT.
 
 ``--eval-data DIR --out OUT`` also predicts every case of a KiTS-layout folder (images with labels) with the
-cascade row "cascade, FiLM, domain randomised" (or "cascade, FiLM" when that row did not run), writes
+cascade row that scored best on the validation renders (mean kidney and tumour Dice over both), writes
 ``OUT/eval_data/prediction_XXXXX.nii.gz`` and puts
 ``eval_data: {n_cases, kidney_dice, tumor_dice}`` into ``OUT/quality.json``.
 
@@ -44,6 +47,17 @@ LABELS = REPO.parent / "shared" / "data" / "kits19"
 TRAIN = ["case_00004", "case_00007", "case_00009", "case_00010", "case_00011", "case_00012", "case_00013",
          "case_00015", "case_00017", "case_00020", "case_00021", "case_00023"]
 VAL = ["case_00034", "case_00035", "case_00037", "case_00039", "case_00041"]
+#: four times the training cases (the first 48 such cases outside VAL; TRAIN are its first 12), trained for the
+#: same number of steps as the other rows: does the budget or the data limit the tumour Dice?
+TRAIN_X4 = ["case_00004", "case_00007", "case_00009", "case_00010", "case_00011", "case_00012", "case_00013",
+            "case_00015", "case_00017", "case_00020", "case_00021", "case_00023", "case_00024", "case_00025",
+            "case_00028", "case_00030", "case_00038", "case_00044", "case_00045", "case_00048", "case_00050",
+            "case_00051", "case_00054", "case_00055", "case_00056", "case_00057", "case_00058", "case_00061",
+            "case_00062", "case_00064", "case_00065", "case_00069", "case_00070", "case_00074", "case_00075",
+            "case_00076", "case_00077", "case_00080", "case_00083", "case_00085", "case_00087", "case_00088",
+            "case_00089", "case_00090", "case_00092", "case_00094", "case_00097", "case_00099"]
+#: steps per epoch of the TRAIN rows (39 locate, 40 refine at 12 cases), given to the TRAIN_X4 row
+X4_STEPS = "--steps-per-epoch 40"
 
 #: the CPU budget: what every row is trained with (stated in the JSON and the README table)
 BUDGET = {
@@ -53,7 +67,7 @@ BUDGET = {
     "slice_size": "96,96",
     "preprocess_refine": "--set refine.spacing=1.6 --set refine.slice_size=80,80 --set refine.margin_mm=12",
 }
-QUICK = {"train": TRAIN[:4], "val": VAL[:2], "epochs": 2}
+QUICK = {"train": TRAIN[:4], "val": VAL[:2], "train_x4": TRAIN_X4[:8], "epochs": 2}
 DR_AUG = "--set augmentation.domain_random_prob=0.5"
 
 
@@ -86,9 +100,10 @@ def _once(marker: Path, args: list[str], np_: int = 1, log: Path | None = None) 
 
 
 def render(work: Path, cases: dict) -> dict[str, Path]:
-    """The four renders: training (default, random style) and validation (default, held-out streak style)."""
+    """The five renders: training (default, random style; 4x the cases) and validation (default, held-out streak)."""
     out = {}
     for name, ids, style in (("train", cases["train"], "default"), ("train_dr", cases["train"], "random"),
+                             ("train_x4", cases["train_x4"], "default"),
                              ("val", cases["val"], "default"), ("val_unseen", cases["val"], "streak")):
         d = work / name
         _once(d / "kits.json", ["synth", "--out", str(d), "--from-labels", str(LABELS / "labels"), "--kits-json",
@@ -99,21 +114,26 @@ def render(work: Path, cases: dict) -> dict[str, Path]:
 
 def preprocess(work: Path, data: dict[str, Path]) -> dict[str, Path]:
     out = {}
-    for name in ("train", "train_dr"):
+    for name in ("train", "train_dr", "train_x4"):
         d = work / f"shards_{name}"
         _once(d / "manifest.json", ["preprocess", "--data", str(data[name]), "--out", str(d), "--slice-size",
                                     BUDGET["slice_size"], *BUDGET["preprocess_refine"].split()], 2)
         out[name] = d
+    out["train_aug"] = out["train"]   # the same shards; only the augmentation differs
     return out
 
 
 def _train_seconds(run: Path) -> float:
-    """Training wall time of a run from its metrics.jsonl (first to last epoch end, plus one mean epoch)."""
+    """Training wall time of a run: the median epoch (between consecutive epoch ends) times the epochs.
+
+    The median, not the span, so that a run stopped and resumed later (its pause between two epoch ends)
+    is not counted as training time.
+    """
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if len(rows) < 2:
         return 0.0
-    span = rows[-1]["time"] - rows[0]["time"]
-    return span + span / (len(rows) - 1)
+    gaps = sorted(b["time"] - a["time"] for a, b in zip(rows, rows[1:]))
+    return gaps[len(gaps) // 2] * len(rows)
 
 
 def _finished(last: Path, epochs: int) -> bool:
@@ -134,16 +154,28 @@ def _train(work: Path, shards: Path, name: str, stage: str, extra: str, epochs: 
     return run / "checkpoints" / "best.pt", _train_seconds(run)
 
 
-ROWS = [  # name, stage(s), domain randomised, refine-stage extra settings (the ablation first, then the DR rows)
-    ("single stage", "locate", False, ""),
-    ("cascade, FiLM", "cascade", False, "--set model.fusion=film"),
-    ("cascade, image only", "cascade", False, "--set model.fusion=image"),
-    ("cascade, late fusion", "cascade", False, "--set model.fusion=late"),
-    ("cascade, FiLM, clinical shuffled (control)", "cascade", False, "--set model.fusion=film "
-                                                                     "--set data.shuffle_clinical=true"),
-    ("single stage, domain randomised", "locate", True, ""),
-    ("cascade, FiLM, domain randomised", "cascade", True, "--set model.fusion=film"),
+ROWS = [  # name, stage(s), training data, refine-stage extra settings (the ablation first, then the DR rows)
+    ("single stage", "locate", "train", ""),
+    ("cascade, FiLM", "cascade", "train", "--set model.fusion=film"),
+    ("cascade, image only", "cascade", "train", "--set model.fusion=image"),
+    ("cascade, late fusion", "cascade", "train", "--set model.fusion=late"),
+    ("cascade, FiLM, clinical shuffled (control)", "cascade", "train", "--set model.fusion=film "
+                                                                       "--set data.shuffle_clinical=true"),
+    ("single stage, domain randomised", "locate", "train_dr", ""),
+    ("cascade, FiLM, domain randomised", "cascade", "train_dr", "--set model.fusion=film"),
+    # the same steps over 4x the training cases (both stages): data or budget?
+    ("cascade, FiLM, 48 training cases", "cascade", "train_x4", "--set model.fusion=film"),
+    # stage 2's 2.5D context k (slices per input; the default is 3): the measurement behind that default
+    ("cascade, FiLM, context 1", "cascade", "train", "--set model.fusion=film --set data.context=1"),
+    ("cascade, FiLM, context 5", "cascade", "train", "--set model.fusion=film --set data.context=5"),
+    # the randomisation as augmentation only, on default-style training CT (half the samples keep their look)
+    ("cascade, FiLM, randomised augmentation only", "cascade", "train_aug", "--set model.fusion=film"),
 ]
+#: per training set: what is randomised, and (suffix of its stage-1 run, settings added to both stages)
+RANDOMISATION = {"train": "none", "train_x4": "none", "train_dr": "random-style training CT + augmentation",
+                 "train_aug": "augmentation only (default-style training CT)"}
+DATA_SETTINGS = {"train": ("", ""), "train_dr": ("_dr", DR_AUG), "train_x4": ("_x4", X4_STEPS),
+                 "train_aug": ("_aug", DR_AUG)}
 
 
 def _score(work: Path, tag: str, ckpts: list[str], data: Path) -> dict:
@@ -156,6 +188,12 @@ def _score(work: Path, tag: str, ckpts: list[str], data: Path) -> dict:
     return {"n_cases": len(m["cases"]), "kidney_dice": mean.get("kidney_dice"), "tumor_dice": mean.get("tumor_dice"),
             "tumors_hit": sum(c.get("n_tumors_hit", 0) for c in m["cases"]),
             "tumors_gt": sum(c.get("n_tumors_gt", 0) for c in m["cases"])}
+
+
+def _selection_score(row: dict) -> float:
+    """Mean kidney and tumour Dice over both validation renders: how ``--eval-data`` picks its cascade row."""
+    vals = [row[k][m] for k in ("ours", "unseen") for m in ("kidney_dice", "tumor_dice")]
+    return sum(v or 0.0 for v in vals) / len(vals)
 
 
 def _write(result: dict, out_dir: Path) -> None:
@@ -172,17 +210,19 @@ def rows(work: Path, data: dict, shards: dict, epochs: int | None, result: dict,
     out = result.setdefault("rows", [])
     chosen = ROWS[:max_rows] if max_rows else ROWS
     result["rows_not_run"] = [r[0] for r in ROWS[len(chosen):]]
-    for name, kind, dr, extra in chosen:
-        key = "train_dr" if dr else "train"
-        aug = DR_AUG if dr else ""
-        locate, t1 = _train(work, shards[key], f"locate{'_dr' if dr else ''}", "locate", aug, epochs)
+    for name, kind, key, extra in chosen:
+        suffix, aug = DATA_SETTINGS[key]
+        dr = key in ("train_dr", "train_aug")
+        locate, t1 = _train(work, shards[key], f"locate{suffix}", "locate", aug, epochs)
         ckpts, t2 = ["--checkpoint", str(locate)], 0.0
         if kind == "cascade":
             tag = name.replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
             refine, t2 = _train(work, shards[key], f"refine_{tag}", "refine", f"{aug} {extra}", epochs)
             ckpts += ["--refine-checkpoint", str(refine)]
         tag = name.replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
-        row = {"row": name, "stages": kind, "domain_randomised": dr, "settings": extra or "--set model.fusion=film",
+        row = {"row": name, "stages": kind, "domain_randomised": dr, "randomisation": RANDOMISATION[key],
+               "n_train_cases": len(result["cases"][key]),
+               "settings": " ".join(x for x in (extra or "--set model.fusion=film", aug) if x),
                "train_seconds": round(t1 + t2, 1), "checkpoints": ckpts[1::2],
                "ours": _score(work, tag, ckpts, data["val"]), "unseen": _score(work, tag, ckpts, data["val_unseen"])}
         print(f"[quality] {name}: ours {row['ours']}, unseen {row['unseen']}", flush=True)
@@ -194,11 +234,13 @@ def rows(work: Path, data: dict, shards: dict, epochs: int | None, result: dict,
 def markdown(result: dict) -> str:
     """The README table of a ``quality.json`` (so the table and the JSON cannot disagree)."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| row | ours: kidney Dice | ours: tumour Dice | ours: tumours hit | unseen renderer: kidney | "
-             "unseen: tumour | unseen: tumours hit | train s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | training cases | ours: kidney Dice | ours: tumour Dice | ours: tumours hit | "
+             "unseen renderer: kidney | unseen: tumour | unseen: tumours hit | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         o, u = r["ours"], r["unseen"]
-        lines.append(f"| {r['row']} | {f(o['kidney_dice'])} | {f(o['tumor_dice'])} | "
+        lines.append(f"| {r['row']} | {r.get('n_train_cases', len(result['train_cases']))} | "
+                     f"{f(o['kidney_dice'])} | {f(o['tumor_dice'])} | "
                      f"{o['tumors_hit']}/{o['tumors_gt']} | {f(u['kidney_dice'])} | {f(u['tumor_dice'])} | "
                      f"{u['tumors_hit']}/{u['tumors_gt']} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
@@ -220,20 +262,24 @@ def main() -> None:
         return
     if not (LABELS / "labels").is_dir():
         raise SystemExit(f"[quality] needs the real KiTS19 label maps in {LABELS / 'labels'}")
-    cases = {"train": QUICK["train"], "val": QUICK["val"]} if a.quick else {"train": TRAIN, "val": VAL}
+    cases = ({"train": QUICK["train"], "val": QUICK["val"], "train_x4": QUICK["train_x4"]} if a.quick
+             else {"train": TRAIN, "val": VAL, "train_x4": TRAIN_X4})
+    cases["train_dr"] = cases["train_aug"] = cases["train"]
     work = a.work / ("quick" if a.quick else "full")
     t0 = time.perf_counter()
     data = render(work, cases)
     shards = preprocess(work, data)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, no GPU",
-              "quick": a.quick, "train_cases": cases["train"], "val_cases": cases["val"], "budget": BUDGET,
+              "quick": a.quick, "train_cases": cases["train"], "val_cases": cases["val"],
+              "x4_settings": X4_STEPS, "budget": BUDGET, "cases": cases,
               "domain_randomisation": f"training CT in synth style 'random' + {DR_AUG}",
               "unseen_renderer": "synth style 'streak' (never trained on)", "complete": False, "rows": []}
     rows(work, data, shards, QUICK["epochs"] if a.quick else None, result, a.out, a.max_rows)
     if a.eval_data is not None:
-        done = {r["row"]: r for r in result["rows"]}
-        best = done.get("cascade, FiLM, domain randomised") or done["cascade, FiLM"]
+        best = max((r for r in result["rows"] if r["stages"] == "cascade"), key=_selection_score)
         result["eval_data_row"] = best["row"]
+        result["eval_data_selection"] = ("the cascade row with the highest mean of kidney and tumour Dice over both "
+                                         "validation renders (ours and unseen)")
         ckpts = ["--checkpoint", best["checkpoints"][0], "--refine-checkpoint", best["checkpoints"][1]]
         pred = a.out / "eval_data"
         _run(["predict", *ckpts, "--input", str(a.eval_data), "--out", str(pred)], 2)
