@@ -5,6 +5,8 @@ After each kill a checker opens every output as its reader would and counts what
 what a clean run writes (``corrupt-but-valid``); then a rerun / ``--auto-resume`` must finish with outputs equal to
 a clean run (shards' arrays and predictions byte for byte, weights within 1e-6), else the trial counts as ``lost``.
 The seeds are printed in the trial ids; ``FAULTS_SEED=N`` shifts all of them to explore other moments.
+A run that ends before its kill (a fast, quiet machine) is put back as it was and started again with a
+quarter of the delay (``harness.kill_at(reset=...)``, up to 4 runs), so the kills land whatever the load.
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ PRE_FIRST = [_seed(i) for i in range(5)]
 def test_kill_preprocess_first_run(world, tmp_path, seed):
     out = tmp_path / "shards"
     H.ref_arrays(world, "shards")
-    k = H.kill_at(_preprocess(world, out, "shards"), H.Trigger.tmp_file(out), seed, max_delay=0.4)
+    k = H.kill_at(_preprocess(world, out, "shards"), H.Trigger.tmp_file(out), seed, max_delay=0.4,
+                  reset=H.restorer(out))
     corrupt = H.shards_corrupt_but_valid(world, out, ["shards"])
     _trial("preprocess first run", seed, int(k.killed), corrupt, _finish_preprocess(world, out, "shards"))
 
@@ -67,7 +70,8 @@ def test_kill_preprocess_resume(world, tmp_path, seed):
     H.ref_arrays(world, "shards")
     kills, corrupt = 0, []
     for i in range(2):
-        k = H.kill_at(_preprocess(world, out, "shards"), H.Trigger.tmp_file(out), seed + i, max_delay=0.4)
+        k = H.kill_at(_preprocess(world, out, "shards"), H.Trigger.tmp_file(out), seed + i, max_delay=0.4,
+                      reset=H.restorer(out))
         kills += int(k.killed)
         corrupt += H.shards_corrupt_but_valid(world, out, ["shards"])
     _trial("preprocess resume", seed, kills, corrupt, _finish_preprocess(world, out, "shards"))
@@ -81,7 +85,8 @@ PRE_CHANGED = [("shards_window", _seed(20)), ("shards_window", _seed(21)), ("sha
 def test_kill_preprocess_rerun_with_changed_settings(world, tmp_path, variant, seed):
     out = world.copy(world.shards, tmp_path / "shards")
     H.ref_arrays(world, "shards"), H.ref_arrays(world, variant)
-    k = H.kill_at(_preprocess(world, out, variant), H.Trigger.tmp_file(out), seed, max_delay=0.4)
+    k = H.kill_at(_preprocess(world, out, variant), H.Trigger.tmp_file(out), seed, max_delay=0.4,
+                  reset=H.restorer(out))
     corrupt = H.shards_corrupt_but_valid(world, out, ["shards", variant])
     _trial(f"preprocess rerun as {variant}", seed, int(k.killed), corrupt, _finish_preprocess(world, out, variant))
 
@@ -91,7 +96,8 @@ def test_kill_preprocess_mpirun_np2(world, tmp_path):
     seed = _seed(30)
     out = tmp_path / "shards"
     H.ref_arrays(world, "shards")
-    k = H.kill_at(_preprocess(world, out, "shards"), H.Trigger.tmp_file(out), seed, max_delay=0.4, np=2)
+    k = H.kill_at(_preprocess(world, out, "shards"), H.Trigger.tmp_file(out), seed, max_delay=0.4, np=2,
+                  reset=H.restorer(out))
     corrupt = H.shards_corrupt_but_valid(world, out, ["shards"])
     _trial("preprocess mpirun -np 2", seed, int(k.killed), corrupt, _finish_preprocess(world, out, "shards"))
 
@@ -124,7 +130,7 @@ TRAIN_LOOP = [_seed(40 + i) for i in range(3)]
 def test_kill_train_in_the_loop(world, tmp_path, seed):
     """Killed at a random moment after the model is built: mid-epoch, in validation or between epochs."""
     ref_run, out = world.run_epochs(2), tmp_path / "run"
-    k = H.kill_at(_train(world, out), H.Trigger.line("steps/epoch"), seed, max_delay=1.0)
+    k = H.kill_at(_train(world, out), H.Trigger.line("steps/epoch"), seed, max_delay=1.0, reset=H.restorer(out))
     corrupt = H.checkpoints_corrupt_but_valid(out, ref_run)
     _trial("train in the loop", seed, int(k.killed), corrupt, _finish_train(world, out, ref_run))
 
@@ -146,7 +152,7 @@ def test_kill_train_during_checkpoint_write(world, tmp_path, seed):
             return False
         return tmp and (not second or (ckdir / "epoch_0001.pt").exists())
 
-    k = H.kill_at(_train(world, out), H.Trigger.when(writing), seed, max_delay=0.02)
+    k = H.kill_at(_train(world, out), H.Trigger.when(writing), seed, max_delay=0.02, reset=H.restorer(out))
     corrupt = H.checkpoints_corrupt_but_valid(out, ref_run)
     _trial("train checkpoint write", seed, int(k.killed), corrupt, _finish_train(world, out, ref_run))
 
@@ -169,7 +175,7 @@ PREDICT = [_seed(60 + i) for i in range(3)]
 @pytest.mark.parametrize("seed", PREDICT, ids=[f"seed{s}" for s in PREDICT])
 def test_kill_predict_mid_write(world, tmp_path, seed):
     ref, out = world.pred, tmp_path / "pred"
-    k = H.kill_at(_predict(world, out), H.Trigger.tmp_file(out), seed, max_delay=0.3)
+    k = H.kill_at(_predict(world, out), H.Trigger.tmp_file(out), seed, max_delay=0.3, reset=H.restorer(out))
     corrupt = [f"{n} reads as valid but differs" for n in H.readable_but_wrong_predictions(out, ref)]
     _trial("predict mid-write", seed, int(k.killed), corrupt, _finish_predict(world, out))
 
@@ -178,7 +184,8 @@ def test_kill_predict_mid_write(world, tmp_path, seed):
 def test_kill_predict_mpirun_np2(world, tmp_path):
     seed = _seed(70)
     ref, out = world.pred, tmp_path / "pred"
-    k = H.kill_at(_predict(world, out), H.Trigger.tmp_file(out), seed, max_delay=0.3, np=2)
+    k = H.kill_at(_predict(world, out), H.Trigger.tmp_file(out), seed, max_delay=0.3, np=2,
+                  reset=H.restorer(out))
     corrupt = [f"{n} reads as valid but differs" for n in H.readable_but_wrong_predictions(out, ref)]
     _trial("predict mpirun -np 2", seed, int(k.killed), corrupt, _finish_predict(world, out))
 
