@@ -26,6 +26,14 @@ def _outputs(d):
             if p.is_file() and p.name != "summary.json"}
 
 
+def _run_np1_np2(args: list, out1, out2) -> None:
+    """``hpc-dfs ARGS --out out1`` in one process, then ``--out out2`` under ``mpirun -np 2``; both must succeed."""
+    one = launch(hpc_dfs_cmd(*args, "--out", out1), np=1, launcher="none", timeout=240)
+    assert one.returncode == 0, one.output
+    two = launch(hpc_dfs_cmd(*args, "--out", out2), np=2, launcher="mpirun", timeout=240)
+    assert two.returncode == 0, two.output
+
+
 def _same_outputs(tmp_path, what: str) -> tuple[dict, dict]:
     """Outputs of the 1-rank (p1) and 2-rank (p2) runs are the same files, byte for byte; both summaries."""
     a, b = _outputs(tmp_path / "p1"), _outputs(tmp_path / "p2")
@@ -43,20 +51,14 @@ def test_two_rank_predict_is_byte_identical(tmp_path):
     s = make_setup(tmp_path)
     args = ["predict", "--checkpoint", s["ckpts"][0], "--checkpoint", s["ckpts"][1], "--weights", "0.7,0.3",
             "--input", s["data"], "--batch-size", "4", "--tta", "--save-probabilities", "--save-raw"]
-    one = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p1"), np=1, launcher="none", timeout=240)
-    assert one.returncode == 0, one.output
-    two = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p2"), np=2, launcher="mpirun", timeout=240)
-    assert two.returncode == 0, two.output
+    _run_np1_np2(args, tmp_path / "p1", tmp_path / "p2")
     s1, s2 = _same_outputs(tmp_path, "outputs")
     assert [c["case_id"] for c in s1["cases"]] == [c["case_id"] for c in s2["cases"]]
     assert [c["risk_prob"] for c in s1["cases"]] == [c["risk_prob"] for c in s2["cases"]]
 
     # evaluate under 2 ranks: the same files as one process
     ev = ["evaluate", "--pred", tmp_path / "p2", "--gt", s["data"]]
-    one = launch(hpc_dfs_cmd(*ev, "--out", tmp_path / "e1.json"), np=1, launcher="none", timeout=240)
-    assert one.returncode == 0, one.output
-    two = launch(hpc_dfs_cmd(*ev, "--out", tmp_path / "e2.json"), np=2, launcher="mpirun", timeout=240)
-    assert two.returncode == 0, two.output
+    _run_np1_np2(ev, tmp_path / "e1.json", tmp_path / "e2.json")
     for ext in (".json", ".csv", ".md"):
         assert (tmp_path / f"e1{ext}").read_bytes() == (tmp_path / f"e2{ext}").read_bytes(), ext
     assert len(json.loads((tmp_path / "e2.json").read_text())["cases"]) == 3
@@ -79,10 +81,7 @@ def test_two_rank_cascade_predict_is_byte_identical(tmp_path):
     args = ["predict", "--checkpoint", s["ckpts"][0], "--refine-checkpoint", ref[0], "--refine-checkpoint", ref[1],
             "--refine-weights", "0.6,0.4", "--input", s["data"], "--batch-size", "4", "--save-probabilities",
             "--save-raw"]
-    one = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p1"), np=1, launcher="none", timeout=240)
-    assert one.returncode == 0, one.output
-    two = launch(hpc_dfs_cmd(*args, "--out", tmp_path / "p2"), np=2, launcher="mpirun", timeout=240)
-    assert two.returncode == 0, two.output
+    _run_np1_np2(args, tmp_path / "p1", tmp_path / "p2")
     s1, s2 = _same_outputs(tmp_path, "cascade outputs")
     assert [c["cascade"] for c in s1["cases"]] == [c["cascade"] for c in s2["cases"]]
     assert any(c["cascade"]["stage"] == "refine" for c in s1["cases"]), "stage 2 never ran: the test is vacuous"
