@@ -19,9 +19,7 @@ Writes ``bench/results/cpu_models.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 from hpc_dfs.models import build_model  # noqa: E402
 
@@ -106,14 +107,9 @@ def main() -> None:
         r["vs_quality_rows_model"] = round(r["samples_per_s"] / ref[r["input"]], 2)
     result = {"benchmark": "cpu_models", "quick": a.quick, "batch": batch, "threads": 1, "timed_steps": steps,
               "reference": "dfs_fusion, width 8, separable convs (what the quality rows and the demo train)",
-              "rows": rows, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    a.out.mkdir(parents=True, exist_ok=True)
-    tmp = a.out / ".tmp-cpu_models.json"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, a.out / "cpu_models.json")
-    print(f"[cpu_models] wrote {a.out / 'cpu_models.json'}", flush=True)
+              "rows": rows, "torch": torch.__version__}
+    path = benchlib.write_result("cpu_models", result, a.out)
+    print(f"[cpu_models] wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def _write_run_record(results: Path, runs: list[dict], total_s: float, quick: bo
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version(), "load_avg_at_end": load},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    fsutil.write_text(results / "bench_all.json", json.dumps(record, indent=2) + "\n")
+    fsutil.write_json(results / "bench_all.json", record)
 
 
 def main(args) -> int:
