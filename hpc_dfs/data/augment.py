@@ -54,12 +54,26 @@ def derive_seed(*parts: int) -> int:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
-    """Blur each sample of ``x`` [B,1,H,W] with its own Gaussian ``sigma`` [B] (pixels).
+    """Blur each sample of ``x`` [B,C,H,W] with its own Gaussian ``sigma`` [B] (pixels).
 
-    One grouped, separable convolution for the whole batch (reflect padding). ``sigma`` close to 0
-    gives back ``x``. The kernel radius is ``ceil(3 * max_sigma)``; pass the largest sigma that can
-    occur so that a sample's result does not depend on which other samples share its batch (the
-    default, the batch's largest sigma, does).
+    A separable blur (reflect padding) written as a weighted sum of shifted copies of the slice: only
+    element-wise products and sums, in a fixed order, so a sample's result is bitwise the same whatever
+    other samples share its batch. A grouped ``conv2d`` is not: on CPU it runs oneDNN's depthwise kernel
+    when there are several groups and torch's own kernel when there is one, and the two round differently
+    (~1e-7), so a sample blurred alone differed from the same sample blurred beside another. That made a
+    2-rank run drift from a 1-rank run by 4e-4 of the weights after 4 steps (the network amplifies it where
+    flat regions -- a clipped window, a rotation's border padding -- meet blur or noise; with the blur made
+    batch-invariant the drift is 6e-8). ``sigma`` close to 0 gives back ``x``. The kernel
+    radius is ``ceil(3 * max_sigma)``; pass the largest sigma that can occur so that a sample's result
+    does not depend on which other samples share its batch (the default, the batch's largest sigma, does).
+
+    Args:
+        x: images [B, C, H, W].
+        sigma: one standard deviation per sample [B], in pixels.
+        max_sigma: the largest sigma that can occur (sets the kernel radius); default ``sigma.max()``.
+
+    Returns:
+        The blurred images, same shape and dtype as ``x``.
     """
     b, c, h, w = x.shape
     sigma = sigma.to(x.device, x.dtype).clamp_min(1e-3)
@@ -68,13 +82,19 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None 
     radius = max(1, min(radius, (min(h, w) - 1) // 2))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
-    y = x.reshape(1, b * c, h, w)
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+    k = k / k.sum(1, keepdim=True)                                # [B, K]
+    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    y = _shifted_sum(y, k, dim=3, n=w)
     y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    y = F.conv2d(y, k[:, None, :, None], groups=b * c)
-    return y.reshape(b, c, h, w)
+    return _shifted_sum(y, k, dim=2, n=h)
+
+
+def _shifted_sum(y: torch.Tensor, k: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """``sum_j k[:, j] * y.narrow(dim, j, n)``, term by term in ``j`` order (bitwise batch-invariant)."""
+    out = y.narrow(dim, 0, n) * k[:, 0, None, None, None]
+    for j in range(1, k.shape[1]):
+        out = out + y.narrow(dim, j, n) * k[:, j, None, None, None]
+    return out
 
 
 def _uniform(u: torch.Tensor, lo_hi: Sequence[float]) -> torch.Tensor:
