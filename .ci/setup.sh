@@ -5,11 +5,18 @@
 # Called by `make setup` (and so by `make test` and `make demo`). A second run with nothing to
 # do finishes in a few seconds: every step checks first and skips what is already there.
 #
+# Versions come from requirements.lock (made by `make lock`): every pip install below takes it as constraints,
+# so a fresh machine gets the versions CI tested. torch and horovod are the exceptions: they follow TORCH_SPEC
+# and HOROVOD_VERSION, whose defaults are the lock's lines.
+#
 # Environment knobs (all optional):
-#   TORCH_SPEC       pip requirement for torch (default torch==2.13.0, the CPU wheel here;
+#   HPC_DFS_LOCK     the lock file (default requirements.lock); HPC_DFS_LOCK=none installs the newest versions
+#                    that pyproject.toml admits (the tests then say that the proofs' bounds were measured
+#                    under other versions)
+#   TORCH_SPEC       pip requirement for torch (default: the lock's torch line, the CPU wheel here;
 #                    on a CUDA cluster e.g. TORCH_SPEC="torch==2.5.1" with PIP_INDEX_URL for cu124;
 #                    TORCH_SPEC=installed keeps the torch already in the environment, e.g. conda's)
-#   HOROVOD_VERSION  default 0.28.1 (the last release on PyPI)
+#   HOROVOD_VERSION  default: the lock's horovod line (0.28.1, the last release on PyPI)
 #   HOROVOD_GPU_OPERATIONS  set to NCCL on a CUDA machine with NCCL (auto when nvcc + nccl.h found)
 #   HPC_DFS_CACHE    where built wheels are cached (default ~/.cache/hpc-dfs)
 #   VENV             virtualenv path (default .venv)
@@ -19,7 +26,14 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+LOCK=${HPC_DFS_LOCK:-requirements.lock}
+if [ "$LOCK" != none ] && [ ! -f "$LOCK" ]; then
+  printf '[setup] error: lock file %s not found (make lock writes it; HPC_DFS_LOCK=none installs without one)\n' "$LOCK"; exit 1
+fi
+locked() { [ "$LOCK" != none ] && sed -n "s/^$1==//p" "$LOCK" | head -1; }
+TORCH_SPEC=${TORCH_SPEC:-torch==$(locked torch || true)}
+[ "$TORCH_SPEC" = "torch==" ] && TORCH_SPEC=torch==2.13.0
+HOROVOD_VERSION=${HOROVOD_VERSION:-$(locked horovod || true)}
 HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 CACHE=${HPC_DFS_CACHE:-$HOME/.cache/hpc-dfs}
 PY="$VENV/bin/python"
@@ -46,13 +60,17 @@ if [ ! -x "$PY" ]; then
   "$PYTHON" -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip wheel setuptools
 fi
+# pip constraints: the lock less torch and horovod (they follow TORCH_SPEC and HOROVOD_VERSION)
+CONSTRAINTS="$VENV/.hpc_dfs-constraints.txt"
+if [ "$LOCK" = none ]; then : > "$CONSTRAINTS"; else grep -vE '^(torch|horovod)==' "$LOCK" > "$CONSTRAINTS"; fi
+PIP=("$PY" -m pip install -q -c "$CONSTRAINTS")
 torch_want=${TORCH_SPEC#*==}
 if [ "$TORCH_SPEC" = installed ]; then torch_want=""; fi   # conda/module torch: keep what is there
 torch_have=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 if [ -z "$torch_have" ] || { [ -n "$torch_want" ] && [ "$torch_want" != "$TORCH_SPEC" ] && [ "$torch_have" != "$torch_want" ]; }; then
   [ "$TORCH_SPEC" = installed ] && { log "TORCH_SPEC=installed but torch is not importable in $VENV"; exit 1; }
   log "pip install $TORCH_SPEC"
-  "$PY" -m pip install -q "$TORCH_SPEC" numpy
+  "${PIP[@]}" "$TORCH_SPEC" numpy
   torch_have=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
 fi
 
@@ -63,7 +81,7 @@ if ! "$PY" -c 'import horovod.torch' >/dev/null 2>&1; then
   cuda=$("$PY" -c 'import torch; print("cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu")')
   key="horovod-${HOROVOD_VERSION}_torch-${torch_have}_${pyv}_mpi-${mpiv}_${cuda}"
   wheeldir="$CACHE/wheels/$key"
-  "$PY" -m pip install -q numpy cloudpickle psutil pyyaml packaging cffi 'setuptools<81' wheel
+  "${PIP[@]}" numpy cloudpickle psutil pyyaml packaging cffi 'setuptools<81' wheel
   if [ -z "$(ls "$wheeldir"/horovod-*.whl 2>/dev/null)" ]; then
     log "building Horovod $HOROVOD_VERSION against torch $torch_have (about 5 min on 2 cores) -> $wheeldir"
     work=$(mktemp -d)
@@ -92,10 +110,14 @@ if ! "$PY" -c 'import horovod.torch' >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- 4. the package (editable, test extras)
+# the stamp holds what the environment was installed from: the lock's sha256 (or none) and the torch spec, so a
+# changed lock or setting reinstalls, and the tests can tell a locked environment from another one
 stamp="$VENV/.hpc_dfs-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ .ci/setup.sh -nt "$stamp" ] || ! "$PY" -c 'import hpc_dfs' >/dev/null 2>&1; then
-  log "pip install -e .[test]"
-  "$PY" -m pip install -q -e '.[test,bench]'
-  touch "$stamp"
+want="lock=$([ "$LOCK" = none ] && echo none || sha256sum "$LOCK" | cut -c1-64) torch=$TORCH_SPEC horovod=$HOROVOD_VERSION"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ pyproject.toml -nt "$stamp" ] || [ .ci/setup.sh -nt "$stamp" ] \
+   || ! "$PY" -c 'import hpc_dfs' >/dev/null 2>&1; then
+  log "pip install -e .[test,bench] (constraints: $LOCK)"
+  "${PIP[@]}" -e '.[test,bench]'
+  printf '%s\n' "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 fi
 log "ready: $("$PY" -c 'import torch, horovod; print("torch", torch.__version__, "horovod", horovod.__version__)')"

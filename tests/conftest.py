@@ -22,3 +22,8 @@ def kits19_dir():
 @pytest.fixture(scope="session")
 def uci_ckd_dir():
     return _need(UCI_CKD, "../shared/data/uci_ckd")
+
+
+def pytest_report_header(config):
+    from tests import lock
+    return lock.note()

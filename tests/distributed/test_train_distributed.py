@@ -28,6 +28,7 @@ import torch
 
 from hpc_dfs.training import checkpoint
 
+from tests import lock
 from tests.launch import hpc_dfs_cmd, job_env, launch, launcher_prefix, REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -122,7 +123,7 @@ def test_two_ranks_reach_single_process_weights(shards, single_process_runs, tmp
     assert one["config"]["stage"] == two["config"]["stage"] == stage
     assert one["model_config"]["in_channels"] == two["model_config"]["in_channels"] == (3 if stage == "refine" else 1)
     rel = model_rel_diff(one["model"], two["model"])
-    assert rel < 1e-5, f"np=2 weights differ from np=1 by {rel:.2e} (relative)"
+    assert rel < 1e-5, f"np=2 weights differ from np=1 by {rel:.2e} (relative); {lock.note()}"
     worst, where = max_rel_diff(one["model"], two["model"])   # per tensor: float32 noise, loosely bounded
     assert worst < 1e-3, f"{where} differs by {worst:.2e}"
 
@@ -153,7 +154,7 @@ def test_two_ranks_reach_single_process_weights_with_the_defaults(shards, tmp_pa
     assert one["step"] == two["step"] == 8 and two["world_size"] == 2
     assert one["model_config"]["dropout"] == 0.2 and one["config"]["optim"]["optimizer"] == "adam"
     rel = model_rel_diff(one["model"], two["model"])
-    assert rel < 1e-3, f"np=2 weights differ from np=1 by {rel:.2e} (relative) with the defaults"
+    assert rel < 1e-3, f"np=2 weights differ from np=1 by {rel:.2e} (relative) with the defaults; {lock.note()}"
     torch.manual_seed(3)
     from hpc_dfs import dist
     from hpc_dfs.models import build_model

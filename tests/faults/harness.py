@@ -6,7 +6,7 @@ as its reader would.
     k = kill_at(hpc_dfs_cmd(...), Trigger.tmp_file(out), seed=3, max_delay=0.3)
 
 Every record of a trial goes to ``TALLY``; ``conftest.py`` prints the figure at the end of the session and
-writes it to ``bench/results/faults.json``.
+writes it under pytest's temporary folder (``make bench-faults`` records it in ``bench/results/faults.json``).
 """
 from __future__ import annotations
 
