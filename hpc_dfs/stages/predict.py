@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from hpc_dfs.errors import EXIT_DATA, EXIT_ENV, EXIT_USAGE, HpcDfsError  # the stage contract: cli.main catches
-from hpc_dfs import __version__, dist, fsutil
+from hpc_dfs import __version__, parallel, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
 from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_NAMES
@@ -150,7 +150,7 @@ def voxel_counts(cases: list[CaseInput], rank: int, world: int) -> dict[str, int
     if world == 1:
         return own
     merged: dict[str, int] = {}
-    for part in dist.allgather_object(own, name="predict.voxel_counts"):
+    for part in parallel.allgather_object(own, name="predict.voxel_counts"):
         merged.update(part)
     return merged
 
@@ -619,7 +619,7 @@ def _write_summary(rows: list[dict], setup: Setup, cfg: PredictConfig, paths: Pr
     fsutil.write_text(paths.out / "risk.csv", risk_csv(rows))
     reps = setup.reps
     summary = {
-        "hpc_dfs_version": __version__, "world_size": dist.size(), "threads_per_rank": threads,
+        "hpc_dfs_version": __version__, "world_size": parallel.size(), "threads_per_rank": threads,
         "device": str(setup.device),
         "checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, **r.info} for r in reps],
         "refine_checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, "context": r.context,
@@ -667,7 +667,7 @@ def _device(choice: str):
     import torch
     if choice == "cpu":
         return torch.device("cpu")
-    device = dist.device()
+    device = parallel.device()
     if choice == "cuda" and device.type != "cuda":
         raise PredictError("--device cuda asked for but CUDA is not available")
     return device
@@ -685,7 +685,7 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
     refine = load_refine_replicas(paths.refine_checkpoints, cfg.refine_weights, reps, device)
     records, clinical_source = load_records(paths.clinical, data_root)
     paths.out.mkdir(parents=True, exist_ok=True)
-    if dist.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
+    if parallel.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
         n_stale = sum(fsutil.clean_stale_tmp(d) for d in (paths.out, paths.out / "raw") if d.is_dir())
         if n_stale:
             log.info("removed %d temporary file(s) left in %s by an interrupted run", n_stale, paths.out)
@@ -703,7 +703,7 @@ def _setup_on_every_rank(cfg: PredictConfig, paths: PredictPaths) -> Setup:
         setup = _setup(cfg, paths)
     except HpcDfsError as e:
         error = e
-    reports = dist.allgather_object(None if error is None else (str(error), error.code))
+    reports = parallel.allgather_object(None if error is None else (str(error), error.code))
     if error is not None:
         raise error
     for r, report in enumerate(reports):
@@ -722,7 +722,7 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
     for i, case in enumerate(cases):
         row = {"case_id": case.case_id, "status": "failed", "image": str(case.image_path)}
         if disk_full is not None:
-            rows.append({**row, "error": f"not attempted: {disk_full}", "disk_full": True, "rank": dist.rank()})
+            rows.append({**row, "error": f"not attempted: {disk_full}", "disk_full": True, "rank": parallel.rank()})
             continue
         try:
             row = predict_case(case, setup.reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device,
@@ -741,7 +741,7 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
             row["error"] = f"{type(e).__name__}: {e}"
         if row["status"] != "ok":
             _move_aside_quietly(case, out_dir)
-        row["rank"] = dist.rank()
+        row["rank"] = parallel.rank()
         rows.append(row)
     return rows
 
@@ -766,12 +766,12 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
     """
     import torch
 
-    from hpc_dfs.dist.phases import PhaseClock
+    from hpc_dfs.parallel.phases import PhaseClock
     clock = PhaseClock()
     clock.mark("start+imports")
-    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
-    rank, world = dist.rank(), dist.size()
-    threads = dist.configure_threads(cfg.threads if cfg.threads > 0 else None)
+    parallel.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    rank, world = parallel.rank(), parallel.size()
+    threads = parallel.configure_threads(cfg.threads if cfg.threads > 0 else None)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     clock.mark("dist_init")
@@ -789,7 +789,7 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
     clock.mark("partition")
     rows = _predict_all(mine, setup, cfg, paths.out)
     clock.mark("cases")
-    gathered = sorted((r for part in dist.allgather_object(rows) for r in part), key=lambda r: r["case_id"])
+    gathered = sorted((r for part in parallel.allgather_object(rows) for r in part), key=lambda r: r["case_id"])
     clock.mark("gather")
     problem = None
     if rank == 0:
@@ -798,7 +798,7 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
         except fsutil.DiskWriteError as e:
             problem = str(e)
     clock.mark("summary")
-    problem = dist.broadcast_object(problem)  # also the barrier: no rank leaves before the summary is written
+    problem = parallel.broadcast_object(problem)  # also the barrier: no rank leaves before the summary is written
     clock.mark("barrier")
     log.debug("phases rank=%d world=%d cases=%s %s", rank, world, ",".join(c.case_id for c in mine), clock.json())
     problem = problem or next((r["error"] for r in gathered if r.get("disk_full")), None)

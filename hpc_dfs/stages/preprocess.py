@@ -3,7 +3,7 @@
     hpc-dfs preprocess --data DATA --out SHARDS [--config FILE] [--slice-size 256,256] [--fail-fast]
     mpirun -np 4 hpc-dfs preprocess --data DATA --out SHARDS        # or srun, horovodrun --gloo
 
-Four steps, every rank running the same code (``hpc_dfs.dist`` gives rank and size):
+Four steps, every rank running the same code (``hpc_dfs.parallel`` gives rank and size):
 
 1. **plan** (:func:`hpc_dfs.data.plan.make_plan`, no communication): list the cases; read the clinical
    records (only pre-operative fields become inputs) and check them; read every image header (cheap):
@@ -21,7 +21,7 @@ Four steps, every rank running the same code (``hpc_dfs.dist`` gives rank and si
 4. **manifest**: rank 0 gathers the results and writes ``clinical_pipeline.json`` then ``manifest.json``.
 
 With ``HPC_DFS_LOG_LEVEL=DEBUG`` every rank logs one ``phases`` line: its cases, their voxels and the wall and
-CPU seconds of each step from the process's start (:mod:`hpc_dfs.dist.phases`).
+CPU seconds of each step from the process's start (:mod:`hpc_dfs.parallel.phases`).
 
 A bad case (missing imaging, truncated gzip, shape or affine mismatch, labels outside the set,
 non-finite voxels, missing or malformed clinical record) is reported once as
@@ -125,7 +125,7 @@ class _Rank:
     failed: dict[str, str] = field(default_factory=dict)   # case id -> "[case_id] problem", this rank's
     bar: Any = None
     fit_rank: int = 0                # the rank that fits the clinical pipeline: the one with the least work
-    clock: Any = None                # hpc_dfs.dist.phases.PhaseClock: where this rank's seconds went
+    clock: Any = None                # hpc_dfs.parallel.phases.PhaseClock: where this rank's seconds went
 
     def fail(self, cid: str, err: Exception) -> None:
         """Record and log one bad case as ``[case_id] problem``; under --fail-fast stop here."""
@@ -178,17 +178,17 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     Raises:
         PreprocessError: no usable case folder, clinical file or setting (exit status 2).
     """
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
     from hpc_dfs.config.data import PreprocessConfig
     from hpc_dfs.data import fingerprint as fpm
-    from hpc_dfs.dist.phases import PhaseClock
+    from hpc_dfs.parallel.phases import PhaseClock
 
     clock = PhaseClock()
     clock.mark("start+imports")
     me = _start(Path(out_dir), cfg or PreprocessConfig(), fail_fast)
     me.clock = clock
     clock.mark("dist_init")
-    t_start = time.time()  # after dist.init() and imports: the logged time is the stage's own work
+    t_start = time.time()  # after parallel.init() and imports: the logged time is the stage's own work
     plan = make_plan(Path(data_dir), me.cfg)                                           # 1. plan
     clock.mark("plan")
     errors = dict(plan.errors)
@@ -234,7 +234,7 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
         except DiskWriteError as e:
             _stop_on_full_disk(me, e)
     clock.mark("manifest")
-    dist.barrier()
+    parallel.barrier()
     clock.mark("barrier")
     _log_phases(me, plan, mine)
     return _summary(me, errors) if errors else 0
@@ -243,11 +243,11 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
 # ----------------------------------------------------------------------------- 1. plan
 def _start(out_dir: Path, cfg, fail_fast: bool) -> _Rank:
     """Join the ranks (object collectives only) and give this rank its share of the cores."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
-    dist.configure_threads()
-    return _Rank(cfg, out_dir, dist.rank(), dist.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
+    parallel.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    parallel.configure_threads()
+    return _Rank(cfg, out_dir, parallel.rank(), parallel.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
 
 
 def _partition(me: _Rank, plan: Plan) -> list[str]:
@@ -294,14 +294,14 @@ def _report_plan(me: _Rank, plan: Plan) -> None:
 
 def _prepare_out(me: _Rank) -> None:
     """Rank 0 creates the output folder and removes temporary files of an interrupted run; all ranks wait."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
     if me.rank == 0:
         me.out_dir.mkdir(parents=True, exist_ok=True)
         n_stale = clean_stale_tmp(me.out_dir)
         if n_stale:
             me.log.info("removed %d temporary file(s) left by an interrupted run", n_stale)
-    dist.barrier()
+    parallel.barrier()
 
 
 def _retire_other_manifest(me: _Rank, phash: str) -> None:
@@ -311,7 +311,7 @@ def _retire_other_manifest(me: _Rank, phash: str) -> None:
     manifest over shards of two settings (issue 14, hole 1). Without the manifest it reads as unfinished until
     the new one is written, last.
     """
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
     if me.rank == 0:
         path = me.out_dir / "manifest.json"
@@ -324,7 +324,7 @@ def _retire_other_manifest(me: _Rank, phash: str) -> None:
         if old != phash:
             path.unlink(missing_ok=True)
             me.log.info("%s was written with other parameters: removed before its shards are rewritten", path)
-    dist.barrier()
+    parallel.barrier()
 
 
 def _stop_on_full_disk(me: _Rank, err: DiskWriteError) -> None:
@@ -334,9 +334,9 @@ def _stop_on_full_disk(me: _Rank, err: DiskWriteError) -> None:
         DiskWriteError: always (alone, or before the other ranks are aborted).
     """
     if me.world > 1:
-        from hpc_dfs import dist
+        from hpc_dfs import parallel
         me.log.error("%s", err)
-        dist.abort(err.code)
+        parallel.abort(err.code)
     raise err
 
 
@@ -371,9 +371,9 @@ def _cache_fits(me: _Rank, local: _Local, item: CaseItem, need_next: int) -> boo
 
 
 def _ranks_per_node() -> int:
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    return dist.local_size()
+    return parallel.local_size()
 
 
 def _fingerprint_case(me: _Rank, plan: Plan, cid: str,
@@ -397,9 +397,9 @@ def _fingerprint_case(me: _Rank, plan: Plan, cid: str,
 
 def _exchange_parts(me: _Rank, local: _Local, errors: dict[str, str]) -> tuple[dict[str, CasePart], dict[str, str]]:
     """Every rank's parts and input hashes, on every rank; the failed cases are added to ``errors``."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    gathered = dist.allgather_object(
+    gathered = parallel.allgather_object(
         ({cid: (p.meta(), p.fg_samples, local.shas[cid]) for cid, p in local.parts.items()}, me.failed),
         name="preprocess.fingerprint")
     parts: dict[str, CasePart] = {}
@@ -444,7 +444,7 @@ def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]
     are the same whatever the number of ranks (the transform reads only the fitted numbers, which JSON
     carries exactly).
     """
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
     from hpc_dfs.data import clinical as clin
 
     if plan.frame is None:
@@ -456,7 +456,7 @@ def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]
         except Exception as e:  # the other ranks wait for the pipeline: they stop too, naming the problem
             problem = e
     if me.world > 1:
-        pipeline, why = dist.broadcast_object((pipeline, None if problem is None else repr(problem)),
+        pipeline, why = parallel.broadcast_object((pipeline, None if problem is None else repr(problem)),
                                               root=me.fit_rank, name="preprocess.clinical_pipeline")
         if why is not None and problem is None:
             raise PreprocessError(f"fitting the clinical pipeline failed on rank {me.fit_rank}: {why}")
@@ -549,9 +549,9 @@ def _present(labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict[s
 def _exchange_results(me: _Rank, results: dict[str, dict], n_reused: int,
                       errors: dict[str, str]) -> tuple[dict[str, dict], int]:
     """Every rank's manifest entries and kept-shard count; the failed cases are added to ``errors``."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    gathered = dist.allgather_object((results, me.failed, n_reused), name="preprocess.results")
+    gathered = parallel.allgather_object((results, me.failed, n_reused), name="preprocess.results")
     all_results: dict[str, dict] = {}
     total_reused = 0
     for rank_results, rank_errors, rank_reused in gathered:
@@ -635,6 +635,6 @@ def _summary(me: _Rank, errors: dict[str, str], fail_fast: bool = False) -> int:
         me.log.error("%d case(s) failed%s:\n%s", len(errors), " (stopped at the first: --fail-fast)" if fail_fast else
                      "; the other cases were written", lines)
     if fail_fast and me.world > 1:
-        from hpc_dfs import dist
-        dist.abort(1)
+        from hpc_dfs import parallel
+        parallel.abort(1)
     return 1

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 from hpc_dfs.config import ConfigError, to_dict
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.data.reader import ShardError, ShardSet
@@ -60,9 +60,9 @@ def checked(log, what: str, fn: Callable[[], Any]) -> Any:
         result = fn()
     except (HpcDfsError, ShardError, FileNotFoundError, ValueError, KeyError) as e:
         err = str(e) or repr(e)
-    errors = dist.allgather_object(err)
+    errors = parallel.allgather_object(err)
     if any(errors):
-        if dist.is_main():
+        if parallel.is_main():
             for msg in dict.fromkeys(e for e in errors if e):
                 ranks = [r for r, e in enumerate(errors) if e == msg]
                 where = "" if len(ranks) == len(errors) else f" (rank{'s' if len(ranks) > 1 else ''} " \
@@ -132,7 +132,7 @@ def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Plan
     Raises:
         ConfigError, CheckpointError, ShardError, FileNotFoundError: the first problem found, naming it.
     """
-    world = dist.size()
+    world = parallel.size()
     gb = cfg.resolve_global_batch(world)
     _check_settings(cfg, world)
     shardset, manifest_path, train_cases, val_cases = _read_shards(cfg, shards_dir)
@@ -142,7 +142,7 @@ def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Plan
     if resume:
         if not last.is_file():
             raise ckpt.CheckpointError(f"--resume given but {last} does not exist")
-        if dist.is_main():  # rank 0 reads it; the others get what they need by broadcast
+        if parallel.is_main():  # rank 0 reads it; the others get what they need by broadcast
             state = _read_resume_state(cfg, last, manifest_path, manifest_sha, shardset.manifest)
     elif last.exists():
         raise ConfigError(f"{last} exists: pass --resume to continue that run, or choose another --out")

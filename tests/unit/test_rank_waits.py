@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_dfs.dist import backends
-from hpc_dfs.dist.phases import PhaseClock, process_start
+from hpc_dfs.parallel import backends
+from hpc_dfs.parallel.phases import PhaseClock, process_start
 from hpc_dfs.stages import preprocess as pre
 
 
@@ -135,7 +135,7 @@ def test_on_a_tie_the_last_rank_fits_and_alone_it_is_rank_0():
 
 
 def test_a_plain_process_asking_for_ranks_only_starts_no_horovod(monkeypatch):
-    from hpc_dfs.dist.launch import launch_rank_size
+    from hpc_dfs.parallel.launch import launch_rank_size
 
     class _Hvd:  # a Horovod that imports: init() must not be reached
         def __getattr__(self, name):
