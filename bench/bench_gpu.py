@@ -1,4 +1,4 @@
-"""GPU benchmark (issue 13 item 6): training step rate, peak memory, reader vs step, and a 1-GPU horovodrun run.
+"""GPU benchmark: training step rate, peak memory, reader vs step, and a 1-GPU horovodrun run.
 
     bench/gpu.sh                      # on a GPU machine: ~3-4 min on one GPU, writes bench/results/gpu.json
     bench/gpu.sh --dry-run            # on CPU: tiny sizes, 1-2 steps, proves every part runs (make test)
@@ -44,11 +44,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from hpc_dfs.errors import EXIT_ENV  # noqa: E402
 from hpc_dfs.fsutil import write_json  # noqa: E402
 
 PY = sys.executable
 MODELS = ("rusp_net_dw", "dfs_fusion", "unet")
-EXIT_ENV = 4
 
 
 def environment() -> dict:

@@ -413,7 +413,7 @@ def _header_descrip(path: Path) -> str | None:
 
 
 def check_provenance(pred_dir: Path, pairs: list[tuple[str, Path, Path | None]]) -> None:
-    """Every prediction must come from the one run that ``pred_dir/summary.json`` describes (issue 14, hole 2).
+    """Every prediction must come from the one run that ``pred_dir/summary.json`` describes.
 
     A prediction is refused when its case is not an ``ok`` row of the summary (a stale file of another run, kept
     beside a run where the case failed), or when its header's ``descrip`` (``hpc-dfs <checkpoints sha>

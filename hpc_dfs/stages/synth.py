@@ -138,7 +138,7 @@ def _label_jobs(cfg, log) -> tuple[list[Job], dict[str, dict]]:
     jobs = [(c, labels_dir / c / LABEL_NAME) for c in wanted]
     if not cfg.kits_json:
         return jobs, {}
-    from hpc_dfs.data.clinical import load_kits_records
+    from hpc_dfs.data.kits_clinical import load_kits_records
     try:
         recs = {r["case_id"]: r for r in load_kits_records(cfg.kits_json)}
     except (FileNotFoundError, ValueError) as e:

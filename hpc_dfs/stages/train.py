@@ -41,7 +41,7 @@ replaced by a rank-synchronised batch norm built the same way (:mod:`hpc_dfs.par
 How closely is :data:`RANK_INVARIANCE` (also printed by ``hpc-dfs train --help``).
 
 Exit status: 0 done; 2 bad configuration or data (reported before any work);
-75 (:data:`~hpc_dfs.config.train.EXIT_PREEMPTED`) stopped by SIGUSR1/SIGTERM after writing
+75 (:data:`~hpc_dfs.errors.EXIT_PREEMPTED`) stopped by SIGUSR1/SIGTERM after writing
 ``last.pt`` -- requeue with ``--resume`` (or always pass ``--auto-resume``); 1 any other error (the job is
 aborted on all ranks).
 
@@ -59,15 +59,13 @@ import torch
 
 from hpc_dfs import parallel
 from hpc_dfs.config import add_arguments as add_config_arguments, from_args
-from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
+from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.log import get_logger
 from hpc_dfs.training.plan import SetupError, checked, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
 
-__all__ = ["add_arguments", "main", "train", "EXIT_PREEMPTED", "EXIT_BAD_CONFIG"]
-
-EXIT_BAD_CONFIG = 2
+__all__ = ["add_arguments", "main", "train"]
 
 RANK_INVARIANCE = """\
 Rank invariance: with --deterministic and a fixed --global-batch-size, N ranks reach the 1-rank weights.

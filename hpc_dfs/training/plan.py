@@ -2,7 +2,7 @@
 
 :func:`checked` runs a check on every rank and agrees on failures, so a bad setting stops the whole
 job with one message (exit 2) instead of leaving the other ranks waiting in a collective.
-:func:`prepare` returns the run's :class:`Plan`: global batch, manifest, train/validation cases and,
+:func:`prepare` returns the run's :class:`TrainPlan`: global batch, manifest, train/validation cases and,
 on ``--resume``, the checkpoint rank 0 read.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hpc_dfs.training import checkpoint as ckpt
 
 from hpc_dfs.models import SEGMENTATION_MODELS
 
-__all__ = ["Plan", "SetupError", "SEGMENTATION_MODELS", "checked", "prepare", "model_kwargs", "check_steps",
+__all__ = ["TrainPlan", "SetupError", "SEGMENTATION_MODELS", "checked", "prepare", "model_kwargs", "check_steps",
            "check_resume_fits"]
 
 
@@ -36,7 +36,7 @@ class SetupError(HpcDfsError):
 
 
 @dataclass
-class Plan:
+class TrainPlan:
     """What :func:`prepare` found: the inputs of one run, the same on every rank (``state`` on rank 0 only)."""
 
     global_batch: int
@@ -126,7 +126,7 @@ def _read_resume_state(cfg: TrainConfig, last: Path, manifest_path: Path, manife
     return state
 
 
-def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Plan:
+def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> TrainPlan:
     """Check the settings, the shards and (``resume``) ``last.pt``; returns the plan.
 
     Raises:
@@ -146,7 +146,7 @@ def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Plan
             state = _read_resume_state(cfg, last, manifest_path, manifest_sha, shardset.manifest)
     elif last.exists():
         raise ConfigError(f"{last} exists: pass --resume to continue that run, or choose another --out")
-    return Plan(global_batch=gb, manifest=shardset.manifest, manifest_sha=manifest_sha, train_cases=train_cases,
+    return TrainPlan(global_batch=gb, manifest=shardset.manifest, manifest_sha=manifest_sha, train_cases=train_cases,
                 val_cases=val_cases, shardset=shardset, model_kwargs={}, state=state)
 
 

@@ -1,7 +1,7 @@
 """The DFS training loop (:class:`Trainer`): ``train()`` reads top to bottom and delegates to
 ``train_step(batch)``, ``validate()``, ``end_epoch()`` and ``save_checkpoint(state)``.
 
-A Trainer is built from a checked :class:`~hpc_dfs.training.plan.Plan` on every rank (after
+A Trainer is built from a checked :class:`~hpc_dfs.training.plan.TrainPlan` on every rank (after
 ``parallel.init()``; size 1 needs no launcher, so a unit test runs ``train_step`` in one process). What each
 step does, and why 2 ranks give the 1-rank gradients, is in :mod:`hpc_dfs.stages.train`.
 """
@@ -23,7 +23,8 @@ import torch
 
 from hpc_dfs import __version__, parallel
 from hpc_dfs.config import to_dict
-from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
+from hpc_dfs.config.train import TrainConfig
+from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.data.augment import SliceAugmenter, derive_seed
 from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_balanced
 from hpc_dfs.fsutil import write_text
@@ -32,7 +33,7 @@ from hpc_dfs.models.dropout import per_sample_dropout
 from hpc_dfs.training import checkpoint as ckpt
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, score, summarise
 from hpc_dfs.training.optim import build_optimizer, build_scheduler, scaled_lrs, step_scheduler, warmup_factor
-from hpc_dfs.training.plan import Plan, check_resume_fits, check_steps, checked
+from hpc_dfs.training.plan import TrainPlan, check_resume_fits, check_steps, checked
 from hpc_dfs.training.signals import Preemption
 from hpc_dfs.training.state import TrainState
 
@@ -88,7 +89,7 @@ class Trainer:
         resume: continue from ``plan.state`` (read by rank 0).
     """
 
-    def __init__(self, cfg: TrainConfig, plan: Plan, shards_dir: Path, out: Path, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, shards_dir: Path, out: Path, resume: bool = False) -> None:
         self.cfg, self.plan, self.shards_dir, self.out, self.resume = cfg, plan, Path(shards_dir), Path(out), resume
         self.rank, self.world = parallel.rank(), parallel.size()
         self.gb, self.k = plan.global_batch, cfg.horovod.backward_passes_per_step

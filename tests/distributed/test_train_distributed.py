@@ -1,4 +1,4 @@
-"""2-rank training jobs (mpirun / horovodrun --gloo): the proofs the issue asks for.
+"""2-rank training jobs (mpirun / horovodrun --gloo): the proofs of rank invariance, resume and preemption.
 
 - np=2 reaches the weights of np=1 after k steps (fp32, CPU, deterministic, SyncBatchNorm, with
   augmentation on) within 1e-5 relative (norm of the whole weight vector) with SGD and dropout 0: the
@@ -26,13 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.training import checkpoint
 
 from tests.launch import hpc_dfs_cmd, job_env, launch, launcher_prefix, REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-EXIT_PREEMPTED = 75
 #: small, deterministic settings: 22 training slices, global batch 4 -> 5 steps per epoch
 TINY = ["--num-workers", "0", "--set", "model.base_channels=4", "--set", "model.dropout=0.0",
         "--global-batch-size", "4", "--batch-size", "4", "--deterministic", "--seed", "3", "--log-every", "1",

@@ -254,7 +254,7 @@ def test_errors_are_one_line_on_stderr(setup, tmp_path, capsys):
 
 
 def test_provenance_stale_tmp_and_a_failed_case_moved_aside(setup, tmp_path, capsys):
-    """Issue 14 holes 2 and 6: the header and summary carry the checkpoint and input sha256; a rerun cleans the
+    """The header and summary carry the checkpoint and input sha256; a rerun cleans the
     .tmp-* a killed run left; a case that fails on a rerun has its earlier prediction moved to stale/, and
     evaluate refuses a prediction that is not from the run of summary.json."""
     from hpc_dfs.fsutil import sha256_file

@@ -105,8 +105,8 @@ def test_phase_clock_counts_from_the_process_start():
     assert clock.json().startswith('[{"name":"a"')
 
 
-def _plan(sizes: dict[str, int]) -> pre.Plan:
-    return pre.Plan(Path("."), "kits19", {0: 0}, ["background"], {c: Path(c) for c in sizes},
+def _plan(sizes: dict[str, int]) -> pre.PreprocessPlan:
+    return pre.PreprocessPlan(Path("."), "kits19", {0: 0}, ["background"], {c: Path(c) for c in sizes},
                     {c: {"n_voxels": n} for c, n in sizes.items()})
 
 
