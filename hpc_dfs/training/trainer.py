@@ -1,8 +1,8 @@
 """The DFS training loop (:class:`Trainer`): ``train()`` reads top to bottom and delegates to
 ``train_step(batch)``, ``validate()``, ``end_epoch()`` and ``save_checkpoint(state)``.
 
-A Trainer is built from a checked :class:`~hpc_dfs.training.plan.Plan` on every rank (after
-``dist.init()``; size 1 needs no launcher, so a unit test runs ``train_step`` in one process). What each
+A Trainer is built from a checked :class:`~hpc_dfs.training.plan.TrainPlan` on every rank (after
+``parallel.init()``; size 1 needs no launcher, so a unit test runs ``train_step`` in one process). What each
 step does, and why 2 ranks give the 1-rank gradients, is in :mod:`hpc_dfs.stages.train`.
 """
 from __future__ import annotations
@@ -12,69 +12,34 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hpc_dfs import __version__, dist
+from hpc_dfs import __version__, parallel
 from hpc_dfs.config import to_dict
-from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
+from hpc_dfs.config.train import TrainConfig
+from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.data.augment import SliceAugmenter, derive_seed
 from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_balanced
-from hpc_dfs.fsutil import write_text
 from hpc_dfs.log import get_logger
 from hpc_dfs.models.dropout import per_sample_dropout
-from hpc_dfs.training import checkpoint as ckpt
-from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, score, summarise
+from hpc_dfs.contracts import checkpoint as ckpt, run as run_contract
+from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, epoch_line, score, summarise
 from hpc_dfs.training.optim import build_optimizer, build_scheduler, scaled_lrs, step_scheduler, warmup_factor
-from hpc_dfs.training.plan import Plan, check_resume_fits, check_steps, checked
+from hpc_dfs.training.plan import TrainPlan, check_resume_fits, check_steps, checked
 from hpc_dfs.training.signals import Preemption
-from hpc_dfs.training.state import TrainState
+from hpc_dfs.training.run_info import what_ran
+from hpc_dfs.training.state import EpochStats, Timer, TrainState, seed_everything
 
 __all__ = ["Trainer"]
 
 log = get_logger("hpc_dfs.train")
 
 _DROPOUT_SALT = 0xD80F   # separates the dropout seeds from the augmentation's (seed, epoch, index)
-
-
-class _Timer:
-    """Accumulates wall time spent inside ``with timer:`` blocks."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-
-    def __enter__(self):
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.total += time.perf_counter() - self._t0
-
-
-@dataclass
-class _EpochStats:
-    """Loss and timings of the epoch being trained (one rank)."""
-
-    t0: float = field(default_factory=time.perf_counter)
-    loss_sum: float = 0.0
-    n_steps: int = 0
-    sync: _Timer = field(default_factory=_Timer)      # waiting for the gradient allreduce
-    train_time: float = 0.0
-
-
-def _fmt(v, spec=".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -88,13 +53,13 @@ class Trainer:
         resume: continue from ``plan.state`` (read by rank 0).
     """
 
-    def __init__(self, cfg: TrainConfig, plan: Plan, shards_dir: Path, out: Path, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, shards_dir: Path, out: Path, resume: bool = False) -> None:
         self.cfg, self.plan, self.shards_dir, self.out, self.resume = cfg, plan, Path(shards_dir), Path(out), resume
-        self.rank, self.world = dist.rank(), dist.size()
+        self.rank, self.world = parallel.rank(), parallel.size()
         self.gb, self.k = plan.global_batch, cfg.horovod.backward_passes_per_step
         self.micro_global = self.gb // self.k           # samples per backward pass, all ranks together
         self.local_batch = self.micro_global // self.world
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = ckpt.checkpoint_dir(self.out)
         self._setup_device()
         self._build_model()
         self._build_optimization()
@@ -102,10 +67,10 @@ class Trainer:
         self.state = TrainState()
         if resume:
             self._restore()
-        dist.broadcast_model(self.model)
+        parallel.broadcast_model(self.model)
         self._open_outputs()
         self._running_epoch = self.state.epoch      # train_epoch sets it; train_step alone continues the state
-        self.epoch_stats = _EpochStats()
+        self.epoch_stats = EpochStats()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -140,7 +105,7 @@ class Trainer:
         self._running_epoch = epoch
         done = self.state.step - epoch * self.steps_per_epoch   # > 0 only when resuming a preempted epoch
         batches = iter(self._epoch_loader(epoch, done))
-        self.epoch_stats = stats = _EpochStats()
+        self.epoch_stats = stats = EpochStats()
         self.ar_timer.total = 0.0
         bar = self._progress_bar(epoch, done)
         stop = None
@@ -149,7 +114,7 @@ class Trainer:
             stats.loss_sum += out["loss"]
             stats.n_steps += 1
             self._log_step(bar, epoch, step_in_epoch, out)
-            if preempt is not None and preempt.agreed(lambda v: dist.allreduce_scalar(v, op="max")):
+            if preempt is not None and preempt.agreed(lambda v: parallel.allreduce_scalar(v, op="max")):
                 stop = "preempted"
                 break
             if self.cfg.schedule.max_steps and self.state.step >= self.cfg.schedule.max_steps:
@@ -196,14 +161,15 @@ class Trainer:
         if completed:   # per-epoch schedules step on whole epochs only
             step_scheduler(self.scheduler, st.metrics.get("val_loss"))
         is_best = st.improved(score(st.metrics) if st.metrics else -math.inf)
-        if dist.is_main():
+        if parallel.is_main():
             self._write_row(row)
         self.save_checkpoint(st, tag_epoch=completed)
         st.history.append(row)
-        if dist.is_main():
+        if parallel.is_main():
             if is_best:
-                ckpt.copy_atomic(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
-            self._log_epoch(epoch, row, completed, is_best)
+                ckpt.copy_atomic(ckpt.last_path(self.out), ckpt.best_path(self.out))
+            log.info("%s", epoch_line(row, epoch, self.cfg.schedule.epochs, self.world, completed, is_best,
+                                      self.epoch_stats.train_time))
         return row
 
     @torch.no_grad()
@@ -233,7 +199,7 @@ class Trainer:
         records = acc.records()
         for r in records:
             r["loss"] = float(self.val_loss_fn.from_statistics(case_stats[r["case_id"]].float())[0])
-        gathered = [r for part in dist.allgather_object(records, name=f"val.records.{epoch}") for r in part]
+        gathered = [r for part in parallel.allgather_object(records, name=f"val.records.{epoch}") for r in part]
         self.model.train()
         metrics = summarise(gathered)
         metrics["val_loss"] = float(np.mean([r["loss"] for r in gathered])) if gathered else float("nan")
@@ -241,8 +207,8 @@ class Trainer:
 
     def save_checkpoint(self, state: TrainState, tag_epoch: bool) -> None:
         """Every rank's RNG state to rank 0, which writes ``last.pt`` (and ``epoch_XXXX.pt`` when ``tag_epoch``)."""
-        rng_all = dist.allgather_object(ckpt.capture_rng(), name=f"ckpt.rng.{state.step}")
-        if not dist.is_main():
+        rng_all = parallel.allgather_object(ckpt.capture_rng(), name=f"ckpt.rng.{state.step}")
+        if not parallel.is_main():
             return
         m = self.plan.manifest
         full: ckpt.Checkpoint = {
@@ -254,9 +220,9 @@ class Trainer:
             "clinical": self._clinical_info(), "classes": list(m["preprocessing"]["classes"]),
             "manifest_sha256": self.plan.manifest_sha, "metrics": state.checkpoint_metrics(),
             "hpc_dfs_version": __version__, "world_size": self.world}
-        ckpt.save(full, self.ckpt_dir / "last.pt")
+        ckpt.save(full, ckpt.last_path(self.out))
         if tag_epoch:
-            ckpt.copy_atomic(self.ckpt_dir / "last.pt", ckpt.epoch_path(self.ckpt_dir, state.epoch))
+            ckpt.copy_atomic(ckpt.last_path(self.out), ckpt.epoch_path(self.ckpt_dir, state.epoch))
             ckpt.prune_epoch_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------------ one step
@@ -314,8 +280,8 @@ class Trainer:
     def _setup_device(self) -> None:
         """Threads, device, deterministic algorithms, AMP dtype."""
         cfg = self.cfg
-        self.threads = dist.configure_threads(cfg.threads or None)
-        self.device = dist.device()
+        self.threads = parallel.configure_threads(cfg.threads or None)
+        self.device = parallel.device()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -329,8 +295,8 @@ class Trainer:
         self.amp_dtype = amp_dtype
         self.autocast = ((lambda: torch.autocast(device_type="cuda", dtype=amp_dtype)) if amp_dtype
                          else contextlib.nullcontext)
-        if dist.is_main():
-            log.info("job: %s", dist.topology())
+        if parallel.is_main():
+            log.info("job: %s", parallel.topology())
             log.info("%d rank(s) x %d thread(s) on %s; global batch %d = %d ranks x %d per rank x %d backward "
                      "pass(es)", self.world, self.threads, self.device, self.gb, self.world, self.local_batch, self.k)
 
@@ -338,20 +304,20 @@ class Trainer:
         """The same initial weights on every rank (broadcast later anyway), the DFS loss and its reduction."""
         from hpc_dfs.models import DFSLoss, build_model
         cfg, kw = self.cfg, self.plan.model_kwargs
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         model = build_model(**kw)
         if cfg.horovod.sync_bn:
-            model = dist.convert_sync_batchnorm(model)
+            model = parallel.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
         self.uses_clinical = bool(getattr(self.model, "takes_clinical", False))
         # rank-distinct dropout streams; the data order and augmentation never use these
         torch.manual_seed(derive_seed(cfg.seed, 1_000_003, self.rank))
-        self.ar_timer = _Timer()
+        self.ar_timer = Timer()
         reduce_fn = None
         if self.world > 1 and not cfg.horovod.adasum:   # Adasum combines rank-local gradients by design: local loss
             def reduce_fn(t):
                 with self.ar_timer:
-                    return dist.allreduce(t, op="sum")
+                    return parallel.allreduce(t, op="sum")
         loss_kw = dict(n_classes=kw["n_classes"], dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
                        risk_weight=cfg.loss.risk_weight)
         self.loss_fn = DFSLoss(reduce_fn=reduce_fn, **loss_kw)
@@ -394,12 +360,12 @@ class Trainer:
     def _restore(self) -> None:
         """Rank 0 read ``last.pt``: load it there, broadcast the rest, restore each rank's RNG streams."""
         state = self.plan.state
-        if dist.is_main():
+        if parallel.is_main():
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        meta = dist.broadcast_object(
+        meta = parallel.broadcast_object(
             {k: state[k] for k in ("scheduler", "scaler", "epoch", "step", "rng", "metrics", "world_size")}
-            if dist.is_main() else None, name="resume.meta")
+            if parallel.is_main() else None, name="resume.meta")
         if self.scheduler is not None and meta["scheduler"] is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
         if self.scaler is not None and meta["scaler"] is not None:
@@ -407,24 +373,26 @@ class Trainer:
         self.state = TrainState.from_checkpoint(meta)
         if self.rank < len(self.state.rng):
             ckpt.restore_rng(self.state.rng[self.rank])
-        if meta["world_size"] != self.world and dist.is_main():
+        if meta["world_size"] != self.world and parallel.is_main():
             log.warning("resuming a %d-rank run on %d ranks: the batch sequence is the same (global batch %d), "
                         "rank-local RNG streams (dropout) are not unless --deterministic", meta["world_size"],
                         self.world, self.gb)
-        log.info("resumed from %s: epoch %d, step %d", self.ckpt_dir / "last.pt", self.state.epoch, self.state.step)
+        log.info("resumed from %s: epoch %d, step %d", ckpt.last_path(self.out), self.state.epoch, self.state.step)
         # optimizer state first: Horovod initialises an empty state (ranks != 0) with a zero-gradient step,
         # which weight decay turns into a change of those ranks' weights; the model broadcast then undoes it
-        dist.broadcast_optimizer_state(self.optimizer)
+        parallel.broadcast_optimizer_state(self.optimizer)
 
     def _open_outputs(self) -> None:
         """Rank 0: checkpoint folder, config.toml, metrics.jsonl (cut back to the checkpoint on resume), TensorBoard."""
         self.mlog = self.tb = None
-        if not dist.is_main():
+        if not parallel.is_main():
             return
         cfg = self.cfg
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _write_config_toml(self.out / "config.toml", cfg)
-        self.mlog = MetricsLog(self.out / "metrics.jsonl", keep_until_epoch=self.state.epoch if self.resume else -1)
+        run_contract.write_config_toml(self.out, to_dict(cfg))
+        run_contract.write_run_info(self.out, what_ran(self.device))
+        self.mlog = MetricsLog(run_contract.metrics_path(self.out),
+                               keep_until_epoch=self.state.epoch if self.resume else -1)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out / "tb"))
@@ -467,7 +435,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ rows and log lines
     def _progress_bar(self, epoch: int, done: int):
-        if not (dist.is_main() and sys.stderr.isatty()):
+        if not (parallel.is_main() and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
         return tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{self.cfg.schedule.epochs}",
@@ -477,7 +445,7 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}")
-        elif dist.is_main() and self.state.step % self.cfg.log_every == 0:
+        elif parallel.is_main() and self.state.step % self.cfg.log_every == 0:
             log.info("epoch %d step %d/%d (global %d): loss %.4f, lr %.3g", epoch + 1, step_in_epoch + 1,
                      self.steps_per_epoch, self.state.step, out["loss"], out["lr"])
 
@@ -485,12 +453,12 @@ class Trainer:
         """Throughput and allreduce share (gathered, so rank 0 sees every rank), losses and metrics of the epoch."""
         st, es, world, gb = self.state, self.epoch_stats, self.world, self.gb
         n = max(es.n_steps, 1)
-        per_rank = dist.allgather_object({"t": es.train_time, "sync": es.sync.total, "ar": self.ar_timer.total},
+        per_rank = parallel.allgather_object({"t": es.train_time, "sync": es.sync.total, "ar": self.ar_timer.total},
                                          name=f"epoch.timing.{self._running_epoch}")
         t_max = max(p["t"] for p in per_rank)
         comm = [(p["sync"] + p["ar"]) / max(p["t"], 1e-9) for p in per_rank]
         rank_rates = [es.n_steps * gb / world / max(p["t"], 1e-9) for p in per_rank]
-        train_loss = dist.allreduce_scalar(es.loss_sum / n, op="mean", name=f"epoch.loss.{self._running_epoch}")
+        train_loss = parallel.allreduce_scalar(es.loss_sum / n, op="mean", name=f"epoch.loss.{self._running_epoch}")
         m = st.metrics
         return {"epoch": st.epoch, "partial_epoch": not completed, "step": st.step, "train_loss": train_loss,
                 "val_loss": m.get("val_loss"), "kidney_dice": m.get("kidney_dice"), "tumor_dice": m.get("tumor_dice"),
@@ -509,39 +477,21 @@ class Trainer:
                 if row.get(key) is not None and math.isfinite(row[key]):
                     self.tb.add_scalar(key, row[key], row["epoch"])
 
-    def _log_epoch(self, epoch: int, row: dict, completed: bool, is_best: bool) -> None:
-        step = row["step"]
-        log.info("epoch %d/%d step %s | train loss %s | val loss %s, kidney Dice %s, tumour Dice %s, "
-                 "risk AUC %s acc %s | %.1f samples/s (%.1f per rank, slowest %.1f) | allreduce %.1f%% of "
-                 "step time | lr %.3g | %.1f s%s", epoch + 1, self.cfg.schedule.epochs,
-                 f"{step}" if completed else f"{step} (stopped by max_steps mid-epoch)", _fmt(row["train_loss"], ".4f"),
-                 _fmt(row["val_loss"], ".4f"), _fmt(row["kidney_dice"]), _fmt(row["tumor_dice"]),
-                 _fmt(row["risk_auc"]), _fmt(row["risk_acc"]), row["samples_per_s"],
-                 row["samples_per_s"] / self.world, min(row["samples_per_s_per_rank"]), 100 * row["allreduce_frac"],
-                 row["lr"], self.epoch_stats.train_time, " (best)" if is_best else "")
-
     def _log_preempted(self, preempt: Preemption) -> None:
-        if dist.is_main():
+        if parallel.is_main():
             st = self.state
             log.warning("got %s: stopped after step %d (epoch %d + %d steps), wrote %s; exiting with %d so the "
                         "job is requeued; continue with --resume", preempt.name or "a signal on another rank",
-                        st.step, st.epoch, st.step - st.epoch * self.steps_per_epoch, self.ckpt_dir / "last.pt",
+                        st.step, st.epoch, st.step - st.epoch * self.steps_per_epoch, ckpt.last_path(self.out),
                         EXIT_PREEMPTED)
 
     def _finish(self) -> None:
         """Rank 0 draws the curves; every rank waits for it."""
-        if dist.is_main() and self.mlog is not None:
+        if parallel.is_main() and self.mlog is not None:
             from hpc_dfs.training.plots import plot_curves
-            plot_curves(self.mlog.rows, self.out / "curves.png",
+            curves = self.out / run_contract.CURVES_NAME
+            plot_curves(self.mlog.rows, curves,
                         title=f"{self.plan.model_kwargs['name']} on {self.shards_dir.name}, {self.world} rank(s)")
-            log.info("done: %s, %s, %s", self.ckpt_dir / "last.pt", self.out / "metrics.jsonl",
-                     self.out / "curves.png")
-        dist.barrier()
+            log.info("done: %s, %s, %s", ckpt.last_path(self.out), run_contract.metrics_path(self.out), curves)
+        parallel.barrier()
 
-
-def _write_config_toml(path: Path, cfg: TrainConfig) -> None:
-    import tomli_w
-
-    def drop_none(d):
-        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
-    write_text(path, tomli_w.dumps(drop_none(to_dict(cfg))))
