@@ -84,7 +84,7 @@ test-slurm: setup
 # Each step writes its output atomically; a second `make demo` skips steps whose output exists.
 DEMO ?= demo_out
 DEMO_CASES ?= 48
-DEMO_TEST_CASES ?= 4
+DEMO_TEST_CASES ?= 12
 DEMO_PHANTOM ?= 192
 DEMO_SIZE ?= 96
 DEMO_REFINE ?= --set refine.spacing=auto --set refine.slice_size=64,64 --set refine.margin_mm=12

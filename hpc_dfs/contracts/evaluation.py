@@ -39,6 +39,7 @@ class Evaluation(TypedDict, total=False):
     errors: list[dict[str, str]]
     missing_predictions: list[str]
     postprocessing: dict[str, Any]
+    intervals: dict[str, Any]
 
 
 
@@ -126,6 +127,35 @@ def _md_detection(result: dict) -> list[str]:
     return lines
 
 
+def _ci(x: dict | None, digits: int = 3) -> str:
+    if not x:
+        return "-"
+    lo, hi = x["ci95"]
+    extra = f", {x['hits']}/{x['total']} tumours" if "total" in x else ""
+    return f"{x['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={x['n']} cases{extra})"
+
+
+def _md_intervals(result: dict) -> list[str]:
+    iv = result.get("intervals")
+    if not iv:
+        return []
+    lines = ["", "## With 95 % intervals", "", "| figure | mean [95 % interval] |", "|---|---|",
+             f"| kidney Dice | {_ci(iv['kidney_dice'])} |", f"| tumour Dice | {_ci(iv['tumor_dice'])} |",
+             f"| tumours detected | {_ci(iv['tumor_detection_rate'])} |"]
+    lines += [f"| detected, tumours {k} | {_ci(v)} |" for k, v in iv["detection_by_size"].items()]
+    for k, v in (iv.get("detection_by_contrast") or {}).items():
+        lines.append(f"| detected, {k} tumours ({'<' if k == 'faint' else '>='} 1 kidney SD) | {_ci(v)} |")
+    lines += ["", f"{iv['method']}. Call a difference between two evaluations only where the intervals separate."]
+    tumours = [(c["case_id"], t) for c in result["cases"] for t in c.get("tumors") or []]
+    if tumours:
+        lines += ["", "| case | tumour ml | side | contrast (kidney SD) | detection |", "|---|---|---|---|---|"]
+        for cid, t in tumours:
+            con = t.get("contrast_sd")
+            con = "-" if con is None else f"{con:+.2f}" + (" (faint)" if t.get("faint") else "")
+            lines.append(f"| {cid} | {t['ml']:.1f} | {t['side']} | {con} | {t['status']} |")
+    return lines
+
+
 def to_markdown(result: dict) -> str:
     """The evaluation as markdown: metrics, tumour detection, post-processing, errors and definitions."""
     m = result["mean"]
@@ -134,7 +164,7 @@ def to_markdown(result: dict) -> str:
              f"{m['n_cases']} cases evaluated"
              + (f", {len(result['missing_predictions'])} without a prediction" if result.get("missing_predictions")
                 else "") + ".", ""]
-    lines += _md_metrics(result) + _md_detection(result)
+    lines += _md_metrics(result) + _md_intervals(result) + _md_detection(result)
     pp = result.get("postprocessing")
     if pp:
         lines += ["", "## Effect of post-processing (mean Dice)", "", "| | kidney Dice | tumour Dice | KiTS19 score |",

@@ -9,6 +9,7 @@ import numpy as np
 
 from hpc_dfs.config.predict import EvaluateConfig
 from hpc_dfs.contracts.evaluation import COLUMNS, DETECTION_COLUMNS
+from hpc_dfs.contracts.kits import IMAGE_NAME
 from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.log import get_logger
 from hpc_dfs.metrics.detection import kits_affine, tumour_detection
@@ -47,7 +48,7 @@ def _surface_metrics(pm: dict, gm: dict, spacing, cfg: EvaluateConfig) -> dict[s
 
 
 def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, spacing, cfg: EvaluateConfig | None = None,
-                    affine: np.ndarray | None = None) -> dict[str, Any]:
+                    affine: np.ndarray | None = None, image: np.ndarray | None = None) -> dict[str, Any]:
     """All metrics of one predicted label map against its ground truth.
 
     Args:
@@ -57,6 +58,7 @@ def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, spacing, cfg: EvaluateConf
         cfg: metric settings (tolerances, HD percentile); defaults to :class:`EvaluateConfig`.
         affine: the ground truth's affine, for the body sides of the detection columns (default
             :func:`kits_affine`).
+        image: the case's CT on the same grid, if at hand: each tumour then carries its contrast.
 
     Raises:
         EvaluationError: the shapes differ.
@@ -77,7 +79,7 @@ def evaluate_arrays(pred: np.ndarray, gt: np.ndarray, spacing, cfg: EvaluateConf
     for r in REGIONS:
         out[f"{r}_ml_gt"] = int(np.count_nonzero(gm[r])) * voxel_ml
         out[f"{r}_ml_pred"] = int(np.count_nonzero(pm[r])) * voxel_ml
-    out.update(tumour_detection(pred, gt, kits_affine(spacing) if affine is None else affine, voxel_ml))
+    out.update(tumour_detection(pred, gt, kits_affine(spacing) if affine is None else affine, voxel_ml, image))
     out["spacing_mm"] = [float(v) for v in spacing]
     return out
 
@@ -120,7 +122,23 @@ def evaluate_files(pred_path: Path, gt_path: Path, cfg: EvaluateConfig | None = 
                               f"prediction must be on the ground truth's grid")
     if not np.allclose(p_aff, g_aff, atol=1e-3):
         log.warning("%s: affine differs from %s (evaluating on the voxel grid anyway)", pred_path.name, gt_path)
-    return evaluate_arrays(pred, gt, spacing, cfg, affine=g_aff)
+    return evaluate_arrays(pred, gt, spacing, cfg, affine=g_aff, image=_case_image(gt_path, gt.shape))
+
+
+def _case_image(gt_path: Path, shape: tuple) -> np.ndarray | None:
+    """The CT beside a ground truth (KiTS layout), for the tumours' contrast; None when absent or on another grid."""
+    import nibabel as nib
+    path = gt_path.parent / IMAGE_NAME
+    if not path.is_file():
+        return None
+    try:
+        img = nib.load(str(path))
+        if tuple(img.shape) != tuple(shape):
+            return None
+        return np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # the contrast is a description, never a reason to fail the evaluation
+        log.warning("%s: cannot read the CT for the tumours' contrast (%s: %s)", path, type(e).__name__, e)
+        return None
 
 
 def evaluate_missing(gt_path: Path, cfg: EvaluateConfig | None = None) -> dict[str, Any]:

@@ -44,7 +44,37 @@ def _side(x: float, mid: float) -> str:
     return "right" if x > mid else "left"  # RAS: world x grows towards the patient's right
 
 
-def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel_ml: float) -> dict[str, Any]:
+#: a tumour whose mean differs from the kidney's by less than this many kidney standard deviations is "faint"
+FAINT_SD = 1.0
+
+
+def tumour_contrast(image: np.ndarray, gt: np.ndarray, g_lab: np.ndarray, n_g: int) -> list[float | None]:
+    """Each ground-truth tumour component's contrast against the kidney, in kidney standard deviations.
+
+    ``(mean CT of the tumour - mean CT of the kidney) / standard deviation of the kidney's CT``, the kidney being
+    label 1 of the ground truth. Below about 1 the tumour hides inside the kidney's own spread of intensities
+    (texture, noise, cortex and medulla): the held-out phantoms' missed tumours lay at 0.4-0.95.
+
+    Args:
+        image: the CT on the ground truth's grid.
+        gt: the ground-truth label map.
+        g_lab: the tumour components (1..n_g) of the ground truth.
+        n_g: the number of components.
+
+    Returns:
+        one value per component, None where the case has no kidney voxels to compare with.
+    """
+    kidney = image[gt == 1].astype(np.float64)
+    if kidney.size < 2 or n_g == 0:
+        return [None] * n_g
+    k_mean, k_sd = float(kidney.mean()), float(kidney.std())
+    sums = np.bincount(g_lab.ravel(), weights=image.ravel().astype(np.float64), minlength=n_g + 1)
+    counts = np.bincount(g_lab.ravel(), minlength=n_g + 1)
+    return [float((sums[i] / counts[i] - k_mean) / max(k_sd, 1e-6)) for i in range(1, n_g + 1)]
+
+
+def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel_ml: float,
+                     image: np.ndarray | None = None) -> dict[str, Any]:
     """Per ground-truth tumour component: hit, missed or wrong kidney; and the false-positive components.
 
     Args:
@@ -52,6 +82,8 @@ def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel
         gt: ground-truth label map on the same grid.
         affine: the ground truth's voxel-to-world (RAS mm) affine (sides of the body).
         voxel_ml: volume of one voxel in ml.
+        image: the CT on the same grid, when it is at hand: each tumour then carries its
+            :func:`tumour_contrast` (``contrast_sd``) and whether it is ``faint`` (below :data:`FAINT_SD`).
 
     Returns:
         the ``DETECTION_COLUMNS``, ``detection`` (one word) and ``tumors`` (one dict per component).
@@ -66,6 +98,7 @@ def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel
     largest_fp_side = _side(p_x[max(fp, key=lambda i: (p_sizes[i], -i)) - 1], mid) if fp else None
     g_x = _centroid_x(g_lab, n_g, affine)
     g_sizes = np.bincount(g_lab.ravel(), minlength=n_g + 1)
+    contrast = tumour_contrast(image, gt, g_lab, n_g) if image is not None else None
     tumors = []
     for i in range(1, n_g + 1):
         side = _side(g_x[i - 1], mid)
@@ -76,6 +109,8 @@ def tumour_detection(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, voxel
         else:
             status = "missed"
         tumors.append({"ml": float(g_sizes[i] * voxel_ml), "side": side, "status": status})
+        if contrast is not None and contrast[i - 1] is not None:
+            tumors[-1].update(contrast_sd=contrast[i - 1], faint=bool(abs(contrast[i - 1]) < FAINT_SD))
     counts = {k: sum(t["status"] == k for t in tumors) for k in ("hit", "missed", "wrong kidney")}
     statuses = {t["status"] for t in tumors}
     word = "no tumour" if not tumors else (statuses.pop() if len(statuses) == 1 else "partial")

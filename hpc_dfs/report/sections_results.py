@@ -10,7 +10,7 @@ from hpc_dfs.report.html import esc, figure, flatten_numbers, fmt, img_tag, miss
 from hpc_dfs.report.sources import read_json, truth_labels
 from hpc_dfs.report.stats import finite
 
-__all__ = ["RANK_METRIC", "ranked_cases", "case_table", "section_evaluation", "section_overlays",
+__all__ = ["RANK_METRIC", "ranked_cases", "case_table", "intervals_table", "section_evaluation", "section_overlays",
            "section_prediction", "clinical_table", "section_clinical"]
 
 
@@ -31,7 +31,32 @@ def _detection_cell(c: dict) -> str:
     fp = c.get("n_fp_components")
     extra = f"; {fp} false-positive component(s), {num(c.get('fp_ml'), 'ml')} ml" if fp else ""
     style = " style='color:#a33;font-weight:600'" if word in ("missed", "wrong kidney", "partial") else ""
-    return f"<span{style}>{esc(word)}</span>{esc(extra)}"
+    con = [f"{t['ml']:.1f} ml {t['status']} at {t['contrast_sd']:+.2f} SD" + (" (faint)" if t.get("faint") else "")
+           for t in c.get("tumors") or [] if t.get("contrast_sd") is not None]
+    contrast = f"<br><small>{esc('; '.join(con))}</small>" if con else ""
+    return f"<span{style}>{esc(word)}</span>{esc(extra)}{contrast}"
+
+
+def intervals_table(evaluation: dict) -> str:
+    """The headline figures with their 95 % bootstrap intervals (eval.json's ``intervals``); "" without them."""
+    iv = evaluation.get("intervals")
+    if not iv:
+        return ""
+
+    def row(name: str, x: dict | None) -> list[str]:
+        if not x:
+            return [esc(name), "-", "-", "-"]
+        n = f"{x['n']} cases" + (f", {x['hits']}/{x['total']} tumours" if "total" in x else "")
+        return [esc(name), num(x["mean"]), esc(f"[{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"), esc(n)]
+    rows = [row("kidney Dice", iv["kidney_dice"]), row("tumour Dice", iv["tumor_dice"]),
+            row("tumours detected", iv["tumor_detection_rate"])]
+    rows += [row(f"detected, tumours {k}", v) for k, v in iv["detection_by_size"].items()]
+    rows += [row(f"detected, {k} tumours", v) for k, v in (iv.get("detection_by_contrast") or {}).items()]
+    return (table(["figure", "mean", "95 % interval", "over"], rows, raw=True)
+            + f"<p class='note'>{esc(iv['method'])}. A difference between two evaluations is called only where "
+              "the intervals separate. <b>faint</b>: the tumour's mean CT differs from the kidney's by less than "
+              "one standard deviation of the kidney's CT (its contrast, in kidney SDs, is shown per tumour in the "
+              "detection column).</p>")
 
 
 CASE_HEAD = ("case", "rank", "kidney Dice", "tumour Dice", "KiTS19 score", "tumour ml (truth)", "tumour ml (predicted)",
@@ -72,6 +97,7 @@ def section_evaluation(evaluation: dict | None, eval_path: Path | None) -> str:
                f"score = their mean; HD95 in mm, undefined (-) when prediction or truth is empty and then left out "
                f"of the mean (its n is shown); SD = surface Dice at the KiTS21 tolerances "
                f"({esc(fmt(tol.get('kidney'), 2))} mm kidney, {esc(fmt(tol.get('tumor'), 2))} mm tumour).</p>")
+    out.append(intervals_table(evaluation))
     out.append(case_table(evaluation))
     out.append("<p class='note'>Tumour detection per ground-truth tumour component (6-connected): <b>hit</b> when a "
                "voxel of it is predicted tumour; <b>wrong kidney</b> when not hit and the largest false-positive "

@@ -88,6 +88,7 @@ from hpc_dfs.log import get_logger
 from hpc_dfs.metrics.cases import (EvaluationError, evaluate_files, evaluate_missing, mean_of, raw_dice, summarise,
                                    summarise_all)
 from hpc_dfs.metrics.folders import check_provenance, match_predictions
+from hpc_dfs.metrics.intervals import case_intervals
 
 CLI_LONG_HELP = True  # `hpc-dfs evaluate --help` shows this module's whole docstring
 
@@ -190,6 +191,7 @@ def evaluate_dirs(pred_dir: Path, gt_dir: Path, cfg: EvaluateConfig | None = Non
         "tolerances_mm": {"kidney": cfg.kidney_tolerance_mm, "tumor": cfg.tumor_tolerance_mm},
         "cases": cases, "mean": summarise(cases), "missing_cases": missing_rows,
         "mean_all": summarise_all(cases, missing_rows), "errors": errors, "missing_predictions": missing,
+        "intervals": case_intervals(cases),
     }
     if raw_dir is not None and cases:
         raw = {k: mean_of(c[f"{k}_raw"] for c in cases) for k in ("kidney_dice", "tumor_dice", "kits_score")}
