@@ -7,7 +7,7 @@
 
 Writes ``DATA/case_XXXXX/imaging.nii.gz`` and ``segmentation.nii.gz`` (CONTRACTS.md section 1) and
 ``DATA/kits.json`` (rank 0, last). The two renderers, **phantoms** (the clinical record is drawn first
-and drives the image) and **from labels** (CT painted around a real KiTS19 label map, whose file is
+and drives the image) and **from labels** (CT painted around a real KiTS19 or KiTS23 label map, whose file is
 copied byte for byte and whose real record is attached), are described in :mod:`hpc_dfs.data.synth`.
 
 Output is deterministic for a seed (each case has its own seeded generator, so case 7 does not change
