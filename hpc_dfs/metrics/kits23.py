@@ -126,7 +126,7 @@ def _surfels(mask: np.ndarray, area_of_code: np.ndarray) -> tuple[np.ndarray, np
     """The surfel cubes of a (zero-padded) mask and the area of each: (border cubes bool, area per cube)."""
     from scipy import ndimage
 
-    code = ndimage.correlate(mask.astype(np.int32), _CUBE_KERNEL, mode="constant", cval=0)
+    code = ndimage.correlate(mask.astype(np.uint8), _CUBE_KERNEL, mode="constant", cval=0)  # codes fit in 8 bits
     border = (code != 0) & (code != 255)
     return border, area_of_code[code]
 
