@@ -21,7 +21,7 @@ MPIRUN := mpirun --allow-run-as-root --oversubscribe --tag-output -np $(NP) -x P
 HVDRUN := $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo
 PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 
-.PHONY: setup quality lint test test-unit test-faults test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
+.PHONY: setup nnunet-venv quality lint test test-unit test-faults test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
         demo demo-clean bench help
 
 help:
@@ -29,6 +29,11 @@ help:
 
 setup:
 	@bash .ci/setup.sh
+
+# the nnU-Net v2 peer environment (bench/.venv-nnunet: nnunetv2 on .venv's CPU torch, SimpleITK, surface-distance);
+# the export-nnunet and official KiTS23 tests make it themselves when it is missing
+nnunet-venv: setup
+	@bash bench/nnunet_venv.sh
 
 # ------------------------------------------------------------------------------------------ tests
 test: setup
