@@ -72,3 +72,31 @@ def test_cysts_in_the_other_looks(cropped_label):
         look = RandomLook(np.random.default_rng(seed), 8)
         v = float(look.cyst([np.zeros((1, 2, 2))] * 5, np.ones((1, 2, 2), bool))[0])
         assert all(abs(v - look.mean[t]) >= MIN_CONTRAST for t in ("cortex", "medulla", "tumour"))
+
+
+def test_kits23_layout_is_recognised_by_preprocess(cropped_label, tmp_path):
+    """With KiTS23 records, synth writes kits23.json (the KiTS23 layout): preprocess then reads label 3."""
+    import json
+
+    from hpc_dfs.config.data import PreprocessConfig, SynthConfig
+    from hpc_dfs.data.kits_io import detect_dataset
+    from hpc_dfs.stages.preprocess import run_preprocess
+    from hpc_dfs.stages.synth import run_synth
+
+    kits23_json = LABEL.parents[2] / "kits23.json"
+    if not kits23_json.is_file():
+        pytest.skip(f"{kits23_json} is absent")
+    data = tmp_path / "data"
+    cfg = SynthConfig(cases="case_00402", seed=0, from_labels=str(cropped_label.parents[1]), kits_json=str(kits23_json))
+    assert run_synth(data, cfg) == 0
+    assert not (data / "kits.json").exists() and detect_dataset(data) == "kits23"
+    assert [r["case_id"] for r in json.loads((data / "kits23.json").read_text())] == ["case_00402"]
+    base = PreprocessConfig(slice_size=[32, 32], n_folds=1, fg_samples_per_case=200)
+    assert run_preprocess(data, tmp_path / "folded", base) == 0  # default: a cyst counts as kidney
+    assert json.loads((tmp_path / "folded" / "manifest.json").read_text())["preprocessing"]["classes"] == [
+        "background", "kidney", "tumor"]
+    import dataclasses
+    assert run_preprocess(data, tmp_path / "kept", dataclasses.replace(base, label_map="0:0,1:1,2:2,3:3")) == 0
+    m = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert m["preprocessing"]["classes"] == ["background", "kidney", "tumor", "cyst"]
+    assert m["cases"][0]["slices_with"]["cyst"] > 0
