@@ -27,7 +27,8 @@ What the KiTS23 organisers' code does (neheller/kits23: ``kits23/configuration/l
   order, with the spacing reversed to match. The surfel areas are the same under any permutation of the
   axes (with the spacing permuted alike; checked over all 256 codes and 6 permutations in
   ``tests/unit/test_kits23_metrics.py``), so scoring nibabel's arrays with the header zooms gives the
-  official figures.
+  official figures. As the official code, files are scored with the prediction header's spacing
+  (:func:`score_files` refuses headers that disagree by more than 1e-3 mm).
 - **Aggregation**: a case's row holds the 3 Dice and 3 surface Dice; the ``average`` row of
   ``evaluation.csv`` is the mean over cases of each column; the leaderboard ranks by the mean over the
   three regions of the mean Dice and of the mean surface Dice (:func:`summarise`).
@@ -199,7 +200,7 @@ def score_case(truth: np.ndarray, pred: np.ndarray, spacing) -> dict[str, float]
     Args:
         truth: ground-truth label map (0-3), array axes as nibabel reads the NIfTI file.
         pred: predicted label map on the same grid.
-        spacing: voxel size in mm along the array axes (the ground truth's header zooms).
+        spacing: voxel size in mm along the array axes (the header zooms).
 
     Returns:
         ``{"Dice_kidney", "Dice_masses", "Dice_tumor", "SD_kidney", "SD_masses", "SD_tumor"}``.
@@ -249,7 +250,9 @@ def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
 
 
 def score_files(pred_path: str | Path, gt_path: str | Path) -> dict[str, float]:
-    """:func:`score_case` of two NIfTI files, with the ground truth's voxel spacing.
+    """:func:`score_case` of two NIfTI files, with the prediction header's voxel spacing, as the official code.
+
+    The two headers' spacings must agree to 1e-3 mm (a prediction belongs on the ground truth's grid).
 
     Args:
         pred_path: the predicted label map.
@@ -258,11 +261,14 @@ def score_files(pred_path: str | Path, gt_path: str | Path) -> dict[str, float]:
     Raises:
         Kits23Error: a file cannot be read, holds labels outside 0-3, or the grids differ (names the files).
     """
-    pred, _ = _read_labels(Path(pred_path))
-    truth, spacing = _read_labels(Path(gt_path))
+    pred, spacing = _read_labels(Path(pred_path))
+    truth, gt_spacing = _read_labels(Path(gt_path))
     if pred.shape != truth.shape:
         raise Kits23Error(f"{pred_path} has shape {pred.shape} but {gt_path} has {truth.shape}: a prediction must be "
                           "on the ground truth's grid")
+    if not np.allclose(spacing, gt_spacing, rtol=0, atol=1e-3):
+        raise Kits23Error(f"{pred_path} has voxel spacing {spacing} mm but {gt_path} has {gt_spacing}: a prediction "
+                          "must be on the ground truth's grid")
     return score_case(truth, pred, spacing)
 
 

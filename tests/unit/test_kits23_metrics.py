@@ -213,6 +213,9 @@ def test_empty_rules_and_label_checks(tmp_path):
     nib.save(nib.Nifti1Image(t.astype(np.uint8), np.eye(4)), str(tmp_path / "gt.nii.gz"))
     with pytest.raises(kits23.Kits23Error, match=r"case_00001\.nii\.gz: label value\(s\) 4 outside"):
         kits23.score_files(tmp_path / "case_00001.nii.gz", tmp_path / "gt.nii.gz")
+    nib.save(nib.Nifti1Image(t.astype(np.uint8), np.diag([1.0, 1.0, 1.5, 1.0])), str(tmp_path / "case_00002.nii.gz"))
+    with pytest.raises(kits23.Kits23Error, match=r"case_00002\.nii\.gz has voxel spacing \(1\.0, 1\.0, 1\.5\)"):
+        kits23.score_files(tmp_path / "case_00002.nii.gz", tmp_path / "gt.nii.gz")
 
 
 def _write(path: Path, lab: np.ndarray, zooms=(2.0, 0.8, 0.8)) -> None:

@@ -7,14 +7,16 @@ the empty-region rules and calls DeepMind's ``surface-distance`` package (``comp
 interpreter, where ``bench/nnunet_venv.sh`` installs SimpleITK (with nnunetv2) and ``surface-distance==0.1``
 (DeepMind's package as published on PyPI). The KiTS23 repository itself is not a PyPI package.
 
-Cases: the first ten real KiTS23 label maps (``../shared/data/kits23/labels``, with and without cysts),
-each cut to a box around its kidneys, with the perturbed predictions of ``test_kits23_metrics`` (a cyst
-where the truth has none, cysts as tumour, tumours as cyst, an empty prediction, ...) written as
-``case_XXXXX.nii.gz`` (the challenge's naming); one case is also written with an invented spacing.
+Cases: the first ten real KiTS23 label maps (``../shared/data/kits23/labels``, with and without cysts;
+``KITS23_OFFICIAL_CASES=100`` takes all of them), each cut to a box around its kidneys, with the perturbed
+predictions of ``test_kits23_metrics`` (a cyst where the truth has none, cysts as tumour, tumours as cyst,
+an empty prediction, ...) written as ``case_XXXXX.nii.gz`` (the challenge's naming); one case is also
+written with an invented spacing.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +31,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_PY = REPO / "bench" / ".venv-nnunet" / "bin" / "python"
-N_CASES = 10
+#: how many of the real label maps (sorted) to score; KITS23_OFFICIAL_CASES=100 scores all of them (about 15 min)
+N_CASES = int(os.environ.get("KITS23_OFFICIAL_CASES", "10"))
 
 OFFICIAL = r'''
 import json, sys
