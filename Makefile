@@ -22,7 +22,8 @@ MPIRUN := mpirun --allow-run-as-root --oversubscribe --tag-output -np $(NP) -x P
 HVDRUN := $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo
 PYTEST := $(PY) -m pytest -p no:cacheprovider --color=no
 
-.PHONY: setup lock bench-faults quality lint test test-unit test-faults test-dist test-dist-launch test-dist-mpirun test-dist-horovodrun test-slurm \
+.PHONY: setup lock bench-faults nnunet-venv quality lint test test-unit test-faults test-dist test-dist-launch test-dist-mpirun \
+        test-dist-horovodrun test-slurm \
         demo demo-clean bench help
 
 help:
@@ -34,6 +35,11 @@ setup:
 # the newest versions pyproject.toml admits, resolved in a scratch venv -> requirements.lock; then make test, commit
 lock:
 	@bash .ci/lock.sh
+
+# the nnU-Net v2 peer environment (bench/.venv-nnunet: nnunetv2 on .venv's CPU torch, SimpleITK, surface-distance);
+# the export-nnunet and official KiTS23 tests make it themselves when it is missing
+nnunet-venv: setup
+	@bash bench/nnunet_venv.sh
 
 # ------------------------------------------------------------------------------------------ tests
 # a test run leaves the checkout as it found it: tests write under temporary folders, never to tracked files

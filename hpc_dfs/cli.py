@@ -38,6 +38,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "models": ("hpc_dfs.stages.models", "parameters and GFLOPs of every model"),
     "report": ("hpc_dfs.stages.report", "one self-contained HTML report of a run"),
     "bench": ("hpc_dfs.stages.bench", "run the benchmarks in bench/ and write JSON results"),
+    "export-nnunet": ("hpc_dfs.stages.export_nnunet", "KiTS-layout data -> nnU-Net v2 raw dataset (+ our folds)"),
 }
 
 EPILOG = """launch examples:

@@ -26,7 +26,7 @@ class SynthConfig:
     min_slices: int = field(default=24, metadata={"help": "phantoms: fewest axial slices"})
     max_slices: int = field(default=48, metadata={"help": "phantoms: most axial slices"})
     from_labels: Optional[str] = field(default=None, metadata={
-        "help": "render CT around the real KiTS19 label maps in this folder (case_XXXXX/segmentation.nii.gz)"})
+        "help": "render CT around the real KiTS19 or KiTS23 label maps (case_XXXXX/segmentation.nii.gz)"})
     kits_json: Optional[str] = field(default=None, metadata={
         "help": "with --from-labels: the real kits.json whose records are attached"})
     first_case: int = field(default=0, metadata={"help": "phantoms: number of the first case id"})

@@ -41,7 +41,8 @@ __all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_FILES", "LAB
            "list_cases", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
            "save_nifti_atomic", "kits_affine", "apply_label_map"]
 
-CLASSES = ["background", "kidney", "tumor"]
+#: class names by index; a label map with 4 classes (``--set label_map=0:0,1:1,2:2,3:3``) names the fourth "cyst"
+CLASSES = ["background", "kidney", "tumor", "cyst"]
 #: default raw-label -> class maps per dataset; KiTS21/23 cysts count as kidney tissue
 LABEL_MAPS = {
     "kits19": {0: 0, 1: 1, 2: 2},

@@ -14,10 +14,11 @@ Two renderers share one CT painter (:func:`render_ct`):
   ``malignant`` (drawn from size, age and sex by a logistic model) sets the histologic subtype,
   whose enhancement pattern the tumour shows (clear cell: hyper-enhancing with necrosis;
   papillary: hypo-enhancing; oncocytoma: central scar; angiomyolipoma: fat).
-- **from labels**: the same painter around a real KiTS19 label map (kidney 1, tumour 2); the body,
-  spine and organs are placed around the real kidneys, the tumour follows the case's real
-  histologic subtype, and the real clinical record is attached. The segmentation file is copied
-  byte for byte and the image gets its exact affine.
+- **from labels**: the same painter around a real KiTS19 or KiTS23 label map (kidney 1, tumour 2,
+  KiTS23's cyst 3); the body, spine and organs are placed around the real kidneys, the tumour follows
+  the case's real histologic subtype, a cyst is fluid (water density, no enhancement, sharp wall),
+  and the real clinical record is attached. The segmentation file is copied byte for byte and the
+  image gets its exact affine.
 
 The painter places the tissues; how they look comes from a per-case *look*
 (:mod:`hpc_dfs.data.synth_looks`), chosen by ``SynthConfig.style`` (``--set style=...``):
@@ -327,7 +328,7 @@ def _paint_organs(s: _Slab, anat: dict, look, cav: np.ndarray) -> None:
 
 
 def _paint_kidneys(s: _Slab, label: np.ndarray, kid: Optional[_Kidneys], look) -> None:
-    """Perirenal fat, kidney medulla and cortex (by depth) and the tumour, from the label map."""
+    """Perirenal fat, kidney medulla and cortex (by depth), the tumour and any cyst, from the label map."""
     if kid is None:
         return
     box = kid.box
@@ -351,11 +352,15 @@ def _paint_kidneys(s: _Slab, label: np.ndarray, kid: Optional[_Kidneys], look) -
         val = look.tumour(sub_slab.tex, kid.tumour[sl_box], float(kid.tumour.max()))
         sub[tum] = val[tum]
         tis[tum] = TISSUES["tumour"]
+    cyst = lab == 3  # KiTS23 only: fluid, painted last (a cyst is never kidney or tumour tissue)
+    if cyst.any():
+        sub[cyst] = look.cyst(sub_slab.tex, cyst)
+        tis[cyst] = TISSUES["cyst"]
 
 
 def render_ct(label: np.ndarray, spacing, anat: dict, record: Optional[dict], rng: np.random.Generator,
               style: str = "default") -> np.ndarray:
-    """Paint CT (int16 HU) around a class map (1 kidney, 2 tumour) in KiTS orientation (slices, rows, cols).
+    """Paint CT (int16 HU) around a class map (1 kidney, 2 tumour, 3 cyst) in KiTS orientation (slices, rows, cols).
 
     The body and organs come from ``anat`` (see :func:`_anatomy`); kidney cortex/medulla come from
     the distance to the kidney surface; how each tissue looks comes from the ``style``'s look

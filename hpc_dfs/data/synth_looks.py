@@ -4,6 +4,8 @@
 The painter in :mod:`hpc_dfs.data.synth` decides *where* each tissue is (a torso, organs, spine,
 vessels, and the kidneys and tumour from the label map); a look decides *what each tissue looks like*.
 One look object is drawn per case from the case's generator. Three styles (``SynthConfig.style``):
+(every look paints a KiTS23 cyst, label 3, as fluid: :meth:`DefaultLook.cyst`; no look draws from the case's
+generator for it, so a case without cysts, as every KiTS19 case, renders exactly as before cysts existed)
 
 - ``"default"`` (:class:`DefaultLook`): the project's CT model -- HU tables, four contrast phases,
   a dark perirenal fat rim, histologic-subtype tumour patterns, smooth coarse textures, Gaussian
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["STYLES", "HELD_OUT_STYLE", "MIN_CONTRAST", "TISSUES", "make_look", "DefaultLook", "RandomLook",
+__all__ = ["STYLES", "HELD_OUT_STYLE", "MIN_CONTRAST", "TISSUES", "CYST_HU", "make_look", "DefaultLook", "RandomLook",
            "StreakLook"]
 
 STYLES = ("default", "random", "streak")
@@ -55,7 +57,9 @@ PHASES = {
 TISSUES = {name: i for i, name in enumerate((
     "air", "fat", "muscle", "mesentery", "gas", "fluid", "oral_contrast", "soft", "bowel_wall", "liver", "spleen",
     "psoas", "cortical", "cancellous", "posterior", "canal", "aorta", "ivc", "perirenal", "medulla", "cortex",
-    "tumour"))}
+    "tumour", "cyst"))}
+#: a renal cyst (KiTS23 label 3): water density (HU of its fluid, before the per-case offset and gain), no enhancement
+CYST_HU = 10.0
 #: tissues next to which perirenal fat may lie (not air, gas, contrast, bone or blood)
 _PERIRENAL_OK = np.array([TISSUES[t] for t in ("fat", "muscle", "mesentery", "fluid", "soft", "bowel_wall", "liver",
                                                "spleen", "psoas", "canal")], dtype=np.int8)
@@ -194,6 +198,11 @@ class DefaultLook:
             val = np.where(tx > 0.2, -60 + 20 * tx, val)  # macroscopic fat
         return val
 
+    def cyst(self, tex: list[np.ndarray], m: np.ndarray) -> np.ndarray:
+        """HU of a simple renal cyst at the voxels ``m``: water (:data:`CYST_HU`), the same in every phase (no
+        enhancement), homogeneous up to its wall (a sharp edge: only the scanner's blur softens it)."""
+        return CYST_HU + 2 * tex[1][m]
+
     def scanner(self, hu: np.ndarray, tissue: np.ndarray, tex: list[np.ndarray], Y, X) -> np.ndarray:
         """Partial volume, scanner calibration, noise."""
         hu = _gaussian(hu, self.blur)
@@ -212,7 +221,7 @@ class RandomLook:
 
     def __init__(self, rng: np.random.Generator, n: int):
         self.mode = "ct" if rng.random() < 0.5 else "any"
-        names = [t for t in TISSUES if t != "tumour"] + ["mesentery_soft", "necrosis"]
+        names = [t for t in TISSUES if t not in ("tumour", "cyst")] + ["mesentery_soft", "necrosis"]
         self.mean = {t: self._draw_mean(rng, t) for t in names}
         self.mean["air"] = HU["air"] if rng.random() < 0.5 else self.mean["air"]
         self.has_rim = bool(rng.random() < 0.5)
@@ -277,6 +286,15 @@ class RandomLook:
             val = np.where(core, self.mean["necrosis"] + self.amp["necrosis"] * tex[self.which["necrosis"]], val)
         return val
 
+    def cyst(self, tex: list[np.ndarray], m: np.ndarray) -> np.ndarray:
+        """A cyst is this case's fluid, homogeneous and sharp-edged, pushed (without a draw) to differ from both
+        kidney tissues and the tumour by :data:`MIN_CONTRAST`, so that labels 1, 2 and 3 stay separable."""
+        v = self.mean["fluid"]
+        others = [self.mean["cortex"], self.mean["medulla"], self.mean["tumour"]]
+        while not all(abs(v - o) >= MIN_CONTRAST for o in others):
+            v += MIN_CONTRAST
+        return np.full(int(np.count_nonzero(m)), v, dtype=np.float32)
+
     def scanner(self, hu: np.ndarray, tissue: np.ndarray, tex: list[np.ndarray], Y, X) -> np.ndarray:
         """Bias field (on attenuation, HU + 1024), blur, lower in-plane resolution, noise."""
         if self.bias:
@@ -334,6 +352,10 @@ class StreakLook:
     def tumour(self, tex: list[np.ndarray], td: np.ndarray, td_max: float) -> np.ndarray:
         base = self._TONES["tumour"] + self.shift["tumour"]
         return np.where(tex[1] > 1.0, 20.0, base + 2 * self.speckle * tex[0])  # hypo-enhancing, small cysts
+
+    def cyst(self, tex: list[np.ndarray], m: np.ndarray) -> np.ndarray:
+        """This renderer's fluid tone with its speckle: water, no enhancement, sharp-edged."""
+        return (self._TONES["fluid"] + self.shift["fluid"] + self.speckle * tex[0][m]).astype(np.float32)
 
     def scanner(self, hu: np.ndarray, tissue: np.ndarray, tex: list[np.ndarray], Y, X) -> np.ndarray:
         """Noise, then a sharp kernel (unsharp mask), then streaks from the spine and rings about the isocentre."""

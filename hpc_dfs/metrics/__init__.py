@@ -2,9 +2,12 @@
 
 - :mod:`hpc_dfs.metrics.overlap`    Dice and IoU of KiTS19's regions (kidney = ``label > 0``, tumour = ``label == 2``)
 - :mod:`hpc_dfs.metrics.surface`    HD95 and surface Dice (MONAI), in mm
-- :mod:`hpc_dfs.metrics.detection`  tumour detection: hit, missed, wrong kidney, false-positive components
+- :mod:`hpc_dfs.metrics.detection`  tumour detection: hit, missed, wrong kidney, false-positive components, contrast
 - :mod:`hpc_dfs.metrics.cases`      every metric of one case, missing predictions, the means over cases
+- :mod:`hpc_dfs.metrics.intervals`  95 % bootstrap intervals over cases; detection by tumour size and contrast
 - :mod:`hpc_dfs.metrics.folders`    a prediction folder paired with a ground-truth folder, and its provenance
+- :mod:`hpc_dfs.metrics.kits23`     the official KiTS23 evaluation (hierarchical evaluation classes, Dice and
+  surface Dice, ``evaluation.csv``)
 
 The results' file layout (eval.json, .csv, .md) is :mod:`hpc_dfs.contracts.evaluation`.
 """

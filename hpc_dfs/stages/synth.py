@@ -6,9 +6,10 @@
     mpirun -np 4 hpc-dfs synth --out DATA --cases 64                  # the cases split across ranks
 
 Writes ``DATA/case_XXXXX/imaging.nii.gz`` and ``segmentation.nii.gz`` (CONTRACTS.md section 1) and
-``DATA/kits.json`` (rank 0, last). The two renderers, **phantoms** (the clinical record is drawn first
-and drives the image) and **from labels** (CT painted around a real KiTS19 label map, whose file is
-copied byte for byte and whose real record is attached), are described in :mod:`hpc_dfs.data.synth`.
+``DATA/kits.json`` (rank 0, last; ``kits23.json`` when ``--kits-json`` is one, as in the KiTS23 layout, so that
+``preprocess`` recognises KiTS23 data and its labels). The two renderers, **phantoms** (the clinical record is
+drawn first and drives the image) and **from labels** (CT painted around a real KiTS19 or KiTS23 label map,
+whose file is copied byte for byte and whose real record is attached), are described in :mod:`hpc_dfs.data.synth`.
 
 Output is deterministic for a seed (each case has its own seeded generator, so case 7 does not change
 when more cases are asked for). Files are written atomically; a rerun keeps valid existing cases.
@@ -23,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from hpc_dfs.config import ConfigError, require_path
-from hpc_dfs.contracts.kits import CLINICAL_NAME, IMAGE_NAME, LABEL_NAME
+from hpc_dfs.contracts.kits import CLINICAL_NAME, IMAGE_NAME, KITS23_CLINICAL_NAME, LABEL_NAME
 from hpc_dfs.data.progress import add_progress_argument, progress_bar, wants_progress
 from hpc_dfs.data.synth import phantom_case, render_from_labels
 from hpc_dfs.log import get_logger
@@ -108,9 +109,11 @@ def run_synth(out: str | Path, cfg, progress: bool = False) -> int:
         if not cfg.from_labels:
             for part in gathered:
                 records.update(part)
-        write_json(out / CLINICAL_NAME, [records[c] for c, _ in jobs if c in records])
-        log.info("wrote %d case(s) to %s (%d already there and kept), kits.json with %d record(s)",
-                 len(jobs) - n_kept, out, n_kept, len(records))
+        name = (KITS23_CLINICAL_NAME if cfg.kits_json and Path(cfg.kits_json).name == KITS23_CLINICAL_NAME
+                else CLINICAL_NAME)
+        write_json(out / name, [records[c] for c, _ in jobs if c in records])  # KiTS23 records keep their name
+        log.info("wrote %d case(s) to %s (%d already there and kept), %s with %d record(s)",
+                 len(jobs) - n_kept, out, n_kept, name, len(records))
     parallel.barrier()
     return 0
 
