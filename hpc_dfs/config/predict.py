@@ -95,8 +95,14 @@ class EvaluateConfig:
     strict: bool = field(default=False, metadata={
         "help": "a ground-truth case without a prediction is an error (exit 3); by default it is scored as an "
                 "all-background prediction (Dice 0, as KiTS) in mean_all"})
+    regions: str = field(default="kits19", metadata={
+        "help": "kits19: kidney (label > 0) and tumour, Dice, IoU, HD95, KiTS21 surface Dice, detection; kits23: "
+                "the official KiTS23 evaluation (kidney+masses {1,2,3}, masses {2,3}, tumour {2}; Dice and surface "
+                "Dice at 1.0331/1.1329/1.1498 mm; evaluation.csv columns)"})
 
     def validate(self) -> None:
+        if self.regions not in ("kits19", "kits23"):
+            raise ConfigError(f"regions must be kits19 or kits23, got {self.regions!r}")
         if not 0 < self.hd_percentile <= 100:
             raise ConfigError(f"hd_percentile must be in (0, 100], got {self.hd_percentile}")
         if self.kidney_tolerance_mm < 0 or self.tumor_tolerance_mm < 0:

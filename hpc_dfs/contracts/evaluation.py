@@ -20,7 +20,7 @@ import numpy as np
 from hpc_dfs import fsutil
 
 __all__ = ["EVAL_NAME", "COLUMNS", "DETECTION_COLUMNS", "Evaluation", "to_csv", "to_markdown", "write_outputs",
-           "read_evaluation", "default_eval_path"]
+           "read_evaluation", "default_eval_path", "kits23_markdown", "write_kits23_outputs"]
 
 EVAL_NAME = "eval.json"
 
@@ -40,6 +40,8 @@ class Evaluation(TypedDict, total=False):
     missing_predictions: list[str]
     postprocessing: dict[str, Any]
     intervals: dict[str, Any]
+    regions: str            # "kits23" for the official KiTS23 evaluation (absent: KiTS19 regions)
+    columns: list[str]      # kits23: the columns of the official evaluation.csv
 
 
 
@@ -198,6 +200,44 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
     fsutil.write_json(paths[0], result)
     fsutil.write_text(paths[1], to_csv(result))
     fsutil.write_text(paths[2], to_markdown(result))
+    return paths
+
+
+def kits23_markdown(result: dict) -> str:
+    """A KiTS23 evaluation (``regions: kits23``) as markdown: per case, the average and the leaderboard means."""
+    cols = result["columns"]
+    lines = ["# Evaluation (KiTS23 hierarchical evaluation classes)", "",
+             f"Predictions `{result['pred_dir']}` against ground truth `{result['gt_dir']}`: "
+             f"{result['mean']['n_cases']} cases.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for c in result["cases"]:
+        lines.append("| " + " | ".join([c["case_id"], *(_fmt(c[k]) for k in cols[1:])]) + " |")
+    m = result["mean"]
+    lines.append("| **average** | " + " | ".join(f"**{_fmt(m[k])}**" for k in cols[1:]) + " |")
+    t = result["tolerances_mm"]
+    lines += ["", f"Mean over the three regions: Dice **{m['mean_dice']:.4f}**, surface Dice **{m['mean_sd']:.4f}** "
+                  f"(the leaderboard's figures). Regions: kidney = {{1,2,3}}, masses = {{2,3}}, tumour = {{2}}; "
+                  f"surface Dice at {t['kidney']:.4f} / {t['masses']:.4f} / {t['tumor']:.4f} mm; a region empty "
+                  "in both truth and prediction scores 1, empty in one of them 0.", ""]
+    return "\n".join(lines)
+
+
+def write_kits23_outputs(result: dict, out: Path, csv_text: str) -> list[Path]:
+    """Write a KiTS23 evaluation: ``out`` (JSON), the official ``evaluation.csv`` table and markdown beside it.
+
+    Args:
+        result: ``{"regions": "kits23", "columns", "cases", "mean", "tolerances_mm", "pred_dir", "gt_dir"}``.
+        out: the JSON path; the CSV and markdown share its stem.
+        csv_text: the CSV in the columns of the official ``evaluation.csv`` (``hpc_dfs.metrics.kits23.to_csv``).
+
+    Raises:
+        hpc_dfs.fsutil.DiskWriteError: the file system refused a write.
+    """
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix == ".json" else out
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".md")]
+    fsutil.write_json(paths[0], result)
+    fsutil.write_text(paths[1], csv_text)
+    fsutil.write_text(paths[2], kits23_markdown(result))
     return paths
 
 

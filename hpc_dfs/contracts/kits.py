@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["CASE_RE", "IMAGE_NAME", "LABEL_NAME", "LABEL_FILES", "EVAL_LABEL_FILES", "KITS21_LABEL_NAME",
-           "CLINICAL_NAME", "KITS23_CLINICAL_NAME", "CLINICAL_FILES", "PRED_RE", "case_suffix", "prediction_name",
-           "find_label_file"]
+           "CLINICAL_NAME", "KITS23_CLINICAL_NAME", "CLINICAL_FILES", "PRED_RE", "SUBMISSION_RE", "submission_name",
+           "case_suffix", "prediction_name", "find_label_file"]
 
 #: a case folder name; ``CASE_RE.match("case_00012").group(1) == "00012"``
 CASE_RE = re.compile(r"^case_(\d{5})$")
@@ -55,6 +55,19 @@ def prediction_name(case_id: str) -> str:
         case_id: the case folder name.
     """
     return f"prediction_{case_suffix(case_id)}.nii.gz"
+
+
+#: the KiTS challenge's submission naming, which nnU-Net's KiTS datasets also give their predictions
+SUBMISSION_RE = re.compile(r"^case_(\d{5})\.nii\.gz$")
+
+
+def submission_name(case_id: str) -> str:
+    """``case_00012`` -> ``case_00012.nii.gz`` (the challenge's and nnU-Net's prediction name).
+
+    Args:
+        case_id: the case folder name.
+    """
+    return f"case_{case_suffix(case_id)}.nii.gz"
 
 
 def find_label_file(case_dir: Path, names: tuple[str, ...] = LABEL_FILES) -> Optional[Path]:

@@ -42,7 +42,8 @@ import numpy as np
 
 from hpc_dfs import fsutil
 from hpc_dfs.data.kits_io import find_label_file, list_cases, load_nifti
-from hpc_dfs.data.layout import IMAGE_NAME
+from hpc_dfs.contracts.kits import IMAGE_NAME
+from hpc_dfs.contracts.shards import MANIFEST_NAME
 from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError
 
 __all__ = ["NnunetExportError", "DATASET_DIR_RE", "FILE_ENDING", "KITS23_LABELS", "KITS23_REGIONS_CLASS_ORDER",
@@ -127,7 +128,7 @@ def splits_from_shards(shards_dir: str | Path, case_ids: list[str]) -> list[dict
     shards = ShardSet(shards_dir)
     absent = [c for c in shards.case_ids if c not in set(case_ids)]
     if absent:
-        raise NnunetExportError(f"{Path(shards_dir) / 'manifest.json'} lists {len(absent)} case(s) that the data "
+        raise NnunetExportError(f"{Path(shards_dir) / MANIFEST_NAME} lists {len(absent)} case(s) that the data "
                                 f"folder does not hold: {', '.join(absent[:5])}")
     return [dict(zip(("train", "val"), shards.split(f))) for f in range(int(shards.manifest["n_folds"]))]
 

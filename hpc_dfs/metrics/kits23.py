@@ -41,14 +41,13 @@ Predictions may be named ``case_XXXXX.nii.gz`` (the challenge's submission namin
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from hpc_dfs import fsutil
-from hpc_dfs.data.layout import CASE_RE, LABEL_NAME
+from hpc_dfs.contracts.kits import CASE_RE, LABEL_NAME, PRED_RE, SUBMISSION_RE, prediction_name, submission_name
 from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError
 
 __all__ = ["Region", "REGIONS", "TOLERANCES_MM", "CSV_COLUMNS", "LABELS", "Kits23Error", "region_mask", "dice",
@@ -74,8 +73,7 @@ CSV_COLUMNS = ("caseID", *(f"Dice_{r.name}" for r in REGIONS), *(f"SD_{r.name}" 
 LABELS = (0, 1, 2, 3)
 #: neighbour-code weight of each voxel of a 2x2x2 cube (the ``surface-distance`` package's encoding kernel)
 _CUBE_KERNEL = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]], dtype=np.int32)
-_PRED_NAMES = ("case_{}.nii.gz", "prediction_{}.nii.gz")
-_PRED_ANY = re.compile(r"^(?:case|prediction)_(\d{5})\.nii\.gz$")
+_PRED_NAMES = (submission_name, prediction_name)   # the challenge's naming first, then hpc-dfs predict's
 
 
 class Kits23Error(HpcDfsError, ValueError):
@@ -290,14 +288,15 @@ def find_prediction(pred_dir: str | Path, case_id: str) -> Optional[Path]:
     m = CASE_RE.match(case_id)
     if not m:
         raise Kits23Error(f"{case_id!r} is not a KiTS case id (case_ and five digits)", code=EXIT_USAGE)
-    found = [p for p in (Path(pred_dir) / n.format(m.group(1)) for n in _PRED_NAMES) if p.is_file()]
+    found = [p for p in (Path(pred_dir) / name(case_id) for name in _PRED_NAMES) if p.is_file()]
     if len(found) == 2 and fsutil.sha256_file(found[0]) != fsutil.sha256_file(found[1]):
         raise Kits23Error(f"{found[0]} and {found[1]} are both predictions of {case_id} and differ: remove one")
     return found[0] if found else None
 
 
 def _predicted_cases(pred_dir: Path) -> list[str]:
-    return sorted({f"case_{m.group(1)}" for p in pred_dir.iterdir() if (m := _PRED_ANY.match(p.name))})
+    names = (p.name for p in pred_dir.iterdir())
+    return sorted({f"case_{m.group(1)}" for n in names if (m := SUBMISSION_RE.match(n) or PRED_RE.match(n))})
 
 
 def score_folder(pred_dir: str | Path, gt_dir: str | Path, case_ids: Optional[Iterable[str]] = None,

@@ -10,8 +10,8 @@ from hpc_dfs.report.html import esc, figure, flatten_numbers, fmt, img_tag, miss
 from hpc_dfs.report.sources import read_json, truth_labels
 from hpc_dfs.report.stats import finite
 
-__all__ = ["RANK_METRIC", "ranked_cases", "case_table", "intervals_table", "section_evaluation", "section_overlays",
-           "section_prediction", "clinical_table", "section_clinical"]
+__all__ = ["RANK_METRIC", "ranked_cases", "case_table", "intervals_table", "kits23_table", "section_evaluation",
+           "section_overlays", "section_prediction", "clinical_table", "section_clinical"]
 
 
 RANK_METRIC = ("tumor_dice", "tumour Dice")
@@ -84,12 +84,26 @@ def case_table(evaluation: dict) -> str:
     return table(CASE_HEAD, rows, raw=True)
 
 
+def kits23_table(evaluation: dict, eval_path: Path | None) -> str:
+    """A KiTS23 evaluation (``--regions kits23``): the official columns per case, the average, the leaderboard means."""
+    cols, m, tol = evaluation["columns"], evaluation["mean"], evaluation.get("tolerances_mm") or {}
+    rows = [[esc(c["case_id"]), *(num(c.get(k)) for k in cols[1:])] for c in evaluation["cases"]]
+    rows.append([f"<b>average (n={esc(m.get('n_cases'))})</b>", *(f"<b>{num(m.get(k))}</b>" for k in cols[1:])])
+    return (f"<p><code>{esc(eval_path)}</code>: the official KiTS23 evaluation. Mean over the three regions: Dice "
+            f"<b>{num(m.get('mean_dice'))}</b>, surface Dice <b>{num(m.get('mean_sd'))}</b> (the leaderboard's "
+            f"figures). Regions: kidney = {{1,2,3}}, masses = {{2,3}}, tumour = {{2}}; surface Dice (SD) at "
+            f"{esc(fmt(tol.get('kidney'), 4))} / {esc(fmt(tol.get('masses'), 4))} / {esc(fmt(tol.get('tumor'), 4))} "
+            "mm.</p>" + table([esc(c) for c in cols], rows, raw=True))
+
+
 def section_evaluation(evaluation: dict | None, eval_path: Path | None) -> str:
     """The evaluation: ranked per-case table, detection rule, effect of post-processing."""
     out = ["<h2>Evaluation</h2>"]
     if evaluation is None:
         return out[0] + missing("no evaluation", "run `hpc-dfs evaluate --pred PRED --gt DATA --out EVAL.json` and "
                                                  "pass --eval EVAL.json")
+    if evaluation.get("regions") == "kits23":
+        return out[0] + kits23_table(evaluation, eval_path)
     m = evaluation.get("mean", {})
     tol = evaluation.get("tolerances_mm") or {}
     out.append(f"<p><code>{esc(eval_path)}</code>: {esc(m.get('n_cases'))} cases evaluated, ranked by "
@@ -117,7 +131,8 @@ def section_evaluation(evaluation: dict | None, eval_path: Path | None) -> str:
 
 def section_overlays(evaluation: dict | None, pred: Path | None) -> str:
     """Overlays of the worst and best cases through the ground-truth tumour."""
-    if not evaluation or not (evaluation.get("cases") or evaluation.get("missing_cases")):
+    if not evaluation or not (evaluation.get("cases") or evaluation.get("missing_cases")) \
+            or evaluation.get("regions") == "kits23":
         return ""
     out = ["<h2>Best and worst cases</h2>",
            f"<p class='note'>Ranked by {RANK_METRIC[1]} (the table above). Each picture cuts through the centroid of "

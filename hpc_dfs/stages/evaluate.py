@@ -4,6 +4,16 @@
     hpc-dfs evaluate --pred runs/r1/pred --gt data/kits --out runs/r1/eval.json --strict   # missing = error
     mpirun -np 8 hpc-dfs evaluate --pred runs/r1/pred --gt data/kits --out runs/r1/eval.json  # cases split over ranks
 
+``--regions kits23`` runs the official KiTS23 evaluation instead (:mod:`hpc_dfs.metrics.kits23`): kidney and
+masses {1,2,3}, masses {2,3} and tumour {2}, each with Dice and surface Dice at 1.0331, 1.1329 and 1.1498 mm; a
+region empty in both truth and prediction scores 1, empty in one of them 0; per case, per region and the mean over
+regions (the leaderboard's figure). Beside the JSON it writes the official ``evaluation.csv`` columns
+(``caseID,Dice_kidney,Dice_masses,Dice_tumor,SD_kidney,SD_masses,SD_tumor`` and an ``average`` row).
+Predictions may be named ``case_XXXXX.nii.gz`` (the challenge's and nnU-Net's naming) or ``prediction_XXXXX``;
+predicted cysts (label 3) are scored::
+
+    hpc-dfs evaluate --pred nnUNet_results/.../validation --gt kits23/dataset --out eval.json --regions kits23
+
 Predictions are matched to ground truth by KiTS naming: ``PRED/prediction_XXXXX.nii.gz`` is compared
 with ``GT/case_XXXXX/segmentation.nii.gz`` (or KiTS21's ``aggregated_MAJ_seg.nii.gz``). Per case and
 per region it computes:
@@ -80,7 +90,7 @@ from typing import Any
 
 from hpc_dfs import config as cfgmod, parallel
 from hpc_dfs.config.predict import EvaluateConfig
-from hpc_dfs.contracts.evaluation import write_outputs
+from hpc_dfs.contracts.evaluation import write_kits23_outputs, write_outputs
 from hpc_dfs.contracts.kits import EVAL_LABEL_FILES, find_label_file
 from hpc_dfs.contracts.prediction import RAW_DIR
 from hpc_dfs.errors import EXIT_DATA, EXIT_PARTIAL
@@ -88,6 +98,7 @@ from hpc_dfs.log import get_logger
 from hpc_dfs.metrics.cases import (EvaluationError, evaluate_files, evaluate_missing, mean_of, raw_dice, summarise,
                                    summarise_all)
 from hpc_dfs.metrics.folders import check_provenance, match_predictions
+from hpc_dfs.metrics import kits23
 from hpc_dfs.metrics.intervals import case_intervals
 
 CLI_LONG_HELP = True  # `hpc-dfs evaluate --help` shows this module's whole docstring
@@ -227,6 +238,8 @@ def main(args: argparse.Namespace) -> int:
     pred_dir = cfgmod.require_path(args.pred, "dir", "--pred")
     gt_dir = cfgmod.require_path(args.gt, "dir", "--gt")
     pred_raw = cfgmod.require_path(args.pred_raw, "dir", "--pred-raw") if args.pred_raw else None
+    if cfg.regions == "kits23":
+        return _main_kits23(pred_dir, gt_dir, args.out)
     result = evaluate_dirs(pred_dir, gt_dir, cfg, pred_raw)
     if parallel.rank() != 0:
         return EXIT_PARTIAL if result["errors"] else 0
@@ -244,4 +257,24 @@ def main(args: argparse.Namespace) -> int:
         log.error("%d of %d predictions could not be evaluated (listed in %s)", len(result["errors"]),
                   len(result["errors"]) + len(result["cases"]), paths[0])
         return EXIT_PARTIAL
+    return 0
+
+
+def _main_kits23(pred_dir: Path, gt_dir: Path, out: Path) -> int:
+    """``--regions kits23``: the official KiTS23 evaluation of every predicted case, on rank 0.
+
+    Raises:
+        Kits23Error: a folder holds no prediction, a case lacks its ground truth, or a file cannot be scored.
+    """
+    if parallel.rank() != 0:
+        return 0
+    rows = kits23.score_folder(pred_dir, gt_dir)
+    result = {"regions": "kits23", "pred_dir": str(pred_dir), "gt_dir": str(gt_dir),
+              "tolerances_mm": dict(kits23.TOLERANCES_MM), "columns": list(kits23.CSV_COLUMNS),
+              "cases": [{"case_id": cid, **row} for cid, row in rows.items()], "mean": kits23.summarise(rows)}
+    paths = write_kits23_outputs(result, out, kits23.to_csv(rows))
+    m = result["mean"]
+    log.info("%d cases (KiTS23 regions): Dice %.4f kidney, %.4f masses, %.4f tumour; mean Dice %.4f, mean surface "
+             "Dice %.4f -> %s", m["n_cases"], m["Dice_kidney"], m["Dice_masses"], m["Dice_tumor"], m["mean_dice"],
+             m["mean_sd"], ", ".join(map(str, paths)))
     return 0

@@ -13,7 +13,7 @@ import pytest
 from hpc_dfs.data.synth import render_from_labels
 from hpc_dfs.data.synth_looks import MIN_CONTRAST, RandomLook
 
-LABEL = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "kits23" / "labels" / "case_00402" / \
+LABEL = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "kits23" / "labels" / "case_00402" / \
     "segmentation.nii.gz"
 
 
@@ -83,7 +83,7 @@ def test_kits23_layout_is_recognised_by_preprocess(cropped_label, tmp_path):
     from hpc_dfs.stages.preprocess import run_preprocess
     from hpc_dfs.stages.synth import run_synth
 
-    kits23_json = LABEL.parents[2] / "kits23.json"
+    kits23_json = LABEL.parents[3] / "kits23.json"
     if not kits23_json.is_file():
         pytest.skip(f"{kits23_json} is absent")
     data = tmp_path / "data"

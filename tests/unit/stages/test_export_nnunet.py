@@ -24,7 +24,7 @@ from hpc_dfs.stages.export_nnunet import run as export
 from hpc_dfs.stages.preprocess import run_preprocess
 from hpc_dfs.stages.synth import run_synth
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KITS23_LABELS = REPO / ".." / "shared" / "data" / "kits23" / "labels"
 PEER = REPO / "bench" / ".venv-nnunet" / "bin"
 

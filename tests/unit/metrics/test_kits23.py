@@ -29,7 +29,7 @@ import pytest
 
 from hpc_dfs.metrics import kits23
 
-LABELS_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "kits23" / "labels"
+LABELS_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "kits23" / "labels"
 #: two cases with cysts (5 mm slices) and one without (2 mm slices)
 CASES = ("case_00402", "case_00403", "case_00405")
 
@@ -260,3 +260,42 @@ def test_folder_both_namings_csv_and_summary(tmp_path):
     _write(pred / "prediction_00001.nii.gz", p)  # two different predictions of one case: refused
     with pytest.raises(kits23.Kits23Error, match="both predictions of case_00001"):
         kits23.find_prediction(pred, "case_00001")
+
+
+def test_evaluate_regions_kits23_through_the_cli(real_cases, tmp_path):
+    """`hpc-dfs evaluate --regions kits23` on real labels: the official CSV, and every value equal to the
+    independent implementation above to 1e-6 (a predicted cyst where the truth has none, an empty prediction,
+    cases with and without cysts; both namings)."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    want = {}
+    for i, (cid, (truth, spacing)) in enumerate(sorted(real_cases.items())):
+        perturbed = _perturbations(truth)
+        choice = ("false_cyst" if "false_cyst" in perturbed else "cyst_swaps", "empty", "eroded_shifted")[i % 3]
+        _write(gt / cid / "segmentation.nii.gz", truth, spacing)
+        name = f"case_{cid[5:]}.nii.gz" if i % 2 == 0 else f"prediction_{cid[5:]}.nii.gz"
+        _write(pred / name, perturbed[choice], spacing)
+        want[cid] = ref_case(truth, perturbed[choice], spacing)
+    out = tmp_path / "eval" / "eval.json"
+    res = subprocess.run([sys.executable, "-m", "hpc_dfs", "evaluate", "--pred", str(pred), "--gt", str(gt),
+                          "--out", str(out), "--regions", "kits23"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.reader(out.with_suffix(".csv").read_text().splitlines()))
+    assert rows[0] == ["caseID", "Dice_kidney", "Dice_masses", "Dice_tumor", "SD_kidney", "SD_masses", "SD_tumor"]
+    assert [r[0] for r in rows[1:]] == [*sorted(want), "average"]
+    for r in rows[1:-1]:
+        for col, v in zip(rows[0][1:], r[1:]):
+            assert float(v) == pytest.approx(want[r[0]][col], abs=1e-6), (r[0], col)
+    result = json.loads(out.read_text())
+    assert result["regions"] == "kits23" and result["mean"]["n_cases"] == len(want)
+    means = [sum(w[c] for w in want.values()) / len(want) for c in rows[0][1:]]
+    assert [float(v) for v in rows[-1][1:]] == pytest.approx(means, abs=1e-6)
+    assert result["mean"]["mean_dice"] == pytest.approx(sum(means[:3]) / 3, abs=1e-6)
+    assert "Mean over the three regions" in out.with_suffix(".md").read_text()
+    from hpc_dfs.report.sections_results import section_evaluation
+    html = section_evaluation(result, out)
+    assert "official KiTS23 evaluation" in html and "Dice_masses" in html and sorted(want)[0] in html

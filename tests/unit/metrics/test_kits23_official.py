@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 
 from hpc_dfs.metrics import kits23
-from tests.unit.test_kits23_metrics import LABELS_DIR, _perturbations
+from tests.unit.metrics.test_kits23 import LABELS_DIR, _perturbations
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PEER_PY = REPO / "bench" / ".venv-nnunet" / "bin" / "python"
 #: how many of the real label maps (sorted) to score; KITS23_OFFICIAL_CASES=100 scores all of them (about 15 min)
 N_CASES = int(os.environ.get("KITS23_OFFICIAL_CASES", "10"))
