@@ -83,7 +83,7 @@ def test_kits23_layout_is_recognised_by_preprocess(cropped_label, tmp_path):
     from hpc_dfs.stages.preprocess import run_preprocess
     from hpc_dfs.stages.synth import run_synth
 
-    kits23_json = LABEL.parents[3] / "kits23.json"
+    kits23_json = LABEL.parents[2] / "kits23.json"
     if not kits23_json.is_file():
         pytest.skip(f"{kits23_json} is absent")
     data = tmp_path / "data"
