@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_cpu_models.py [--quick] [--out bench/results]
 
 The quality benchmark and the demo are bounded by CPU time, so the network they train is chosen by
-measured throughput (issue 11), not by FLOPs: depthwise-separable convolutions save FLOPs but run slowly
+measured throughput, not by FLOPs: depthwise-separable convolutions save FLOPs but run slowly
 on CPU. Each candidate trains (forward, Dice + cross-entropy loss, backward, Adam step) on random
 batches of the quality benchmark's shapes, one thread (what each of its two ranks has), batch 8:
 

@@ -1,4 +1,4 @@
-"""GPU benchmark (issue 13 item 6): training step rate, peak memory, reader vs step, and a 1-GPU horovodrun run.
+"""GPU benchmark: training step rate, peak memory, reader vs step, and a 1-GPU horovodrun run.
 
     bench/gpu.sh                      # on a GPU machine: ~3-4 min on one GPU, writes bench/results/gpu.json
     bench/gpu.sh --dry-run            # on CPU: tiny sizes, 1-2 steps, proves every part runs (make test)
@@ -19,7 +19,7 @@ What it measures, in one process unless said:
    steps on those shards with ``model.norm=batch`` and ``amp=auto`` (fp16 + GradScaler), which takes
    ``hvd.SyncBatchNorm``, ``optimizer.synchronize()`` + ``skip_synchronize()`` and the device chosen
    from the local rank; its log line naming the device and its metrics are recorded, and the
-   SyncBatchNorm class that ``dist.convert_sync_batchnorm`` picks here is checked.
+   SyncBatchNorm class that ``parallel.convert_sync_batchnorm`` picks here is checked.
 
 Without CUDA, ``gpu.sh`` (``--require-cuda``) stops at once with exit status 4, and a plain
 ``bench_gpu.py`` (as ``hpc-dfs bench --all`` runs it) says it skipped and exits 0; ``--dry-run``
@@ -44,11 +44,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from hpc_dfs.errors import EXIT_ENV  # noqa: E402
 from hpc_dfs.fsutil import write_json  # noqa: E402
 
 PY = sys.executable
 MODELS = ("rusp_net_dw", "dfs_fusion", "unet")
-EXIT_ENV = 4
 
 
 def environment() -> dict:
@@ -179,11 +179,11 @@ def horovod_train(shards: Path, out: Path, steps: int, batch: int, dry: bool) ->
 
 
 def syncbn_class() -> str:
-    """The BatchNorm class ``dist.convert_sync_batchnorm`` gives here (hvd.SyncBatchNorm on CUDA + Horovod)."""
-    from hpc_dfs import dist
+    """The BatchNorm class ``parallel.convert_sync_batchnorm`` gives here (hvd.SyncBatchNorm on CUDA + Horovod)."""
+    from hpc_dfs import parallel
     from hpc_dfs.models import build_model
 
-    m = dist.convert_sync_batchnorm(build_model("dfs_fusion", n_clinical=4, base_channels=8, norm="batch"))
+    m = parallel.convert_sync_batchnorm(build_model("dfs_fusion", n_clinical=4, base_channels=8, norm="batch"))
     kinds = {f"{type(x).__module__}.{type(x).__name__}" for x in m.modules() if "BatchNorm" in type(x).__name__}
     return ", ".join(sorted(kinds))
 

@@ -64,7 +64,7 @@ def write_case(folder: Path, shape: tuple[int, int, int], spacing: tuple[float, 
 
 def floor_rss() -> float:
     """Peak RSS (MB) of a process that imports what a preprocessing rank imports, and nothing else."""
-    r = benchlib.timed([sys.executable, "-c", "import h5py, hpc_dfs.stages.preprocess, hpc_dfs.dist, time; "
+    r = benchlib.timed([sys.executable, "-c", "import h5py, hpc_dfs.stages.preprocess, hpc_dfs.parallel, time; "
                                               "time.sleep(0.5)"])
     return r["peak_rss_MB_max_process"]
 

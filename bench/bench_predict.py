@@ -9,7 +9,7 @@ width 8, the demo's model). Timed: the whole ``mpirun -np N hpc-dfs predict`` on
 np=1 / np=2. Every np=2 output is compared byte for byte with np=1's (every file under the output folder
 except logs and timing summaries). Goal: np=2 >= 1.8x np=1 for the whole command, outputs identical.
 Every run carries ``phases``: per rank its cases and the wall/CPU seconds of each phase from the process's
-start (start-up + imports, dist init, setup = checkpoints and records, partition, cases, gather, summary),
+start (start-up + imports, parallel init, setup = checkpoints and records, partition, cases, gather, summary),
 from the stage's DEBUG line (``HPC_DFS_LOG_LEVEL=DEBUG``). Speed-ups are given for the best runs and for
 the medians over the repeats. Writes ``bench/results/predict.json``.
 """

@@ -15,7 +15,7 @@ imports, MPI/Horovod start-up, fingerprint and writing all counted), launched th
 Runs are interleaved (hpc-dfs and nnU-Net alternate) so that the ratios share the machine's load.
 ``--profile`` adds one np=2 run of hpc-dfs under cProfile per rank (top functions by cumulative time).
 Every hpc-dfs run also carries ``phases``: per rank its cases, their voxels and the wall/CPU seconds of each
-phase from the process's start (start-up + imports, dist init, plan, fingerprint, exchange, write, manifest),
+phase from the process's start (start-up + imports, parallel init, plan, fingerprint, exchange, write, manifest),
 read from the stage's DEBUG line (``HPC_DFS_LOG_LEVEL=DEBUG``); ``ratios`` gives the medians over the
 repeats beside the best runs. Writes ``bench/results/preprocess.json``.
 """

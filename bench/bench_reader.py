@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_reader.py [--cases 4] [--size 256] [--slice-sizes 256,512] [--reads 1500] [--quick]
 
-Goals (issue 13 item 1): with every read checked for corruption, the default layout reaches
+Goals: with every read checked for corruption, the default layout reaches
 >= 50% of the memmap floor in slices/s and >= 2x nnU-Net v2's MB/s at the same slice size.
 
 Every path builds the same item (image ``[1,H,W]`` float32 tensor, label ``[H,W]`` int64 tensor)

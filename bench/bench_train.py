@@ -12,7 +12,7 @@ pays for start-up and page cache). The machine is shared, so np=1 and np=2 runs 
 
 Also measured:
 
-- the gradient size S (fp32 bytes of the trainable parameters) and a bare ``dist.allreduce`` of S
+- the gradient size S (fp32 bytes of the trainable parameters) and a bare ``parallel.allreduce`` of S
   bytes at np=2 (median of 20, after 3 warm-ups), i.e. the ring-allreduce time per step;
 - each run's share of step time spent waiting for allreduce (``allreduce_frac``: the loss-statistics
   allreduce plus ``optimizer.synchronize()``, i.e. the communication not hidden behind backward).
@@ -54,20 +54,20 @@ def _run(cmd: list, np: int = 1, timeout: float = 1800) -> str:
 
 
 def allreduce_worker(nbytes: int) -> None:
-    """Run under mpirun: time dist.allreduce of ``nbytes`` (fp32) and print JSON on rank 0."""
+    """Run under mpirun: time parallel.allreduce of ``nbytes`` (fp32) and print JSON on rank 0."""
     import torch
 
-    from hpc_dfs import dist
-    dist.init()
+    from hpc_dfs import parallel
+    parallel.init()
     torch.set_num_threads(1)
     t = torch.ones(max(1, nbytes // 4))
     times = []
     for i in range(23):
-        dist.barrier()
+        parallel.barrier()
         t0 = time.perf_counter()
-        dist.allreduce(t, op="mean", name=f"bench.{i}")
+        parallel.allreduce(t, op="mean", name=f"bench.{i}")
         times.append(time.perf_counter() - t0)
-    if dist.is_main():
+    if parallel.is_main():
         print("RESULT " + json.dumps({"bytes": nbytes, "median_s": statistics.median(times[3:]),
                                       "min_s": min(times[3:])}))
 

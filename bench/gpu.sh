@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark of hpc-dfs on one GPU, in under 5 minutes (issue 13 item 6); the logic is in bench/bench_gpu.py.
+# GPU benchmark of hpc-dfs on one GPU, in under 5 minutes; the logic is in bench/bench_gpu.py.
 #
 #   bench/gpu.sh              # on a GPU node: writes bench/results/gpu.json (card, steps/s, peak memory, reader
 #                             # vs step, a 1-GPU horovodrun training of 50 steps through `hpc-dfs train`)

@@ -126,8 +126,8 @@ def run(argv: list[str] | None = None) -> NoReturn:
     """
     code = main(argv)
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    dist = sys.modules.get("hpc_dfs.dist")  # imported by the verb, or not needed here
-    if others or (dist is not None and not dist.finish_for_exit()):
+    parallel = sys.modules.get("hpc_dfs.parallel")  # imported by the verb, or not needed here
+    if others or (parallel is not None and not parallel.finish_for_exit()):
         sys.exit(code)
     atexit._run_exitfuncs()
     sys.stdout.flush()

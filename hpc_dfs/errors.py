@@ -3,13 +3,13 @@ the user can fix, and only :func:`hpc_dfs.cli.main` catches it, prints one line 
 
     raise HpcDfsError("case_00012: imaging.nii.gz is truncated", code=EXIT_DATA)
 
-Exit codes (stable, documented in CONTRACTS.md):
+Exit codes (stable, documented in CONTRACTS.md), defined here and nowhere else:
 
 ===  =====================================================================
+ 1   some cases failed but the others were written (preprocess, predict)
  2   bad setting or usage (as argparse)
  3   bad input data (a case, shard, checkpoint or table that cannot be used)
  4   environment (launcher, Horovod/MPI, disk full, missing tool)
- 5   some cases failed but the others were written (preprocess, predict)
  75  preempted: a checkpoint was written, requeue and ``--resume`` (EX_TEMPFAIL)
 ===  =====================================================================
 """
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 __all__ = ["HpcDfsError", "EXIT_USAGE", "EXIT_DATA", "EXIT_ENV", "EXIT_PARTIAL", "EXIT_PREEMPTED"]
 
+EXIT_PARTIAL = 1
 EXIT_USAGE = 2
 EXIT_DATA = 3
 EXIT_ENV = 4
-EXIT_PARTIAL = 5
+#: a run that stopped on SIGUSR1/SIGTERM after writing ``last.pt`` (EX_TEMPFAIL): the sbatch script turns it
+#: into ``scontrol requeue`` and the requeued job passes ``--resume``.
 EXIT_PREEMPTED = 75
 
 

@@ -4,7 +4,7 @@
     log = get_logger("hpc_dfs.train")
 
 Rank 0 logs at INFO and the other ranks at WARNING (so their errors still show), unless
-``HPC_DFS_LOG_LEVEL`` or ``level`` says otherwise. The rank comes from :mod:`hpc_dfs.dist` once it is
+``HPC_DFS_LOG_LEVEL`` or ``level`` says otherwise. The rank comes from :mod:`hpc_dfs.parallel` once it is
 initialised, and from the launcher's environment before that.
 """
 from __future__ import annotations
@@ -13,14 +13,14 @@ import logging
 import os
 import sys
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 
 __all__ = ["get_logger"]
 
 
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        r, n = dist.rank_size_or_env()
+        r, n = parallel.rank_size_or_env()
         record.rank_tag = f"[rank {r}/{n}]"
         return True
 
@@ -40,6 +40,6 @@ def get_logger(name: str = "hpc_dfs", level: int | str | None = None) -> logging
     if level is None and env_level:
         level = env_level.upper()
     if level is None:
-        level = logging.INFO if dist.rank_size_or_env()[0] == 0 else logging.WARNING
+        level = logging.INFO if parallel.rank_size_or_env()[0] == 0 else logging.WARNING
     root.setLevel(level)
     return logging.getLogger(name if name.startswith("hpc_dfs") else f"hpc_dfs.{name}")

@@ -32,7 +32,7 @@ from hpc_dfs import fsutil
 DISPLAY_ORIENTATION = ("I", "P", "L")
 CT_WINDOW = (-200.0, 300.0)          # soft-tissue window for CT in HU
 COLOURS = {1: (1.0, 0.1, 0.1), 2: (0.15, 0.35, 1.0), 3: (0.1, 0.9, 0.3)}  # kidney, tumour, cyst
-LABEL_NAMES = {1: "kidney", 2: "tumour", 3: "cyst"}
+CLASS_NAMES = {1: "kidney", 2: "tumour", 3: "cyst"}
 #: error-map codes: colour and legend text
 ERROR_COLOURS = {1: ((1.0, 0.95, 0.0), "kidney missed (FN)"), 2: ((0.0, 0.9, 1.0), "kidney false positive (FP)"),
                  3: ((1.0, 0.5, 0.0), "tumour missed (FN)"), 4: ((1.0, 0.0, 1.0), "tumour false positive (FP)")}
@@ -179,7 +179,7 @@ def _position(dispaff: np.ndarray, focus, axis: int, ras_axis: int, n: int) -> s
 
 def _legend(fig, with_errors: bool) -> None:
     from matplotlib.patches import Patch
-    handles = [Patch(color=COLOURS[k], label=f"{LABEL_NAMES[k]}") for k in (1, 2)]
+    handles = [Patch(color=COLOURS[k], label=f"{CLASS_NAMES[k]}") for k in (1, 2)]
     if with_errors:
         handles += [Patch(color=c, label=t) for c, t in ERROR_COLOURS.values()]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)

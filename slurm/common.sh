@@ -108,20 +108,20 @@ hd_banner() {
 # Sets HD_MPI. PREFLIGHT=0 skips the step (HD_MPI = first candidate).
 HD_PREFLIGHT_PY='
 import sys, torch
-from hpc_dfs import dist
-dist.init()
-t = dist.topology()
-t.update(device=str(dist.device()), cuda_devices=torch.cuda.device_count())
+from hpc_dfs import parallel
+parallel.init()
+t = parallel.topology()
+t.update(device=str(parallel.device()), cuda_devices=torch.cuda.device_count())
 t.setdefault("mpi", None); t.setdefault("gloo", None); t.setdefault("nccl", None)
-total = dist.allreduce_scalar(1.0, "sum", name="preflight")
-rows = dist.allgather_object(t, name="preflight_topology")
-if dist.rank() == 0:
+total = parallel.allreduce_scalar(1.0, "sum", name="preflight")
+rows = parallel.allgather_object(t, name="preflight_topology")
+if parallel.rank() == 0:
     print("[topology] world size {} (allreduce check {:.0f}), launcher {launcher}, horovod {horovod} "
-          "mpi {mpi} gloo {gloo} nccl {nccl}".format(dist.size(), total, **t))
+          "mpi {mpi} gloo {gloo} nccl {nccl}".format(parallel.size(), total, **t))
     for r in rows:
         print("[topology] rank {rank}/{size} local {local_rank}/{local_size} host {host} device {device} "
               "(cuda devices visible: {cuda_devices})".format(**r))
-sys.exit(0 if round(total) == dist.size() else 3)
+sys.exit(0 if round(total) == parallel.size() else 3)
 '
 hd_preflight() {
   local cands; read -r -a cands <<<"$(hd_mpi_candidates)"

@@ -38,11 +38,7 @@ from hpc_dfs.config import ConfigError, from_dict, nest_flat
 from hpc_dfs.config.model import ModelConfig
 
 __all__ = ["TrainConfig", "AugmentConfig", "ScheduleConfig", "DataConfig", "OptimConfig", "LossConfig",
-           "HorovodConfig", "CheckpointConfig", "EXIT_PREEMPTED"]
-
-#: exit status of a run that stopped on SIGUSR1/SIGTERM after writing ``last.pt`` (EX_TEMPFAIL):
-#: the sbatch script turns it into ``scontrol requeue`` and the requeued job passes ``--resume``.
-EXIT_PREEMPTED = 75
+           "HorovodConfig", "CheckpointConfig"]
 
 
 def _range(name: str, v: list[float], lo: float | None = None, hi: float | None = None) -> None:

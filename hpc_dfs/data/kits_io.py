@@ -32,11 +32,11 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
-from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_NAMES
+from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_FILES
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 from hpc_dfs.fsutil import atomic_path
 
-__all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_NAMES", "LABEL_MAPS", "CLASSES",
+__all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_FILES", "LABEL_MAPS", "CLASSES",
            "list_cases", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
            "save_nifti_atomic", "kits_affine", "apply_label_map"]
 
@@ -111,7 +111,7 @@ def detect_dataset(data_dir: str | Path) -> str:
         data_dir: the KiTS-layout folder.
     """
     data_dir = Path(data_dir)
-    if any(data_dir.glob(f"case_*/{LABEL_NAMES[1]}")):
+    if any(data_dir.glob(f"case_*/{LABEL_FILES[1]}")):
         return "kits21"
     if (data_dir / "kits23.json").exists():
         return "kits23"
@@ -119,12 +119,12 @@ def detect_dataset(data_dir: str | Path) -> str:
 
 
 def find_label_file(case_dir: Path) -> Optional[Path]:
-    """The case's ground-truth file (the first of :data:`LABEL_NAMES` present), else None.
+    """The case's ground-truth file (the first of :data:`LABEL_FILES` present), else None.
 
     Args:
         case_dir: ``DATA/case_XXXXX``.
     """
-    for name in LABEL_NAMES:
+    for name in LABEL_FILES:
         if (case_dir / name).exists():
             return case_dir / name
     return None
@@ -324,7 +324,7 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
     lab_path = find_label_file(case_dir)
     if lab_path is None:
         if require_label:
-            raise CaseError(cid, f"missing ground truth ({' or '.join(LABEL_NAMES)}) in {case_dir}")
+            raise CaseError(cid, f"missing ground truth ({' or '.join(LABEL_FILES)}) in {case_dir}")
         return case
     raw, lab_affine, _ = load_nifti(lab_path, cid)
     if raw.shape != image.shape:

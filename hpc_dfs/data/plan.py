@@ -1,4 +1,4 @@
-"""What ``hpc-dfs preprocess`` knows before it decodes a volume (:class:`Plan`), and one case loaded and
+"""What ``hpc-dfs preprocess`` knows before it decodes a volume (:class:`PreprocessPlan`), and one case loaded and
 resampled onto the slice grid (:class:`CaseItem`, made only by :func:`load_item`).
 
     plan = make_plan(data_dir, cfg)                    # cases, clinical records, image headers; no communication
@@ -26,8 +26,8 @@ from hpc_dfs.data.refine import refine_windows
 from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
 
-__all__ = ["PreprocessError", "Plan", "make_plan", "CaseItem", "load_item", "case_memory_need", "available_memory",
-           "check_case_memory", "source_sha", "reusable_shard"]
+__all__ = ["PreprocessError", "PreprocessPlan", "make_plan", "CaseItem", "load_item", "case_memory_need",
+           "available_memory", "check_case_memory", "source_sha", "reusable_shard"]
 
 
 class PreprocessError(HpcDfsError):
@@ -38,7 +38,7 @@ class PreprocessError(HpcDfsError):
 
 # ----------------------------------------------------------------------------- the plan
 @dataclass
-class Plan:
+class PreprocessPlan:
     """The cases and their records, identical on every rank; nothing decoded yet.
 
     ``metas`` holds the labelled cases still in the running: their canonical header ``shape``, ``spacing``
@@ -62,7 +62,7 @@ class Plan:
         return [m for m in self.metas.values() if m is not None]
 
 
-def make_plan(data_dir: Path, cfg) -> Plan:
+def make_plan(data_dir: Path, cfg) -> PreprocessPlan:
     """List the cases, read and check the clinical records, and read every image header (cheap).
 
     Args:
@@ -83,17 +83,17 @@ def make_plan(data_dir: Path, cfg) -> Plan:
     label_map = LABEL_MAPS[dataset] if cfg.label_map == "auto" else parse_label_map(cfg.label_map)
     n_classes = max(label_map.values()) + 1
     classes = CLASSES[:n_classes] if n_classes <= len(CLASSES) else [f"class_{i}" for i in range(n_classes)]
-    plan = Plan(data_dir, dataset, label_map, classes, {cd.name: cd for cd in case_dirs}, {})
+    plan = PreprocessPlan(data_dir, dataset, label_map, classes, {cd.name: cd for cd in case_dirs}, {})
     _read_clinical(plan, cfg.clinical)
     _read_headers(plan)
     return plan
 
 
-def _read_clinical(plan: Plan, setting: str) -> None:
+def _read_clinical(plan: PreprocessPlan, setting: str) -> None:
     """Fill ``plan.records``/``frame`` from the clinical file; a missing or malformed record is a case error."""
     if setting == "none":  # before the import: pandas alone is ~35 MB of every rank's memory
         return
-    from hpc_dfs.data import clinical as clin
+    from hpc_dfs.data import kits_clinical as clin
 
     path = clin.find_clinical_file(plan.data_dir) if setting == "auto" else Path(setting)
     if path is None:
@@ -113,7 +113,7 @@ def _read_clinical(plan: Plan, setting: str) -> None:
             plan.errors[cid] = bad[cid]
 
 
-def _read_headers(plan: Plan) -> None:
+def _read_headers(plan: PreprocessPlan) -> None:
     """``plan.metas`` from the image headers of the labelled cases; unlabelled ones go to ``plan.skipped``."""
     for cid, cd in plan.case_dirs.items():
         if cid in plan.errors:

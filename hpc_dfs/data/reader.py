@@ -26,8 +26,8 @@ Usage::
     shards = ShardSet("data/shards").validate()
     train_ids, val_ids = shards.split(fold=0)
     ds = SliceDataset("data/shards", train_ids)
-    sampler = GlobalBatchSampler(ds, global_batch_size=32, rank=dist.rank(), world_size=dist.size(), seed=0)
-    loader = DataLoader(ds, batch_size=32 // dist.size(), sampler=sampler, num_workers=2)
+    sampler = GlobalBatchSampler(ds, global_batch_size=32, rank=parallel.rank(), world_size=parallel.size(), seed=0)
+    loader = DataLoader(ds, batch_size=32 // parallel.size(), sampler=sampler, num_workers=2)
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for batch in loader: ...

@@ -4,6 +4,6 @@
 
 Each provides ``add_arguments(parser)`` and ``main(args) -> int`` and is read top to bottom with its
 launch commands in its docstring. They use the library below them (``hpc_dfs.data``,
-``hpc_dfs.models``, ``hpc_dfs.training``, ``hpc_dfs.dist``, ``hpc_dfs.config``) and never each other's
+``hpc_dfs.models``, ``hpc_dfs.training``, ``hpc_dfs.parallel``, ``hpc_dfs.config``) and never each other's
 internals: what a later stage needs travels in the folder contract (``hpc_dfs/CONTRACTS.md``).
 """

@@ -9,7 +9,7 @@ cross-validation of three models on the same folds:
 
 Data: UCI Chronic Kidney Disease (``.arff`` or ``.csv``, read by :mod:`hpc_dfs.data.uci_ckd`;
 target ``ckd``), or a KiTS ``kits.json`` with ``--target malignant`` (pre-operative features only,
-from :mod:`hpc_dfs.data.clinical`; cases without a label are left out).
+from :mod:`hpc_dfs.data.kits_clinical`; cases without a label are left out).
 
 No leakage: the preprocessing (imputation, encoding, scaling, risk orientation) is one sklearn
 ``Pipeline`` fitted inside each fold on that fold's training rows only; the GRU's early stopping
@@ -70,7 +70,7 @@ from hpc_dfs.config.clinical import ClinicalConfig
 from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.log import get_logger
 
-__all__ = ["ClinicalDataError", "ClinicalData", "load_data", "build_preprocessor", "RiskOrientation",
+__all__ = ["ClinicalTableError", "ClinicalData", "load_data", "build_preprocessor", "RiskOrientation",
            "train_gru", "binary_metrics", "summarise", "run", "add_arguments", "main"]
 
 CLI_LONG_HELP = True
@@ -80,7 +80,7 @@ METRICS = ("accuracy", "kappa", "auc", "sensitivity", "specificity", "f1", "fpr"
 _UCI_TARGETS = ("auto", "ckd", "class", "classification")
 
 
-class ClinicalDataError(HpcDfsError, ValueError):
+class ClinicalTableError(HpcDfsError, ValueError):
     """The data file cannot be used; the message names the file and the problem (exit code 2, as ever)."""
 
     code = EXIT_USAGE
@@ -114,24 +114,24 @@ def load_data(path: str | Path, target: str = "auto", folds: int = 2) -> Clinica
     non-UCI ``target``) and check that stratified ``folds``-fold CV is possible.
 
     Raises:
-        ClinicalDataError: missing file, unknown format, no target column, or a class with fewer
+        ClinicalTableError: missing file, unknown format, no target column, or a class with fewer
             rows than folds. One message naming the file and the problem.
     """
     path = Path(path)
     if not path.is_file():
-        raise ClinicalDataError(f"{path}: no such file")
+        raise ClinicalTableError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".arff", ".csv") and target in _UCI_TARGETS:
         from hpc_dfs.data.uci_ckd import FEATURES, NOMINAL_LEVELS, TARGET, UCICKDError, load_uci_ckd
         try:
             frame = load_uci_ckd(path)
         except UCICKDError as e:
-            raise ClinicalDataError(str(e)) from None
+            raise ClinicalTableError(str(e)) from None
         data = ClinicalData(X=frame[list(FEATURES)], y=frame[TARGET].to_numpy(dtype=int),
                             levels=dict(NOMINAL_LEVELS), source=path, kind="uci_ckd", target=TARGET,
                             class_names=("notckd", "ckd"))
     elif suffix == ".json" or (suffix == ".csv" and target not in _UCI_TARGETS):
-        from hpc_dfs.data.clinical import ClinicalError, load_kits_records, preop_frame, risk_labels
+        from hpc_dfs.data.kits_clinical import ClinicalRecordError, load_kits_records, preop_frame, risk_labels
         tgt = "malignant" if target == "auto" else target
         if suffix == ".csv":
             _require_csv_column(path, tgt)
@@ -139,22 +139,22 @@ def load_data(path: str | Path, target: str = "auto", folds: int = 2) -> Clinica
             records = load_kits_records(path)
             X = preop_frame(records)
             labels = risk_labels(records, target=tgt)
-        except (ClinicalError, ValueError, FileNotFoundError) as e:
-            raise ClinicalDataError(f"{path}: {e}") from None
+        except (ClinicalRecordError, ValueError, FileNotFoundError) as e:
+            raise ClinicalTableError(f"{path}: {e}") from None
         if labels.notna().sum() == 0:
-            raise ClinicalDataError(f"{path}: no target column '{tgt}' (no record has a 0/1 value for it)")
+            raise ClinicalTableError(f"{path}: no target column '{tgt}' (no record has a 0/1 value for it)")
         known = labels.notna().to_numpy()
         X, labels = X.loc[known], labels[known]
         data = ClinicalData(X=X, y=labels.to_numpy(dtype=int), levels={}, source=path, kind="kits",
                             target=tgt, class_names=(f"not {tgt}", tgt), n_unlabelled=int((~known).sum()))
     else:
-        raise ClinicalDataError(
+        raise ClinicalTableError(
             f"{path}: unknown format {suffix or '(no suffix)'!r} for target {target!r}; expected a UCI CKD "
             ".arff/.csv (target auto/ckd) or a KiTS kits.json (--target malignant)")
     counts = np.bincount(data.y, minlength=2)
     for label, n in enumerate(counts):
         if n < folds:
-            raise ClinicalDataError(
+            raise ClinicalTableError(
                 f"{path}: class '{data.class_names[label]}' has only {n} rows, fewer than --folds {folds}; "
                 "stratified cross-validation needs at least one row of each class per fold")
     return data
@@ -164,15 +164,15 @@ def _require_csv_column(path: Path, target: str) -> None:
     """A clinical CSV must hold the ``target`` column (flattened name, e.g. ``malignant``) before anything else.
 
     Raises:
-        ClinicalDataError: the header cannot be read, or it has no ``target`` column; names the file and target.
+        ClinicalTableError: the header cannot be read, or it has no ``target`` column; names the file and target.
     """
     try:
         columns = [c.strip() for c in pd.read_csv(path, dtype=str, nrows=0).columns]
     except (ValueError, OSError) as e:
-        raise ClinicalDataError(f"{path}: cannot read the CSV header: {e}") from None
+        raise ClinicalTableError(f"{path}: cannot read the CSV header: {e}") from None
     if target not in columns:
         shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
-        raise ClinicalDataError(f"{path}: no target column '{target}' (the CSV has {len(columns)} columns: {shown}); "
+        raise ClinicalTableError(f"{path}: no target column '{target}' (the CSV has {len(columns)} columns: {shown}); "
                                 "UCI CKD takes --target auto/ckd, a KiTS table a 0/1 column such as malignant")
 
 
@@ -480,7 +480,7 @@ def _write_shap(shap_df: pd.DataFrame, display: pd.DataFrame, features: list[str
     if cfg.explain_id:
         matches = [i for i in shap_df.index if str(i) == cfg.explain_id]
         if not matches:
-            raise ClinicalDataError(f"--explain-id {cfg.explain_id!r} is not an id of {source}")
+            raise ClinicalTableError(f"--explain-id {cfg.explain_id!r} is not an id of {source}")
         pid = matches[0]
     else:
         g = pred_gru.set_index("id").loc[shap_df.index]
@@ -662,7 +662,7 @@ def run(cfg: ClinicalConfig, data_path: Path, out: Path, log: Any) -> dict:
         the metrics dict written to ``metrics.json``.
 
     Raises:
-        ClinicalDataError: the data file cannot be used (see :func:`load_data`).
+        ClinicalTableError: the data file cannot be used (see :func:`load_data`).
     """
     import torch
     from sklearn.model_selection import StratifiedKFold
@@ -718,7 +718,7 @@ def main(args: argparse.Namespace) -> int:
 
     Raises:
         ConfigError: a bad setting, or ``--data``/``--out`` missing or ``--data`` not a file (exit code 2).
-        ClinicalDataError: the data file cannot be used (exit code 2).
+        ClinicalTableError: the data file cannot be used (exit code 2).
     """
     import matplotlib
 

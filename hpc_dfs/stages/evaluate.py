@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 
 from hpc_dfs import config as cfgmod
-from hpc_dfs import dist, fsutil
+from hpc_dfs import parallel, fsutil
 from hpc_dfs.config.predict import EvaluateConfig
 from hpc_dfs.data.layout import PRED_RE
 from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError
@@ -413,7 +413,7 @@ def _header_descrip(path: Path) -> str | None:
 
 
 def check_provenance(pred_dir: Path, pairs: list[tuple[str, Path, Path | None]]) -> None:
-    """Every prediction must come from the one run that ``pred_dir/summary.json`` describes (issue 14, hole 2).
+    """Every prediction must come from the one run that ``pred_dir/summary.json`` describes.
 
     A prediction is refused when its case is not an ``ok`` row of the summary (a stale file of another run, kept
     beside a run where the case failed), or when its header's ``descrip`` (``hpc-dfs <checkpoints sha>
@@ -605,7 +605,7 @@ def _evaluate_one(cid: str, pred_path: Path | None, gt_path: Path | None, gt_dir
 
 def _evaluate_share(work: list, gt_dir: Path, raw_dir: Path | None, cfg: EvaluateConfig) -> tuple[list, list]:
     """This rank's share of the work, gathered on every rank in case order: (rows, errors)."""
-    rank, world = dist.rank(), dist.size()
+    rank, world = parallel.rank(), parallel.size()
     mine = work
     if world > 1:  # each rank evaluates a share, balanced by file size; results are gathered in case order
         from hpc_dfs.data.reader import partition_balanced
@@ -618,7 +618,7 @@ def _evaluate_share(work: list, gt_dir: Path, raw_dir: Path | None, cfg: Evaluat
             log.error("%s: %s", cid, e)
             errors.append({"case_id": cid, "error": str(e)})
     if world > 1:
-        parts = dist.allgather_object((rows, errors))
+        parts = parallel.allgather_object((rows, errors))
         rows = [r for part in parts for r in part[0]]
         errors = [e for part in parts for e in part[1]]
     return sorted(rows, key=lambda c: c["case_id"]), sorted(errors, key=lambda e: e["case_id"])
@@ -672,7 +672,7 @@ def evaluate_dirs(pred_dir: Path, gt_dir: Path, cfg: EvaluateConfig | None = Non
     rows, errors = _evaluate_share(work, gt_dir, raw_dir, cfg)
     cases = [r for r in rows if r.get("status") != "missing prediction"]
     missing_rows = [r for r in rows if r.get("status") == "missing prediction"]
-    if dist.rank() == 0:
+    if parallel.rank() == 0:
         for c in missing:
             log.warning("%s has ground truth but no prediction in %s: scored as all background in mean_all "
                         "(--strict makes it an error)", c, pred_dir)
@@ -722,13 +722,13 @@ def main(args: argparse.Namespace) -> int:
     Raises:
         HpcDfsError: a bad setting or folder (code 2), or a missing prediction under ``--strict`` (code 3).
     """
-    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    parallel.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
     cfg = cfgmod.from_args(EvaluateConfig, args)
     pred_dir = cfgmod.require_path(args.pred, "dir", "--pred")
     gt_dir = cfgmod.require_path(args.gt, "dir", "--gt")
     pred_raw = cfgmod.require_path(args.pred_raw, "dir", "--pred-raw") if args.pred_raw else None
     result = evaluate_dirs(pred_dir, gt_dir, cfg, pred_raw)
-    if dist.rank() != 0:
+    if parallel.rank() != 0:
         return 1 if result["errors"] else 0
     paths = write_outputs(result, args.out)
     m, ma = result["mean"], result["mean_all"]

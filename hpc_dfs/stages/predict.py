@@ -66,11 +66,11 @@ from typing import Any
 
 import numpy as np
 
-from hpc_dfs.errors import EXIT_DATA, EXIT_ENV, EXIT_USAGE, HpcDfsError  # the stage contract: cli.main catches
-from hpc_dfs import __version__, dist, fsutil
+from hpc_dfs.errors import EXIT_DATA, EXIT_ENV, EXIT_PARTIAL, EXIT_USAGE, HpcDfsError  # cli.main catches
+from hpc_dfs import __version__, parallel, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
-from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_NAMES
+from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_FILES
 from hpc_dfs.data.roi import context_indices
 from hpc_dfs.log import get_logger
 
@@ -87,7 +87,7 @@ class PredictError(HpcDfsError):
     code = EXIT_USAGE
 
 
-class CaseFailure(HpcDfsError):
+class InferenceError(HpcDfsError):
     """A problem with one case: the case is skipped, the run goes on and exits with 1 (caught in :func:`run`)."""
 
     code = EXIT_DATA
@@ -150,7 +150,7 @@ def voxel_counts(cases: list[CaseInput], rank: int, world: int) -> dict[str, int
     if world == 1:
         return own
     merged: dict[str, int] = {}
-    for part in dist.allgather_object(own, name="predict.voxel_counts"):
+    for part in parallel.allgather_object(own, name="predict.voxel_counts"):
         merged.update(part)
     return merged
 
@@ -230,7 +230,7 @@ def load_replica(path: str | Path, weight: float, device) -> Replica:
                         "sha256": fsutil.sha256_file(path)},
                   context=int(mcfg.get("in_channels", 1)))
     if needs:
-        from hpc_dfs.data.clinical import ClinicalPipeline
+        from hpc_dfs.data.kits_clinical import ClinicalPipeline
         clin = ckpt.get("clinical") or {}
         if not clin.get("pipeline"):
             raise PredictError(f"checkpoint {path}: model '{rep.model_name}' uses clinical features but the "
@@ -297,7 +297,7 @@ def load_records(clinical: Path | None, data_root: Path) -> tuple[dict[str, dict
         ConfigError: ``clinical`` is given but is not a file.
         PredictError: the records cannot be read.
     """
-    from hpc_dfs.data.clinical import find_clinical_file, load_kits_records
+    from hpc_dfs.data.kits_clinical import find_clinical_file, load_kits_records
     path = cfgmod.require_path(clinical, "file", "--clinical") if clinical else find_clinical_file(data_root)
     if path is None:
         return {}, None
@@ -310,11 +310,11 @@ def load_records(clinical: Path | None, data_root: Path) -> tuple[dict[str, dict
 
 def clinical_vector(rep: Replica, case_id: str, record: dict | None) -> np.ndarray:
     """Features ``(F,)`` of ``record`` with the replica's pipeline; all-missing (imputed) when None."""
-    from hpc_dfs.data.clinical import ClinicalError, preop_frame
+    from hpc_dfs.data.kits_clinical import ClinicalRecordError, preop_frame
     try:
         frame = preop_frame([record if record is not None else {"case_id": case_id}])
-    except ClinicalError as e:
-        raise CaseFailure(f"malformed clinical record: {e.problem}") from None
+    except ClinicalRecordError as e:
+        raise InferenceError(f"malformed clinical record: {e.problem}") from None
     return rep.clinical_pipeline.transform(frame)[0].astype(np.float32)
 
 
@@ -362,9 +362,9 @@ def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndar
                     xi = torch.flip(x, dims) if dims else x
                     seg, risk = _forward(rep, xi, clin)
                     if seg.shape[1] != c:
-                        raise CaseFailure(f"{rep.path.name} gives {seg.shape[1]} classes, expected {c}")
+                        raise InferenceError(f"{rep.path.name} gives {seg.shape[1]} classes, expected {c}")
                     if seg.shape[2:] != x.shape[2:]:
-                        raise CaseFailure(f"{rep.path.name} gives {tuple(seg.shape[2:])} logits for "
+                        raise InferenceError(f"{rep.path.name} gives {tuple(seg.shape[2:])} logits for "
                                           f"{tuple(x.shape[2:])} slices")
                     p = torch.softmax(seg.float(), dim=1)
                     p = torch.flip(p, dims) if dims else p
@@ -407,7 +407,7 @@ def nifti_gz_bytes(array: np.ndarray, ref_img, level: int = 6, descrip: str | No
 
 # ----------------------------------------------------------------------------- one case
 def _read_case(case: CaseInput) -> tuple[np.ndarray, np.ndarray, Any]:
-    """The image array, its affine and its NIfTI image (whose header the outputs copy); raises CaseFailure."""
+    """The image array, its affine and its NIfTI image (whose header the outputs copy); raises InferenceError."""
     import nibabel as nib
 
     from hpc_dfs.data.kits_io import CaseError, load_nifti
@@ -415,14 +415,14 @@ def _read_case(case: CaseInput) -> tuple[np.ndarray, np.ndarray, Any]:
         image, affine, _ = load_nifti(case.image_path, case.case_id)  # checks: present, decodable, 3-D
         img = nib.load(str(case.image_path))  # header only: the outputs copy it
     except CaseError as e:
-        raise CaseFailure(e.problem if case.image_path.name in e.problem else f"{case.image_path}: {e.problem}") \
+        raise InferenceError(e.problem if case.image_path.name in e.problem else f"{case.image_path}: {e.problem}") \
             from None
     if min(image.shape) < 1:
-        raise CaseFailure(f"{case.image_path.name} has an empty axis, shape {image.shape}")
+        raise InferenceError(f"{case.image_path.name} has an empty axis, shape {image.shape}")
     if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-        raise CaseFailure(f"{case.image_path.name} holds NaN or infinite voxels")
+        raise InferenceError(f"{case.image_path.name} holds NaN or infinite voxels")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise CaseFailure(f"{case.image_path.name} has a degenerate affine; its orientation cannot be read")
+        raise InferenceError(f"{case.image_path.name} has a degenerate affine; its orientation cannot be read")
     return image, affine, img
 
 
@@ -440,14 +440,14 @@ def _clinical_inputs(case: CaseInput, reps: list[Replica], records: dict[str, di
 
 
 def _transform(case: CaseInput, image: np.ndarray, affine: np.ndarray, preprocessing: dict) -> tuple[np.ndarray, Any]:
-    """The model's slices of the case and the geometry to restore them (as in training); raises CaseFailure."""
+    """The model's slices of the case and the geometry to restore them (as in training); raises InferenceError."""
     import nibabel as nib
 
     from hpc_dfs.data.geometry import prepare_image
     try:
         return prepare_image(image.astype(np.float32, copy=False), affine, preprocessing)
     except Exception as e:
-        raise CaseFailure(f"cannot transform {case.image_path.name} (shape {image.shape}, orientation "
+        raise InferenceError(f"cannot transform {case.image_path.name} (shape {image.shape}, orientation "
                           f"{''.join(nib.aff2axcodes(affine))}) as in training: {type(e).__name__}: {e}") from None
 
 
@@ -485,7 +485,7 @@ def provenance(case: CaseInput, reps: list[Replica], refine: list[Replica] | Non
     """Where a case's outputs come from: the sha256 of the checkpoint files and of the input image.
 
     ``descrip`` (``hpc-dfs <checkpoints sha[:12]> <input sha[:12]>``) goes into every NIfTI header written for
-    the case, the rest into its summary.json row; ``evaluate`` compares them (issue 14, hole 2).
+    the case, the rest into its summary.json row; ``evaluate`` compares them.
     """
     shas = [r.info.get("sha256") or fsutil.sha256_file(r.path) for r in list(reps) + list(refine or [])]
     ckpts = shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
@@ -514,7 +514,7 @@ def move_aside(case: CaseInput, out_dir: Path) -> list[Path]:
 def _ground_truth(case: CaseInput, shape: tuple[int, ...]) -> np.ndarray | None:
     """The case's ground truth beside its image, for the overlay (prediction | truth | errors); None if absent."""
     import nibabel as nib
-    for name in LABEL_NAMES:
+    for name in LABEL_FILES:
         path = case.image_path.parent / name
         if path.is_file():
             try:
@@ -537,7 +537,7 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
     stage 2 segments each box's window at its finer spacing, and its probabilities replace stage 1's there.
 
     Raises:
-        CaseFailure: the case cannot be read, transformed or segmented; the message names the problem.
+        InferenceError: the case cannot be read, transformed or segmented; the message names the problem.
     """
     import nibabel as nib
 
@@ -559,7 +559,7 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
         native, cascade = _refine(case, image, affine, native, refine, cfg, records, clinical_source, device)
     label = np.argmax(native, axis=0).astype(np.uint8)
     if label.shape != image.shape:  # restore_volume guarantees it; this guards the contract
-        raise CaseFailure(f"restored shape {label.shape} differs from the input's {image.shape}")
+        raise InferenceError(f"restored shape {label.shape} differs from the input's {image.shape}")
     t["restore"] = time.perf_counter()
     clean, pp_info = postprocess(label, affine, cfg.postprocess, reps[0].classes, image=image)
     t["postprocess"] = time.perf_counter()
@@ -619,7 +619,7 @@ def _write_summary(rows: list[dict], setup: Setup, cfg: PredictConfig, paths: Pr
     fsutil.write_text(paths.out / "risk.csv", risk_csv(rows))
     reps = setup.reps
     summary = {
-        "hpc_dfs_version": __version__, "world_size": dist.size(), "threads_per_rank": threads,
+        "hpc_dfs_version": __version__, "world_size": parallel.size(), "threads_per_rank": threads,
         "device": str(setup.device),
         "checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, **r.info} for r in reps],
         "refine_checkpoints": [{"path": str(r.path), "weight": r.weight, "model": r.model_name, "context": r.context,
@@ -667,7 +667,7 @@ def _device(choice: str):
     import torch
     if choice == "cpu":
         return torch.device("cpu")
-    device = dist.device()
+    device = parallel.device()
     if choice == "cuda" and device.type != "cuda":
         raise PredictError("--device cuda asked for but CUDA is not available")
     return device
@@ -685,7 +685,7 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
     refine = load_refine_replicas(paths.refine_checkpoints, cfg.refine_weights, reps, device)
     records, clinical_source = load_records(paths.clinical, data_root)
     paths.out.mkdir(parents=True, exist_ok=True)
-    if dist.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
+    if parallel.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
         n_stale = sum(fsutil.clean_stale_tmp(d) for d in (paths.out, paths.out / "raw") if d.is_dir())
         if n_stale:
             log.info("removed %d temporary file(s) left in %s by an interrupted run", n_stale, paths.out)
@@ -703,7 +703,7 @@ def _setup_on_every_rank(cfg: PredictConfig, paths: PredictPaths) -> Setup:
         setup = _setup(cfg, paths)
     except HpcDfsError as e:
         error = e
-    reports = dist.allgather_object(None if error is None else (str(error), error.code))
+    reports = parallel.allgather_object(None if error is None else (str(error), error.code))
     if error is not None:
         raise error
     for r, report in enumerate(reports):
@@ -722,7 +722,7 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
     for i, case in enumerate(cases):
         row = {"case_id": case.case_id, "status": "failed", "image": str(case.image_path)}
         if disk_full is not None:
-            rows.append({**row, "error": f"not attempted: {disk_full}", "disk_full": True, "rank": dist.rank()})
+            rows.append({**row, "error": f"not attempted: {disk_full}", "disk_full": True, "rank": parallel.rank()})
             continue
         try:
             row = predict_case(case, setup.reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device,
@@ -733,7 +733,7 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
             disk_full = str(e)
             log.error("%s: %s", case.case_id, e)
             row.update(error=str(e), disk_full=True)
-        except CaseFailure as e:
+        except InferenceError as e:
             log.error("%s: %s -- skipped", case.case_id, e)
             row["error"] = str(e)
         except Exception as e:  # an unexpected failure of one case must not stop the others
@@ -741,7 +741,7 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
             row["error"] = f"{type(e).__name__}: {e}"
         if row["status"] != "ok":
             _move_aside_quietly(case, out_dir)
-        row["rank"] = dist.rank()
+        row["rank"] = parallel.rank()
         rows.append(row)
     return rows
 
@@ -766,12 +766,12 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
     """
     import torch
 
-    from hpc_dfs.dist.phases import PhaseClock
+    from hpc_dfs.parallel.phases import PhaseClock
     clock = PhaseClock()
     clock.mark("start+imports")
-    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
-    rank, world = dist.rank(), dist.size()
-    threads = dist.configure_threads(cfg.threads if cfg.threads > 0 else None)
+    parallel.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    rank, world = parallel.rank(), parallel.size()
+    threads = parallel.configure_threads(cfg.threads if cfg.threads > 0 else None)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     clock.mark("dist_init")
@@ -789,7 +789,7 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
     clock.mark("partition")
     rows = _predict_all(mine, setup, cfg, paths.out)
     clock.mark("cases")
-    gathered = sorted((r for part in dist.allgather_object(rows) for r in part), key=lambda r: r["case_id"])
+    gathered = sorted((r for part in parallel.allgather_object(rows) for r in part), key=lambda r: r["case_id"])
     clock.mark("gather")
     problem = None
     if rank == 0:
@@ -798,13 +798,13 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
         except fsutil.DiskWriteError as e:
             problem = str(e)
     clock.mark("summary")
-    problem = dist.broadcast_object(problem)  # also the barrier: no rank leaves before the summary is written
+    problem = parallel.broadcast_object(problem)  # also the barrier: no rank leaves before the summary is written
     clock.mark("barrier")
     log.debug("phases rank=%d world=%d cases=%s %s", rank, world, ",".join(c.case_id for c in mine), clock.json())
     problem = problem or next((r["error"] for r in gathered if r.get("disk_full")), None)
     if problem:  # every rank raises the same one line (exit 4)
         raise PredictError(problem, code=EXIT_ENV)
-    return 1 if any(r["status"] != "ok" for r in gathered) else 0
+    return EXIT_PARTIAL if any(r["status"] != "ok" for r in gathered) else 0
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -3,7 +3,7 @@
     hpc-dfs preprocess --data DATA --out SHARDS [--config FILE] [--slice-size 256,256] [--fail-fast]
     mpirun -np 4 hpc-dfs preprocess --data DATA --out SHARDS        # or srun, horovodrun --gloo
 
-Four steps, every rank running the same code (``hpc_dfs.dist`` gives rank and size):
+Four steps, every rank running the same code (``hpc_dfs.parallel`` gives rank and size):
 
 1. **plan** (:func:`hpc_dfs.data.plan.make_plan`, no communication): list the cases; read the clinical
    records (only pre-operative fields become inputs) and check them; read every image header (cheap):
@@ -21,7 +21,7 @@ Four steps, every rank running the same code (``hpc_dfs.dist`` gives rank and si
 4. **manifest**: rank 0 gathers the results and writes ``clinical_pipeline.json`` then ``manifest.json``.
 
 With ``HPC_DFS_LOG_LEVEL=DEBUG`` every rank logs one ``phases`` line: its cases, their voxels and the wall and
-CPU seconds of each step from the process's start (:mod:`hpc_dfs.dist.phases`).
+CPU seconds of each step from the process's start (:mod:`hpc_dfs.parallel.phases`).
 
 A bad case (missing imaging, truncated gzip, shape or affine mismatch, labels outside the set,
 non-finite voxels, missing or malformed clinical record) is reported once as
@@ -51,10 +51,10 @@ from hpc_dfs import __version__
 from hpc_dfs.config import require_path
 from hpc_dfs.data.fingerprint import CasePart
 from hpc_dfs.data.geometry import normalise
-from hpc_dfs.data.plan import (CaseItem, Plan, PreprocessError, available_memory, case_memory_need,
+from hpc_dfs.data.plan import (CaseItem, PreprocessPlan, PreprocessError, available_memory, case_memory_need,
                                 check_case_memory, load_item, make_plan, reusable_shard, source_sha)
 from hpc_dfs.data.progress import add_progress_argument, progress_bar, wants_progress
-from hpc_dfs.errors import HpcDfsError
+from hpc_dfs.errors import EXIT_PARTIAL, HpcDfsError
 from hpc_dfs.fsutil import DiskWriteError, clean_stale_tmp, write_json
 from hpc_dfs.log import get_logger
 
@@ -125,7 +125,7 @@ class _Rank:
     failed: dict[str, str] = field(default_factory=dict)   # case id -> "[case_id] problem", this rank's
     bar: Any = None
     fit_rank: int = 0                # the rank that fits the clinical pipeline: the one with the least work
-    clock: Any = None                # hpc_dfs.dist.phases.PhaseClock: where this rank's seconds went
+    clock: Any = None                # hpc_dfs.parallel.phases.PhaseClock: where this rank's seconds went
 
     def fail(self, cid: str, err: Exception) -> None:
         """Record and log one bad case as ``[case_id] problem``; under --fail-fast stop here."""
@@ -178,17 +178,17 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
     Raises:
         PreprocessError: no usable case folder, clinical file or setting (exit status 2).
     """
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
     from hpc_dfs.config.data import PreprocessConfig
     from hpc_dfs.data import fingerprint as fpm
-    from hpc_dfs.dist.phases import PhaseClock
+    from hpc_dfs.parallel.phases import PhaseClock
 
     clock = PhaseClock()
     clock.mark("start+imports")
     me = _start(Path(out_dir), cfg or PreprocessConfig(), fail_fast)
     me.clock = clock
     clock.mark("dist_init")
-    t_start = time.time()  # after dist.init() and imports: the logged time is the stage's own work
+    t_start = time.time()  # after parallel.init() and imports: the logged time is the stage's own work
     plan = make_plan(Path(data_dir), me.cfg)                                           # 1. plan
     clock.mark("plan")
     errors = dict(plan.errors)
@@ -234,7 +234,7 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
         except DiskWriteError as e:
             _stop_on_full_disk(me, e)
     clock.mark("manifest")
-    dist.barrier()
+    parallel.barrier()
     clock.mark("barrier")
     _log_phases(me, plan, mine)
     return _summary(me, errors) if errors else 0
@@ -243,14 +243,14 @@ def run_preprocess(data_dir: str | Path, out_dir: str | Path, cfg=None, fail_fas
 # ----------------------------------------------------------------------------- 1. plan
 def _start(out_dir: Path, cfg, fail_fast: bool) -> _Rank:
     """Join the ranks (object collectives only) and give this rank its share of the cores."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
-    dist.configure_threads()
-    return _Rank(cfg, out_dir, dist.rank(), dist.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
+    parallel.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    parallel.configure_threads()
+    return _Rank(cfg, out_dir, parallel.rank(), parallel.size(), get_logger("hpc_dfs.preprocess"), fail_fast)
 
 
-def _partition(me: _Rank, plan: Plan) -> list[str]:
+def _partition(me: _Rank, plan: PreprocessPlan) -> list[str]:
     """This rank's cases, balanced by voxels (largest first, deterministic); sets ``me.fit_rank``.
 
     The clinical pipeline is fitted by the rank left with the fewest voxels (ties: the highest rank, as the
@@ -268,21 +268,21 @@ def _partition(me: _Rank, plan: Plan) -> list[str]:
     return shares[me.rank]
 
 
-def _warm_clinical(me: _Rank, plan: Plan) -> None:
+def _warm_clinical(me: _Rank, plan: PreprocessPlan) -> None:
     """On the rank that fits the clinical pipeline, import sklearn once its own cases are done (while others
     may still work), not at start-up on every rank."""
     if plan.frame is not None and me.rank == me.fit_rank:
         import sklearn.compose  # noqa: F401
 
 
-def _log_phases(me: _Rank, plan: Plan, mine: list[str]) -> None:
+def _log_phases(me: _Rank, plan: PreprocessPlan, mine: list[str]) -> None:
     """One DEBUG line per rank: its cases, their voxels, and the wall/CPU seconds of each phase."""
     voxels = sum((plan.metas.get(cid) or {}).get("n_voxels", 0) for cid in mine)
     me.log.debug("phases rank=%d world=%d fit_rank=%d cases=%s voxels=%d %s", me.rank, me.world, me.fit_rank,
                  ",".join(mine), voxels, me.clock.json())
 
 
-def _report_plan(me: _Rank, plan: Plan) -> None:
+def _report_plan(me: _Rank, plan: PreprocessPlan) -> None:
     """Rank 0 names the cases already known bad and those skipped for lack of ground truth."""
     if me.rank != 0:
         return
@@ -294,24 +294,24 @@ def _report_plan(me: _Rank, plan: Plan) -> None:
 
 def _prepare_out(me: _Rank) -> None:
     """Rank 0 creates the output folder and removes temporary files of an interrupted run; all ranks wait."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
     if me.rank == 0:
         me.out_dir.mkdir(parents=True, exist_ok=True)
         n_stale = clean_stale_tmp(me.out_dir)
         if n_stale:
             me.log.info("removed %d temporary file(s) left by an interrupted run", n_stale)
-    dist.barrier()
+    parallel.barrier()
 
 
 def _retire_other_manifest(me: _Rank, phash: str) -> None:
     """Rank 0 removes a ``manifest.json`` of other parameters before any shard is rewritten; all ranks wait.
 
     A rerun with changed settings replaces the shards one by one; killed half-way, the folder would hold the old
-    manifest over shards of two settings (issue 14, hole 1). Without the manifest it reads as unfinished until
+    manifest over shards of two settings. Without the manifest it reads as unfinished until
     the new one is written, last.
     """
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
     if me.rank == 0:
         path = me.out_dir / "manifest.json"
@@ -324,7 +324,7 @@ def _retire_other_manifest(me: _Rank, phash: str) -> None:
         if old != phash:
             path.unlink(missing_ok=True)
             me.log.info("%s was written with other parameters: removed before its shards are rewritten", path)
-    dist.barrier()
+    parallel.barrier()
 
 
 def _stop_on_full_disk(me: _Rank, err: DiskWriteError) -> None:
@@ -334,14 +334,14 @@ def _stop_on_full_disk(me: _Rank, err: DiskWriteError) -> None:
         DiskWriteError: always (alone, or before the other ranks are aborted).
     """
     if me.world > 1:
-        from hpc_dfs import dist
+        from hpc_dfs import parallel
         me.log.error("%s", err)
-        dist.abort(err.code)
+        parallel.abort(err.code)
     raise err
 
 
 # ----------------------------------------------------------------------------- 2. fingerprint
-def _fingerprint_pass(me: _Rank, plan: Plan, mine: list[str], sparams: dict) -> _Local:
+def _fingerprint_pass(me: _Rank, plan: PreprocessPlan, mine: list[str], sparams: dict) -> _Local:
     """Load, validate and sample this rank's cases, or reuse their valid shards; keep items up to ``cache_mb``
     while the memory left still holds the largest case to come (:func:`_cache_fits`)."""
     local = _Local()
@@ -371,12 +371,12 @@ def _cache_fits(me: _Rank, local: _Local, item: CaseItem, need_next: int) -> boo
 
 
 def _ranks_per_node() -> int:
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    return dist.local_size()
+    return parallel.local_size()
 
 
-def _fingerprint_case(me: _Rank, plan: Plan, cid: str,
+def _fingerprint_case(me: _Rank, plan: PreprocessPlan, cid: str,
                       sparams: dict) -> tuple[CasePart, str, Optional[dict], Optional[CaseItem]]:
     """(part, input sha, attrs of a reusable shard or None, the loaded item or None) of one case."""
     from hpc_dfs.data import fingerprint as fpm
@@ -397,9 +397,9 @@ def _fingerprint_case(me: _Rank, plan: Plan, cid: str,
 
 def _exchange_parts(me: _Rank, local: _Local, errors: dict[str, str]) -> tuple[dict[str, CasePart], dict[str, str]]:
     """Every rank's parts and input hashes, on every rank; the failed cases are added to ``errors``."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    gathered = dist.allgather_object(
+    gathered = parallel.allgather_object(
         ({cid: (p.meta(), p.fg_samples, local.shas[cid]) for cid, p in local.parts.items()}, me.failed),
         name="preprocess.fingerprint")
     parts: dict[str, CasePart] = {}
@@ -412,13 +412,14 @@ def _exchange_parts(me: _Rank, local: _Local, errors: dict[str, str]) -> tuple[d
     return parts, shas
 
 
-def _derive(me: _Rank, plan: Plan, spatial: dict, parts: dict[str, CasePart], shas: dict[str, str]) -> _Shared:
+def _derive(me: _Rank, plan: PreprocessPlan, spatial: dict, parts: dict[str, CasePart],
+            shas: dict[str, str]) -> _Shared:
     """The normalisation from the merged fingerprint, and the clinical pipeline fitted on the valid cases.
 
     Raises:
         PreprocessError: the fingerprint gives no usable parameters.
     """
-    from hpc_dfs.data import clinical as clin
+    from hpc_dfs.data import kits_clinical as clin
     from hpc_dfs.data import fingerprint as fpm
 
     try:
@@ -436,7 +437,7 @@ def _derive(me: _Rank, plan: Plan, spatial: dict, parts: dict[str, CasePart], sh
     return _Shared(parts, shas, fingerprint, params, pipeline, features, risk, _params_hash(params, pipeline))
 
 
-def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]:
+def _fit_clinical(me: _Rank, plan: PreprocessPlan, valid_ids: list[str]) -> Optional[dict]:
     """The clinical pipeline fitted on the valid cases, as JSON, on every rank; None without clinical records.
 
     One rank (``me.fit_rank``) fits it, the only one to import sklearn (~1.5 s of every rank's start-up
@@ -444,8 +445,8 @@ def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]
     are the same whatever the number of ranks (the transform reads only the fitted numbers, which JSON
     carries exactly).
     """
-    from hpc_dfs import dist
-    from hpc_dfs.data import clinical as clin
+    from hpc_dfs import parallel
+    from hpc_dfs.data import kits_clinical as clin
 
     if plan.frame is None:
         return None
@@ -456,7 +457,7 @@ def _fit_clinical(me: _Rank, plan: Plan, valid_ids: list[str]) -> Optional[dict]
         except Exception as e:  # the other ranks wait for the pipeline: they stop too, naming the problem
             problem = e
     if me.world > 1:
-        pipeline, why = dist.broadcast_object((pipeline, None if problem is None else repr(problem)),
+        pipeline, why = parallel.broadcast_object((pipeline, None if problem is None else repr(problem)),
                                               root=me.fit_rank, name="preprocess.clinical_pipeline")
         if why is not None and problem is None:
             raise PreprocessError(f"fitting the clinical pipeline failed on rank {me.fit_rank}: {why}")
@@ -471,7 +472,7 @@ def _params_hash(params: dict, pipeline: Optional[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- 3. write
-def _write_pass(me: _Rank, plan: Plan, mine: list[str], local: _Local, shared: _Shared,
+def _write_pass(me: _Rank, plan: PreprocessPlan, mine: list[str], local: _Local, shared: _Shared,
                 sparams: dict) -> tuple[dict[str, dict], int]:
     """Write the shards of this rank's valid cases; returns their manifest entries and how many were kept."""
     results: dict[str, dict] = {}
@@ -489,7 +490,7 @@ def _write_pass(me: _Rank, plan: Plan, mine: list[str], local: _Local, shared: _
     return results, n_reused
 
 
-def _write_or_keep(me: _Rank, plan: Plan, cid: str, local: _Local, shared: _Shared,
+def _write_or_keep(me: _Rank, plan: PreprocessPlan, cid: str, local: _Local, shared: _Shared,
                    sparams: dict) -> tuple[dict, bool]:
     """(manifest entry, kept): the shard is kept when it was made with the same parameters and risk label."""
     from hpc_dfs.data.shards import shard_name
@@ -549,9 +550,9 @@ def _present(labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict[s
 def _exchange_results(me: _Rank, results: dict[str, dict], n_reused: int,
                       errors: dict[str, str]) -> tuple[dict[str, dict], int]:
     """Every rank's manifest entries and kept-shard count; the failed cases are added to ``errors``."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
 
-    gathered = dist.allgather_object((results, me.failed, n_reused), name="preprocess.results")
+    gathered = parallel.allgather_object((results, me.failed, n_reused), name="preprocess.results")
     all_results: dict[str, dict] = {}
     total_reused = 0
     for rank_results, rank_errors, rank_reused in gathered:
@@ -562,7 +563,7 @@ def _exchange_results(me: _Rank, results: dict[str, dict], n_reused: int,
 
 
 # ----------------------------------------------------------------------------- 4. manifest
-def _write_manifest(me: _Rank, plan: Plan, shared: _Shared, results: dict[str, dict], errors: dict[str, str],
+def _write_manifest(me: _Rank, plan: PreprocessPlan, shared: _Shared, results: dict[str, dict], errors: dict[str, str],
                     n_reused: int, t_start: float) -> None:
     """Rank 0: ``clinical_pipeline.json``, then ``manifest.json`` (CONTRACTS.md section 2), then one log line."""
     from hpc_dfs.config import to_dict
@@ -602,9 +603,9 @@ def _assign_folds(case_ids: list[str], n_folds: int, seed: int) -> dict[str, int
     return {ids[j]: int(i % n_folds) for i, j in enumerate(perm)}
 
 
-def _clinical_block(out_dir: Path, plan: Plan, pipeline: Optional[dict]) -> dict:
+def _clinical_block(out_dir: Path, plan: PreprocessPlan, pipeline: Optional[dict]) -> dict:
     """The manifest's ``clinical`` block; writes ``clinical_pipeline.json`` when there is a pipeline."""
-    from hpc_dfs.data.clinical import ClinicalPipeline
+    from hpc_dfs.data.kits_clinical import ClinicalPipeline
 
     if pipeline is None:
         return {"pipeline_file": None, "n_features": 0, "feature_names": [], "target": "malignant", "source": None}
@@ -629,12 +630,12 @@ def _nothing_left(me: _Rank, errors: dict[str, str], what: str) -> int:
 
 
 def _summary(me: _Rank, errors: dict[str, str], fail_fast: bool = False) -> int:
-    """Log the failed cases (rank 0, or the failing rank under --fail-fast) and return 1."""
+    """Log the failed cases (rank 0, or the failing rank under --fail-fast) and return ``EXIT_PARTIAL`` (1)."""
     if me.rank == 0 or fail_fast:
         lines = "\n".join(f"  {v}" for _, v in sorted(errors.items()))
         me.log.error("%d case(s) failed%s:\n%s", len(errors), " (stopped at the first: --fail-fast)" if fail_fast else
                      "; the other cases were written", lines)
     if fail_fast and me.world > 1:
-        from hpc_dfs import dist
-        dist.abort(1)
-    return 1
+        from hpc_dfs import parallel
+        parallel.abort(EXIT_PARTIAL)
+    return EXIT_PARTIAL

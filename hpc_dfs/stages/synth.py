@@ -84,11 +84,11 @@ def run_synth(out: str | Path, cfg, progress: bool = False) -> int:
     Raises:
         ConfigError: ``--from-labels`` is not a folder or lacks a wanted case, or ``--kits-json`` is unreadable.
     """
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
     from hpc_dfs.fsutil import write_json
 
-    dist.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
-    rank, world = dist.rank(), dist.size()
+    parallel.init(horovod=False)  # ranks + object collectives only (mpi4py under MPI launchers)
+    rank, world = parallel.rank(), parallel.size()
     log = get_logger("hpc_dfs.synth")
     out = Path(out)
     jobs, records = _label_jobs(cfg, log) if cfg.from_labels else (_phantom_jobs(cfg), {})
@@ -103,7 +103,7 @@ def run_synth(out: str | Path, cfg, progress: bool = False) -> int:
             made[cid] = record
         bar.update(1)
     bar.close()
-    gathered = dist.allgather_object(made, name="synth.records")
+    gathered = parallel.allgather_object(made, name="synth.records")
     if rank == 0:
         if not cfg.from_labels:
             for part in gathered:
@@ -111,7 +111,7 @@ def run_synth(out: str | Path, cfg, progress: bool = False) -> int:
         write_json(out / "kits.json", [records[c] for c, _ in jobs if c in records])
         log.info("wrote %d case(s) to %s (%d already there and kept), kits.json with %d record(s)",
                  len(jobs) - n_kept, out, n_kept, len(records))
-    dist.barrier()
+    parallel.barrier()
     return 0
 
 
@@ -138,7 +138,7 @@ def _label_jobs(cfg, log) -> tuple[list[Job], dict[str, dict]]:
     jobs = [(c, labels_dir / c / LABEL_NAME) for c in wanted]
     if not cfg.kits_json:
         return jobs, {}
-    from hpc_dfs.data.clinical import load_kits_records
+    from hpc_dfs.data.kits_clinical import load_kits_records
     try:
         recs = {r["case_id"]: r for r in load_kits_records(cfg.kits_json)}
     except (FileNotFoundError, ValueError) as e:

@@ -36,12 +36,12 @@ Why the gradients equal the single-process ones: every rank holds the same loss 
 batch. Horovod's sum-allreduce has a sum-allreduce as its backward, so rank r's gradient is
 ``P * dL/dS * dS_r/dtheta`` (S = the summed statistics, S_r = rank r's share). Averaging over the P
 ranks gives ``sum_r dL/dS * dS_r/dtheta = dL/dtheta``: no extra scaling. BatchNorm layers are
-replaced by a rank-synchronised batch norm built the same way (:mod:`hpc_dfs.dist.syncbn`), so a
+replaced by a rank-synchronised batch norm built the same way (:mod:`hpc_dfs.parallel.syncbn`), so a
 2-rank run reproduces a 1-rank run with the same global batch (``tests/distributed/test_train_distributed.py``).
 How closely is :data:`RANK_INVARIANCE` (also printed by ``hpc-dfs train --help``).
 
 Exit status: 0 done; 2 bad configuration or data (reported before any work);
-75 (:data:`~hpc_dfs.config.train.EXIT_PREEMPTED`) stopped by SIGUSR1/SIGTERM after writing
+75 (:data:`~hpc_dfs.errors.EXIT_PREEMPTED`) stopped by SIGUSR1/SIGTERM after writing
 ``last.pt`` -- requeue with ``--resume`` (or always pass ``--auto-resume``); 1 any other error (the job is
 aborted on all ranks).
 
@@ -57,17 +57,15 @@ from pathlib import Path
 
 import torch
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 from hpc_dfs.config import add_arguments as add_config_arguments, from_args
-from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
+from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.log import get_logger
 from hpc_dfs.training.plan import SetupError, checked, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
 
-__all__ = ["add_arguments", "main", "train", "EXIT_PREEMPTED", "EXIT_BAD_CONFIG"]
-
-EXIT_BAD_CONFIG = 2
+__all__ = ["add_arguments", "main", "train"]
 
 RANK_INVARIANCE = """\
 Rank invariance: with --deterministic and a fixed --global-batch-size, N ranks reach the 1-rank weights.
@@ -93,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``hpc-dfs train``: settings, Horovod's environment, ``dist.init()``, then :func:`train`.
+    """``hpc-dfs train``: settings, Horovod's environment, ``parallel.init()``, then :func:`train`.
 
     Raises:
         ConfigError: a bad setting (before any rank starts work; exit 2).
@@ -102,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
     """
     cfg = from_args(TrainConfig, args)
     _horovod_environment(cfg)
-    dist.init()
+    parallel.init()
     log = get_logger("hpc_dfs.train")
     try:
         resume = args.resume or (args.auto_resume and (Path(args.out) / "checkpoints" / "last.pt").is_file())
@@ -110,14 +108,14 @@ def main(args: argparse.Namespace) -> int:
     except SetupError as e:   # every rank agreed, and rank 0 logged each problem
         return e.code
     except HpcDfsError as e:  # e.g. a full disk while writing a checkpoint: cli.main prints its one line
-        if dist.size() > 1:
+        if parallel.size() > 1:
             log.error("hpc-dfs train: error: %s", e)
-            dist.abort(e.code)  # the other ranks would wait forever in their next collective
+            parallel.abort(e.code)  # the other ranks would wait forever in their next collective
         raise
     except Exception:
         log.exception("training failed")
-        if dist.size() > 1:
-            dist.abort(1)  # the other ranks would wait forever in their next collective
+        if parallel.size() > 1:
+            parallel.abort(1)  # the other ranks would wait forever in their next collective
         return 1
 
 

@@ -1,6 +1,6 @@
 """Optimizer, LR schedule and warm-up of ``hpc-dfs train`` (:func:`build_optimizer`, :func:`build_scheduler`).
 
-The optimizer is wrapped in Horovod's ``DistributedOptimizer`` (through :mod:`hpc_dfs.dist`): gradient
+The optimizer is wrapped in Horovod's ``DistributedOptimizer`` (through :mod:`hpc_dfs.parallel`): gradient
 averaging, or Adasum, over the ranks. The per-epoch schedule steps on whole epochs only; the
 warm-up (:func:`warmup_factor`) multiplies the scheduled rate for the first ``optim.warmup_epochs``.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 from hpc_dfs.config.train import TrainConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "step_scheduler", "warmup_factor", "scaled_lrs"]
@@ -30,7 +30,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, world: int):
     else:
         base = torch.optim.Adam(model.parameters(), lr=peak_lr, weight_decay=o.weight_decay)
     h = cfg.horovod
-    return dist.DistributedOptimizer(base, model.named_parameters(), compression=h.compression,
+    return parallel.DistributedOptimizer(base, model.named_parameters(), compression=h.compression,
                                      op="adasum" if h.adasum else "average",
                                      backward_passes_per_step=h.backward_passes_per_step)
 

@@ -2,7 +2,7 @@
 
 :func:`checked` runs a check on every rank and agrees on failures, so a bad setting stops the whole
 job with one message (exit 2) instead of leaving the other ranks waiting in a collective.
-:func:`prepare` returns the run's :class:`Plan`: global batch, manifest, train/validation cases and,
+:func:`prepare` returns the run's :class:`TrainPlan`: global batch, manifest, train/validation cases and,
 on ``--resume``, the checkpoint rank 0 read.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 from hpc_dfs.config import ConfigError, to_dict
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.data.reader import ShardError, ShardSet
@@ -24,7 +24,7 @@ from hpc_dfs.training import checkpoint as ckpt
 
 from hpc_dfs.models import SEGMENTATION_MODELS
 
-__all__ = ["Plan", "SetupError", "SEGMENTATION_MODELS", "checked", "prepare", "model_kwargs", "check_steps",
+__all__ = ["TrainPlan", "SetupError", "SEGMENTATION_MODELS", "checked", "prepare", "model_kwargs", "check_steps",
            "check_resume_fits"]
 
 
@@ -36,7 +36,7 @@ class SetupError(HpcDfsError):
 
 
 @dataclass
-class Plan:
+class TrainPlan:
     """What :func:`prepare` found: the inputs of one run, the same on every rank (``state`` on rank 0 only)."""
 
     global_batch: int
@@ -60,9 +60,9 @@ def checked(log, what: str, fn: Callable[[], Any]) -> Any:
         result = fn()
     except (HpcDfsError, ShardError, FileNotFoundError, ValueError, KeyError) as e:
         err = str(e) or repr(e)
-    errors = dist.allgather_object(err)
+    errors = parallel.allgather_object(err)
     if any(errors):
-        if dist.is_main():
+        if parallel.is_main():
             for msg in dict.fromkeys(e for e in errors if e):
                 ranks = [r for r, e in enumerate(errors) if e == msg]
                 where = "" if len(ranks) == len(errors) else f" (rank{'s' if len(ranks) > 1 else ''} " \
@@ -126,13 +126,13 @@ def _read_resume_state(cfg: TrainConfig, last: Path, manifest_path: Path, manife
     return state
 
 
-def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Plan:
+def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> TrainPlan:
     """Check the settings, the shards and (``resume``) ``last.pt``; returns the plan.
 
     Raises:
         ConfigError, CheckpointError, ShardError, FileNotFoundError: the first problem found, naming it.
     """
-    world = dist.size()
+    world = parallel.size()
     gb = cfg.resolve_global_batch(world)
     _check_settings(cfg, world)
     shardset, manifest_path, train_cases, val_cases = _read_shards(cfg, shards_dir)
@@ -142,11 +142,11 @@ def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Plan
     if resume:
         if not last.is_file():
             raise ckpt.CheckpointError(f"--resume given but {last} does not exist")
-        if dist.is_main():  # rank 0 reads it; the others get what they need by broadcast
+        if parallel.is_main():  # rank 0 reads it; the others get what they need by broadcast
             state = _read_resume_state(cfg, last, manifest_path, manifest_sha, shardset.manifest)
     elif last.exists():
         raise ConfigError(f"{last} exists: pass --resume to continue that run, or choose another --out")
-    return Plan(global_batch=gb, manifest=shardset.manifest, manifest_sha=manifest_sha, train_cases=train_cases,
+    return TrainPlan(global_batch=gb, manifest=shardset.manifest, manifest_sha=manifest_sha, train_cases=train_cases,
                 val_cases=val_cases, shardset=shardset, model_kwargs={}, state=state)
 
 

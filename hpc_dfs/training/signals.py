@@ -4,7 +4,7 @@ SLURM sends a signal before the time limit or on preemption (``#SBATCH --signal=
 on ``scancel`` and preemption). A signal may reach only some ranks, so the flag is combined across
 ranks with an allreduce(max) at every step boundary (:meth:`Preemption.agreed`): all ranks then
 stop after the same step, rank 0 writes ``last.pt`` and every rank exits with
-:data:`hpc_dfs.config.train.EXIT_PREEMPTED` (75, EX_TEMPFAIL), which the sbatch script turns into
+:data:`hpc_dfs.errors.EXIT_PREEMPTED` (75, EX_TEMPFAIL), which the sbatch script turns into
 ``scontrol requeue``.
 """
 from __future__ import annotations

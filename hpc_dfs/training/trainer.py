@@ -1,8 +1,8 @@
 """The DFS training loop (:class:`Trainer`): ``train()`` reads top to bottom and delegates to
 ``train_step(batch)``, ``validate()``, ``end_epoch()`` and ``save_checkpoint(state)``.
 
-A Trainer is built from a checked :class:`~hpc_dfs.training.plan.Plan` on every rank (after
-``dist.init()``; size 1 needs no launcher, so a unit test runs ``train_step`` in one process). What each
+A Trainer is built from a checked :class:`~hpc_dfs.training.plan.TrainPlan` on every rank (after
+``parallel.init()``; size 1 needs no launcher, so a unit test runs ``train_step`` in one process). What each
 step does, and why 2 ranks give the 1-rank gradients, is in :mod:`hpc_dfs.stages.train`.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpc_dfs import __version__, dist
+from hpc_dfs import __version__, parallel
 from hpc_dfs.config import to_dict
-from hpc_dfs.config.train import EXIT_PREEMPTED, TrainConfig
+from hpc_dfs.config.train import TrainConfig
+from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.data.augment import SliceAugmenter, derive_seed
 from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_balanced
 from hpc_dfs.fsutil import write_text
@@ -32,7 +33,7 @@ from hpc_dfs.models.dropout import per_sample_dropout
 from hpc_dfs.training import checkpoint as ckpt
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, score, summarise
 from hpc_dfs.training.optim import build_optimizer, build_scheduler, scaled_lrs, step_scheduler, warmup_factor
-from hpc_dfs.training.plan import Plan, check_resume_fits, check_steps, checked
+from hpc_dfs.training.plan import TrainPlan, check_resume_fits, check_steps, checked
 from hpc_dfs.training.signals import Preemption
 from hpc_dfs.training.state import TrainState
 
@@ -88,9 +89,9 @@ class Trainer:
         resume: continue from ``plan.state`` (read by rank 0).
     """
 
-    def __init__(self, cfg: TrainConfig, plan: Plan, shards_dir: Path, out: Path, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, shards_dir: Path, out: Path, resume: bool = False) -> None:
         self.cfg, self.plan, self.shards_dir, self.out, self.resume = cfg, plan, Path(shards_dir), Path(out), resume
-        self.rank, self.world = dist.rank(), dist.size()
+        self.rank, self.world = parallel.rank(), parallel.size()
         self.gb, self.k = plan.global_batch, cfg.horovod.backward_passes_per_step
         self.micro_global = self.gb // self.k           # samples per backward pass, all ranks together
         self.local_batch = self.micro_global // self.world
@@ -102,7 +103,7 @@ class Trainer:
         self.state = TrainState()
         if resume:
             self._restore()
-        dist.broadcast_model(self.model)
+        parallel.broadcast_model(self.model)
         self._open_outputs()
         self._running_epoch = self.state.epoch      # train_epoch sets it; train_step alone continues the state
         self.epoch_stats = _EpochStats()
@@ -149,7 +150,7 @@ class Trainer:
             stats.loss_sum += out["loss"]
             stats.n_steps += 1
             self._log_step(bar, epoch, step_in_epoch, out)
-            if preempt is not None and preempt.agreed(lambda v: dist.allreduce_scalar(v, op="max")):
+            if preempt is not None and preempt.agreed(lambda v: parallel.allreduce_scalar(v, op="max")):
                 stop = "preempted"
                 break
             if self.cfg.schedule.max_steps and self.state.step >= self.cfg.schedule.max_steps:
@@ -196,11 +197,11 @@ class Trainer:
         if completed:   # per-epoch schedules step on whole epochs only
             step_scheduler(self.scheduler, st.metrics.get("val_loss"))
         is_best = st.improved(score(st.metrics) if st.metrics else -math.inf)
-        if dist.is_main():
+        if parallel.is_main():
             self._write_row(row)
         self.save_checkpoint(st, tag_epoch=completed)
         st.history.append(row)
-        if dist.is_main():
+        if parallel.is_main():
             if is_best:
                 ckpt.copy_atomic(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
             self._log_epoch(epoch, row, completed, is_best)
@@ -233,7 +234,7 @@ class Trainer:
         records = acc.records()
         for r in records:
             r["loss"] = float(self.val_loss_fn.from_statistics(case_stats[r["case_id"]].float())[0])
-        gathered = [r for part in dist.allgather_object(records, name=f"val.records.{epoch}") for r in part]
+        gathered = [r for part in parallel.allgather_object(records, name=f"val.records.{epoch}") for r in part]
         self.model.train()
         metrics = summarise(gathered)
         metrics["val_loss"] = float(np.mean([r["loss"] for r in gathered])) if gathered else float("nan")
@@ -241,8 +242,8 @@ class Trainer:
 
     def save_checkpoint(self, state: TrainState, tag_epoch: bool) -> None:
         """Every rank's RNG state to rank 0, which writes ``last.pt`` (and ``epoch_XXXX.pt`` when ``tag_epoch``)."""
-        rng_all = dist.allgather_object(ckpt.capture_rng(), name=f"ckpt.rng.{state.step}")
-        if not dist.is_main():
+        rng_all = parallel.allgather_object(ckpt.capture_rng(), name=f"ckpt.rng.{state.step}")
+        if not parallel.is_main():
             return
         m = self.plan.manifest
         full: ckpt.Checkpoint = {
@@ -314,8 +315,8 @@ class Trainer:
     def _setup_device(self) -> None:
         """Threads, device, deterministic algorithms, AMP dtype."""
         cfg = self.cfg
-        self.threads = dist.configure_threads(cfg.threads or None)
-        self.device = dist.device()
+        self.threads = parallel.configure_threads(cfg.threads or None)
+        self.device = parallel.device()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -329,8 +330,8 @@ class Trainer:
         self.amp_dtype = amp_dtype
         self.autocast = ((lambda: torch.autocast(device_type="cuda", dtype=amp_dtype)) if amp_dtype
                          else contextlib.nullcontext)
-        if dist.is_main():
-            log.info("job: %s", dist.topology())
+        if parallel.is_main():
+            log.info("job: %s", parallel.topology())
             log.info("%d rank(s) x %d thread(s) on %s; global batch %d = %d ranks x %d per rank x %d backward "
                      "pass(es)", self.world, self.threads, self.device, self.gb, self.world, self.local_batch, self.k)
 
@@ -341,7 +342,7 @@ class Trainer:
         _seed_everything(cfg.seed)
         model = build_model(**kw)
         if cfg.horovod.sync_bn:
-            model = dist.convert_sync_batchnorm(model)
+            model = parallel.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
         self.uses_clinical = bool(getattr(self.model, "takes_clinical", False))
         # rank-distinct dropout streams; the data order and augmentation never use these
@@ -351,7 +352,7 @@ class Trainer:
         if self.world > 1 and not cfg.horovod.adasum:   # Adasum combines rank-local gradients by design: local loss
             def reduce_fn(t):
                 with self.ar_timer:
-                    return dist.allreduce(t, op="sum")
+                    return parallel.allreduce(t, op="sum")
         loss_kw = dict(n_classes=kw["n_classes"], dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
                        risk_weight=cfg.loss.risk_weight)
         self.loss_fn = DFSLoss(reduce_fn=reduce_fn, **loss_kw)
@@ -394,12 +395,12 @@ class Trainer:
     def _restore(self) -> None:
         """Rank 0 read ``last.pt``: load it there, broadcast the rest, restore each rank's RNG streams."""
         state = self.plan.state
-        if dist.is_main():
+        if parallel.is_main():
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        meta = dist.broadcast_object(
+        meta = parallel.broadcast_object(
             {k: state[k] for k in ("scheduler", "scaler", "epoch", "step", "rng", "metrics", "world_size")}
-            if dist.is_main() else None, name="resume.meta")
+            if parallel.is_main() else None, name="resume.meta")
         if self.scheduler is not None and meta["scheduler"] is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
         if self.scaler is not None and meta["scaler"] is not None:
@@ -407,19 +408,19 @@ class Trainer:
         self.state = TrainState.from_checkpoint(meta)
         if self.rank < len(self.state.rng):
             ckpt.restore_rng(self.state.rng[self.rank])
-        if meta["world_size"] != self.world and dist.is_main():
+        if meta["world_size"] != self.world and parallel.is_main():
             log.warning("resuming a %d-rank run on %d ranks: the batch sequence is the same (global batch %d), "
                         "rank-local RNG streams (dropout) are not unless --deterministic", meta["world_size"],
                         self.world, self.gb)
         log.info("resumed from %s: epoch %d, step %d", self.ckpt_dir / "last.pt", self.state.epoch, self.state.step)
         # optimizer state first: Horovod initialises an empty state (ranks != 0) with a zero-gradient step,
         # which weight decay turns into a change of those ranks' weights; the model broadcast then undoes it
-        dist.broadcast_optimizer_state(self.optimizer)
+        parallel.broadcast_optimizer_state(self.optimizer)
 
     def _open_outputs(self) -> None:
         """Rank 0: checkpoint folder, config.toml, metrics.jsonl (cut back to the checkpoint on resume), TensorBoard."""
         self.mlog = self.tb = None
-        if not dist.is_main():
+        if not parallel.is_main():
             return
         cfg = self.cfg
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -467,7 +468,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ rows and log lines
     def _progress_bar(self, epoch: int, done: int):
-        if not (dist.is_main() and sys.stderr.isatty()):
+        if not (parallel.is_main() and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
         return tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{self.cfg.schedule.epochs}",
@@ -477,7 +478,7 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}")
-        elif dist.is_main() and self.state.step % self.cfg.log_every == 0:
+        elif parallel.is_main() and self.state.step % self.cfg.log_every == 0:
             log.info("epoch %d step %d/%d (global %d): loss %.4f, lr %.3g", epoch + 1, step_in_epoch + 1,
                      self.steps_per_epoch, self.state.step, out["loss"], out["lr"])
 
@@ -485,12 +486,12 @@ class Trainer:
         """Throughput and allreduce share (gathered, so rank 0 sees every rank), losses and metrics of the epoch."""
         st, es, world, gb = self.state, self.epoch_stats, self.world, self.gb
         n = max(es.n_steps, 1)
-        per_rank = dist.allgather_object({"t": es.train_time, "sync": es.sync.total, "ar": self.ar_timer.total},
+        per_rank = parallel.allgather_object({"t": es.train_time, "sync": es.sync.total, "ar": self.ar_timer.total},
                                          name=f"epoch.timing.{self._running_epoch}")
         t_max = max(p["t"] for p in per_rank)
         comm = [(p["sync"] + p["ar"]) / max(p["t"], 1e-9) for p in per_rank]
         rank_rates = [es.n_steps * gb / world / max(p["t"], 1e-9) for p in per_rank]
-        train_loss = dist.allreduce_scalar(es.loss_sum / n, op="mean", name=f"epoch.loss.{self._running_epoch}")
+        train_loss = parallel.allreduce_scalar(es.loss_sum / n, op="mean", name=f"epoch.loss.{self._running_epoch}")
         m = st.metrics
         return {"epoch": st.epoch, "partial_epoch": not completed, "step": st.step, "train_loss": train_loss,
                 "val_loss": m.get("val_loss"), "kidney_dice": m.get("kidney_dice"), "tumor_dice": m.get("tumor_dice"),
@@ -521,7 +522,7 @@ class Trainer:
                  row["lr"], self.epoch_stats.train_time, " (best)" if is_best else "")
 
     def _log_preempted(self, preempt: Preemption) -> None:
-        if dist.is_main():
+        if parallel.is_main():
             st = self.state
             log.warning("got %s: stopped after step %d (epoch %d + %d steps), wrote %s; exiting with %d so the "
                         "job is requeued; continue with --resume", preempt.name or "a signal on another rank",
@@ -530,13 +531,13 @@ class Trainer:
 
     def _finish(self) -> None:
         """Rank 0 draws the curves; every rank waits for it."""
-        if dist.is_main() and self.mlog is not None:
+        if parallel.is_main() and self.mlog is not None:
             from hpc_dfs.training.plots import plot_curves
             plot_curves(self.mlog.rows, self.out / "curves.png",
                         title=f"{self.plan.model_kwargs['name']} on {self.shards_dir.name}, {self.world} rank(s)")
             log.info("done: %s, %s, %s", self.ckpt_dir / "last.pt", self.out / "metrics.jsonl",
                      self.out / "curves.png")
-        dist.barrier()
+        parallel.barrier()
 
 
 def _write_config_toml(path: Path, cfg: TrainConfig) -> None:

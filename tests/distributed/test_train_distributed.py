@@ -1,4 +1,4 @@
-"""2-rank training jobs (mpirun / horovodrun --gloo): the proofs the issue asks for.
+"""2-rank training jobs (mpirun / horovodrun --gloo): the proofs of rank invariance, resume and preemption.
 
 - np=2 reaches the weights of np=1 after k steps (fp32, CPU, deterministic, SyncBatchNorm, with
   augmentation on) within 1e-5 relative (norm of the whole weight vector) with SGD and dropout 0: the
@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.training import checkpoint
 
 from tests import lock
@@ -33,7 +34,6 @@ from tests.launch import hpc_dfs_cmd, job_env, launch, launcher_prefix, REPO
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-EXIT_PREEMPTED = 75
 #: small, deterministic settings: 22 training slices, global batch 4 -> 5 steps per epoch
 TINY = ["--num-workers", "0", "--set", "model.base_channels=4", "--set", "model.dropout=0.0",
         "--global-batch-size", "4", "--batch-size", "4", "--deterministic", "--seed", "3", "--log-every", "1",
@@ -86,7 +86,7 @@ def max_rel_diff(a: dict, b: dict) -> tuple[float, str]:
     assert a.keys() == b.keys()
     for k, ta in a.items():
         if not torch.is_floating_point(ta):
-            # num_batches_tracked: hpc_dfs.dist.SyncBatchNorm at size 1 calls F.batch_norm, which does not
+            # num_batches_tracked: hpc_dfs.parallel.SyncBatchNorm at size 1 calls F.batch_norm, which does not
             # count batches (reported to the coordinator); it only matters for momentum=None
             assert k.endswith("num_batches_tracked") or torch.equal(ta, b[k]), k
             continue
@@ -128,10 +128,10 @@ def test_two_ranks_reach_single_process_weights(shards, single_process_runs, tmp
     assert worst < 1e-3, f"{where} differs by {worst:.2e}"
 
     # the comparison is not vacuous: training moved the weights far more than the tolerance
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
     from hpc_dfs.models import build_model
     torch.manual_seed(3)
-    init = dist.convert_sync_batchnorm(build_model(**one["model_config"])).state_dict()
+    init = parallel.convert_sync_batchnorm(build_model(**one["model_config"])).state_dict()
     moved = model_rel_diff(one["model"], init)
     assert moved > 100 * 1e-5, f"weights barely moved ({moved:.2e}): the equivalence check would be vacuous"
     # and the validation metrics, computed from cases split over ranks, agree too
@@ -156,9 +156,9 @@ def test_two_ranks_reach_single_process_weights_with_the_defaults(shards, tmp_pa
     rel = model_rel_diff(one["model"], two["model"])
     assert rel < 1e-3, f"np=2 weights differ from np=1 by {rel:.2e} (relative) with the defaults; {lock.note()}"
     torch.manual_seed(3)
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
     from hpc_dfs.models import build_model
-    init = dist.convert_sync_batchnorm(build_model(**one["model_config"])).state_dict()
+    init = parallel.convert_sync_batchnorm(build_model(**one["model_config"])).state_dict()
     assert model_rel_diff(one["model"], init) > 10 * 1e-3, "weights barely moved: the check would be vacuous"
 
 

@@ -1,6 +1,6 @@
 """The SLURM + MPI + Horovod stack under a live one-node cluster, and the scripts' failure line.
 
-* an sbatch job runs ``srun --mpi=pmix -n 2`` of a Horovod allreduce through :mod:`hpc_dfs.dist`: both
+* an sbatch job runs ``srun --mpi=pmix -n 2`` of a Horovod allreduce through :mod:`hpc_dfs.parallel`: both
   ranks see size 2, launcher srun, and the right sum;
 * the scripts' plugin fallback (slurm/common.sh ``hd_preflight``) moves on when a plugin cannot start
   Horovod: Debian's Open MPI has no PMI-2 support, so with ``SRUN_MPI="pmi2 pmix"`` the pmi2 try
@@ -18,11 +18,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ALLREDUCE_PY = textwrap.dedent("""
     import sys, torch
-    from hpc_dfs import dist, fsutil
-    dist.init()
-    total = dist.allreduce(torch.tensor([float(dist.rank() + 1)]), op="sum", name="check").item()
-    info = dict(dist.topology(), total=total, device=str(dist.device()))
-    fsutil.write_json(sys.argv[1] + f"/rank{dist.rank()}.json", info)
+    from hpc_dfs import parallel, fsutil
+    parallel.init()
+    total = parallel.allreduce(torch.tensor([float(parallel.rank() + 1)]), op="sum", name="check").item()
+    info = dict(parallel.topology(), total=total, device=str(parallel.device()))
+    fsutil.write_json(sys.argv[1] + f"/rank{parallel.rank()}.json", info)
 """)
 
 

@@ -1,12 +1,17 @@
-"""The house rules of ARCHITECTURE.md, checked on the source (ast), so a change that breaks one fails here."""
+"""The house rules (README "Architecture", hpc_dfs/CONTRACTS.md), checked on the source, so a change that breaks one
+fails here."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[2] / "hpc_dfs"
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "hpc_dfs"
+LINTED = ("hpc_dfs", "tests", "bench", "preprocess")
 MAX_FUNCTION_LINES = 80
 
 
@@ -44,8 +49,8 @@ def test_no_function_longer_than_one_screen():
 @pytest.mark.parametrize("lib", ["horovod", "mpi4py"])
 def test_only_dist_imports_horovod_and_mpi4py(lib):
     bad = [_rel(p) for p, t in _modules()
-           if "/dist/" not in _rel(p) and any(n == lib or n.startswith(lib + ".") for n in _imports(t))]
-    assert not bad, f"{lib} imported outside hpc_dfs/dist: {bad}"
+           if "/parallel/" not in _rel(p) and any(n == lib or n.startswith(lib + ".") for n in _imports(t))]
+    assert not bad, f"{lib} imported outside hpc_dfs/parallel: {bad}"
 
 
 def test_models_know_nothing_of_ranks_or_files():
@@ -55,8 +60,8 @@ def test_models_know_nothing_of_ranks_or_files():
 
 
 def test_dist_imports_no_stage_and_nothing_imports_cli():
-    bad = [f"{_rel(p)}: {n}" for p, t in _modules() if "/dist/" in _rel(p)
-           for n in _imports(t) if n.startswith("hpc_dfs.") and not n.startswith(("hpc_dfs.dist", "hpc_dfs.config",
+    bad = [f"{_rel(p)}: {n}" for p, t in _modules() if "/parallel/" in _rel(p)
+           for n in _imports(t) if n.startswith("hpc_dfs.") and not n.startswith(("hpc_dfs.parallel", "hpc_dfs.config",
                                                                                    "hpc_dfs.errors"))]
     bad += [f"{_rel(p)}: {n}" for p, t in _modules() if _rel(p) not in ("hpc_dfs/__main__.py", "hpc_dfs/cli.py")
             for n in _imports(t) if n == "hpc_dfs.cli" or n.startswith("hpc_dfs.cli.")]
@@ -85,3 +90,13 @@ def test_every_error_derives_from_the_one_base():
                 if not issubclass(getattr(mod, node.name), HpcDfsError):
                     bad.append(f"{_rel(path)}:{node.lineno} {node.name}")
     assert not bad, f"error classes not derived from hpc_dfs.errors.HpcDfsError: {bad}"
+
+
+def test_ruff_sees_every_python_file():
+    """A folder that ruff excludes by default (``dist``, ``build``, ...) would hide its files from ``make lint``."""
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--show-files", *LINTED], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    seen = {Path(line.strip()).resolve() for line in out.stdout.splitlines() if line.strip().endswith(".py")}
+    every = {p.resolve() for d in LINTED for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts}
+    assert every <= seen, f"ruff does not check: {sorted(str(p.relative_to(ROOT)) for p in every - seen)}"

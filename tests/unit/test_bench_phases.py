@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import bench_predict  # noqa: E402
 import bench_preprocess  # noqa: E402
 
-from hpc_dfs.dist.phases import PhaseClock  # noqa: E402
+from hpc_dfs.parallel.phases import PhaseClock  # noqa: E402
 
 
 def _clock_json() -> str:

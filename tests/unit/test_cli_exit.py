@@ -21,7 +21,7 @@ def _fake_exit(code):
 
 def test_run_finishes_atexit_and_exits_at_once_with_main_code(monkeypatch):
     calls = []
-    monkeypatch.delitem(sys.modules, "hpc_dfs.dist", raising=False)  # no backend started in this process
+    monkeypatch.delitem(sys.modules, "hpc_dfs.parallel", raising=False)  # no backend started in this process
     monkeypatch.setattr(cli, "main", lambda argv=None: 3)
     monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: calls.append("atexit"))
     monkeypatch.setattr(cli.os, "_exit", _fake_exit)

@@ -148,7 +148,7 @@ def test_kits_json_uses_preoperative_features_only(tmp_path, kits19_dir):
     assert _run("--data", kits19_dir / "kits.json", "--target", "malignant", "--folds", 2, "--out", out,
                 "--models", "logistic_regression,gru", "--epochs", 5, "--no-shap") == 0
     report = json.loads((out / "metrics.json").read_text())
-    from hpc_dfs.data.clinical import TARGET_FIELDS
+    from hpc_dfs.data.kits_clinical import TARGET_FIELDS
 
     features = report["feature_names"]
     assert not any(f.split("_")[0] in ("pathology", "tumor") for f in features)
@@ -210,6 +210,6 @@ def test_gru_reaches_the_goal_on_uci_ckd_5_fold(tmp_path, uci_ckd_dir):
 
 
 def test_csv_target_that_is_not_a_column_is_named(tmp_path, capsys, uci_ckd_dir):
-    """Issue 14 hole 6: ``--target nope`` on the UCI CSV named the missing 'case_id', not the missing target."""
+    """``--target nope`` on the UCI CSV names the missing target, not a missing 'case_id'."""
     msg = _error(capsys, "--data", uci_ckd_dir / "kidney_disease.csv", "--target", "nope", "--out", tmp_path / "o")
     assert "kidney_disease.csv" in msg and "no target column 'nope'" in msg and "case_id" not in msg

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpc_dfs.data.clinical import (CATEGORICAL, PREOP_COLUMNS, TARGET_FIELDS, ClinicalError, ClinicalPipeline,
-                                   load_kits_records, preop_features, preop_frame, risk_labels)
+from hpc_dfs.data.kits_clinical import (CATEGORICAL, PREOP_COLUMNS, TARGET_FIELDS, ClinicalPipeline,
+                                        ClinicalRecordError, load_kits_records, preop_features, preop_frame,
+                                        risk_labels)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,8 @@ def test_kits23_schema(kits19_dir):
 def test_malformed_values_name_case_and_field(field, value, msg):
     rec = {"case_id": "case_00042", "age_at_nephrectomy": 60, "gender": "male", "body_mass_index": 25.0,
            field: value}
-    with pytest.raises(ClinicalError, match=r"\[case_00042\] malformed clinical value " + msg.replace("(", r"\(")):
+    with pytest.raises(ClinicalRecordError,
+                       match=r"\[case_00042\] malformed clinical value " + msg.replace("(", r"\(")):
         preop_features(rec)
     frame, bad = preop_frame([rec, {"case_id": "case_00043", "age_at_nephrectomy": 50}], errors="collect")
     assert list(frame.index) == ["case_00043"] and "case_00042" in bad

@@ -1,4 +1,4 @@
-"""hpc_dfs.dist in one process: the backend choice, the size-1 semantics, the rank from the environment.
+"""hpc_dfs.parallel in one process: the backend choice, the size-1 semantics, the rank from the environment.
 
 The 2-rank semantics are tested under real launchers in tests/distributed/spmd.
 """
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_dfs import dist
-from hpc_dfs.dist import backends
-from hpc_dfs.dist.launch import launch_rank_size
+from hpc_dfs import parallel
+from hpc_dfs.parallel import backends
+from hpc_dfs.parallel.launch import launch_rank_size
 from hpc_dfs.errors import EXIT_ENV, HpcDfsError
 
 LAUNCH_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "HOROVOD_RANK", "HOROVOD_SIZE", "PMIX_RANK",
@@ -27,8 +27,8 @@ def plain_env(monkeypatch):
 
 @pytest.fixture
 def no_backend(plain_env):
-    """dist before init(): the module's backend is put back after the test."""
-    plain_env.setattr(dist, "_backend", None)
+    """parallel before init(): the module's backend is put back after the test."""
+    plain_env.setattr(parallel, "_backend", None)
     return plain_env
 
 
@@ -129,14 +129,14 @@ def test_mpi_objects_backend_refuses_tensor_work():
                  lambda: b.broadcast_optimizer_state(torch.optim.SGD(model.parameters(), lr=0.1), 0),
                  lambda: b.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), None, "none",
                                                  "average", 1, 1.0)):
-        with pytest.raises(dist.DistError, match="needs Horovod") as err:
+        with pytest.raises(parallel.DistError, match="needs Horovod") as err:
             call()
         assert err.value.code == EXIT_ENV
 
 
 # ----------------------------------------------------------------------------- the choice at init()
 def test_dist_error_is_an_environment_error():
-    assert issubclass(dist.DistError, HpcDfsError) and dist.DistError("x").code == EXIT_ENV
+    assert issubclass(parallel.DistError, HpcDfsError) and parallel.DistError("x").code == EXIT_ENV
 
 
 def test_plain_process_without_horovod_falls_back_to_size_one(plain_env):
@@ -147,37 +147,38 @@ def test_plain_process_without_horovod_falls_back_to_size_one(plain_env):
 def test_many_processes_without_horovod_is_a_clear_error(plain_env):
     plain_env.setitem(sys.modules, "horovod.torch", None)
     plain_env.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    with pytest.raises(dist.DistError, match=r"launched with 2 processes \(mpirun\) but Horovod cannot be imported"):
+    with pytest.raises(parallel.DistError,
+                       match=r"launched with 2 processes \(mpirun\) but Horovod cannot be imported"):
         backends.select()
 
 
 def test_objects_only_under_mpirun_without_mpi4py_is_a_clear_error(plain_env):
     plain_env.setitem(sys.modules, "mpi4py", None)
     plain_env.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    with pytest.raises(dist.DistError, match="launched by mpirun but mpi4py cannot be imported"):
+    with pytest.raises(parallel.DistError, match="launched by mpirun but mpi4py cannot be imported"):
         backends.select(horovod=False)
 
 
 def test_init_chooses_once_and_functions_delegate(no_backend):
-    dist.init()
-    chosen = dist._backend
+    parallel.init()
+    chosen = parallel._backend
     assert chosen is not None
-    dist.init(horovod=False)                                   # idempotent: no second choice
-    assert dist._backend is chosen
-    assert (dist.rank(), dist.size(), dist.is_main(), dist.local_size()) == (0, 1, True, 1)
-    assert dist.allreduce_scalar(2.5, "sum") == 2.5
-    assert dist.topology()["launcher"] == "none"
-    assert dist.horovod_available() == (chosen.name == "horovod")
+    parallel.init(horovod=False)                                   # idempotent: no second choice
+    assert parallel._backend is chosen
+    assert (parallel.rank(), parallel.size(), parallel.is_main(), parallel.local_size()) == (0, 1, True, 1)
+    assert parallel.allreduce_scalar(2.5, "sum") == 2.5
+    assert parallel.topology()["launcher"] == "none"
+    assert parallel.horovod_available() == (chosen.name == "horovod")
 
 
 def test_functions_initialise_on_first_use(no_backend):
-    assert dist.size() == 1 and dist._backend is not None
+    assert parallel.size() == 1 and parallel._backend is not None
 
 
 # ----------------------------------------------------------------------------- rank from the environment
 def test_env_helper_plain_process(no_backend):
     assert launch_rank_size() == (0, 1)
-    assert dist.rank_size_or_env() == (0, 1)
+    assert parallel.rank_size_or_env() == (0, 1)
 
 
 @pytest.mark.parametrize("env, expect", [
@@ -193,15 +194,15 @@ def test_env_helper_reads_each_launcher(no_backend, env, expect):
     for var, value in env.items():
         no_backend.setenv(var, value)
     assert launch_rank_size() == expect
-    assert dist.rank_size_or_env() == expect                   # no backend yet: the environment's answer
-    assert dist._backend is None                               # and asking did not initialise anything
+    assert parallel.rank_size_or_env() == expect                   # no backend yet: the environment's answer
+    assert parallel._backend is None                               # and asking did not initialise anything
 
 
 def test_env_helper_prefers_the_backend_once_initialised(no_backend):
     no_backend.setenv("OMPI_COMM_WORLD_RANK", "3")
     no_backend.setenv("OMPI_COMM_WORLD_SIZE", "4")
-    no_backend.setattr(dist, "_backend", backends.SingleBackend())
-    assert dist.rank_size_or_env() == (0, 1)
+    no_backend.setattr(parallel, "_backend", backends.SingleBackend())
+    assert parallel.rank_size_or_env() == (0, 1)
 
 
 @pytest.mark.parametrize("env, expect", [
@@ -213,4 +214,4 @@ def test_env_helper_prefers_the_backend_once_initialised(no_backend):
 def test_launcher_detection(plain_env, env, expect):
     for var, value in env.items():
         plain_env.setenv(var, value)
-    assert dist.launcher() == expect
+    assert parallel.launcher() == expect

@@ -1,11 +1,11 @@
-"""environment.yml (conda users) stays consistent with pyproject.toml, and the dist layer works at size 1."""
+"""environment.yml (conda users) stays consistent with pyproject.toml, and the parallel layer works at size 1."""
 import re
 import tomllib
 from pathlib import Path
 
 import yaml
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 
 REPO = Path(__file__).resolve().parents[2]
 CONDA_NAMES = {"torch": "pytorch", "xxhash": "python-xxhash"}  # PyPI name -> conda-forge name where they differ
@@ -29,11 +29,11 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
 
 def test_dist_single_process_semantics():
     import torch
-    dist.init()
-    assert (dist.rank(), dist.size(), dist.is_main()) == (0, 1, True)
+    parallel.init()
+    assert (parallel.rank(), parallel.size(), parallel.is_main()) == (0, 1, True)
     t = torch.tensor([1.0, 2.0])
-    assert torch.equal(dist.allreduce(t, "sum"), t)
-    assert dist.allgather_object({"a": 1}) == [{"a": 1}]
-    assert dist.broadcast_object("x") == "x"
-    assert dist.device().type in ("cpu", "cuda")
-    assert dist.topology()["launcher"] == "none"
+    assert torch.equal(parallel.allreduce(t, "sum"), t)
+    assert parallel.allgather_object({"a": 1}) == [{"a": 1}]
+    assert parallel.broadcast_object("x") == "x"
+    assert parallel.device().type in ("cpu", "cuda")
+    assert parallel.topology()["launcher"] == "none"

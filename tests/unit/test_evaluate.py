@@ -249,7 +249,7 @@ def test_label_outside_0_1_2_is_an_error_naming_the_case(tmp_path, capsys):
 
 
 def test_predictions_not_from_the_run_of_summary_json_are_refused(tmp_path, capsys):
-    """Issue 14 hole 2: a prediction whose case failed in summary.json, or whose header names another checkpoint or
+    """A prediction whose case failed in summary.json, or whose header names another checkpoint or
     input, is refused (exit 3) naming the file; without provenance in the summary nothing is checked."""
     from hpc_dfs.cli import main
     aff = ev.kits_affine((1, 1, 1))

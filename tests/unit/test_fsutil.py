@@ -44,7 +44,7 @@ def test_atomic_files_get_umask_mode_not_0600(tmp_path):
 
 
 def test_a_full_disk_is_one_error_naming_the_final_file(tmp_path):
-    """Issue 14 hole 5: ENOSPC while writing is a DiskWriteError (exit 4) naming the file, nothing partial left."""
+    """ENOSPC while writing is a DiskWriteError (exit 4) naming the file, nothing partial left."""
     import errno
 
     from hpc_dfs.errors import EXIT_ENV, HpcDfsError

@@ -132,7 +132,7 @@ def test_one_layout_for_every_stage(tmp_path):
 
     assert kits_io.CASE_RE is layout.CASE_RE is predict.CASE_RE
     assert kits_io.IMAGE_NAME is layout.IMAGE_NAME is predict.IMAGE_NAME == "imaging.nii.gz"
-    assert kits_io.LABEL_NAMES[0] == layout.LABEL_NAME == "segmentation.nii.gz"
+    assert kits_io.LABEL_FILES[0] == layout.LABEL_NAME == "segmentation.nii.gz"
     assert evaluate.PRED_RE is layout.PRED_RE
     assert layout.CASE_RE.match("case_00012").group(1) == "00012"
     for bad in ("case_12", "case_000123", "case_0001a", "xcase_00012"):
@@ -150,13 +150,13 @@ def test_one_layout_for_every_stage(tmp_path):
 
 
 def test_data_errors_share_the_one_base():
-    from hpc_dfs.data.clinical import ClinicalError
+    from hpc_dfs.data.kits_clinical import ClinicalRecordError
     from hpc_dfs.data.uci_ckd import UCICKDError
     from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 
     err = CaseError("case_00007", "truncated gzip")
     assert isinstance(err, HpcDfsError) and err.code == EXIT_DATA and str(err) == "[case_00007] truncated gzip"
-    clin = ClinicalError("case_00007", "malformed clinical value age=-1")
+    clin = ClinicalRecordError("case_00007", "malformed clinical value age=-1")
     assert isinstance(clin, HpcDfsError) and isinstance(clin, ValueError) and clin.code == EXIT_DATA
     assert str(clin) == "[case_00007] malformed clinical value age=-1"
     uci = UCICKDError("x.arff: no @data section")

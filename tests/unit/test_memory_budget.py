@@ -1,4 +1,4 @@
-"""Preprocessing memory (issue 13, item 3): the frugal code paths give exactly what the whole-volume ones gave,
+"""Preprocessing memory: the frugal code paths give exactly what the whole-volume ones gave,
 and a case that cannot fit in this rank's memory fails with one line naming it instead of an OOM kill."""
 from __future__ import annotations
 

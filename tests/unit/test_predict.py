@@ -229,12 +229,12 @@ def test_nifti_bytes_are_deterministic(setup):
 
 def test_a_setup_error_on_one_rank_stops_every_rank(setup, tmp_path, monkeypatch):
     """The ranks agree on setup: a rank whose own setup went well still raises when a peer's failed (no hang)."""
-    from hpc_dfs import dist
+    from hpc_dfs import parallel
     from hpc_dfs.config.predict import PredictConfig
     from hpc_dfs.stages import predict
     paths = predict.PredictPaths([setup["ckpts"][0]], setup["data"], tmp_path / "o")
     peer = ("--input /node2/data: no such folder", 2)
-    monkeypatch.setattr(dist, "allgather_object", lambda obj, *a, **k: [obj, peer])
+    monkeypatch.setattr(parallel, "allgather_object", lambda obj, *a, **k: [obj, peer])
     with pytest.raises(predict.PredictError, match="rank 1: --input /node2/data: no such folder") as err:
         predict._setup_on_every_rank(PredictConfig(), paths)
     assert err.value.code == 2
@@ -254,7 +254,7 @@ def test_errors_are_one_line_on_stderr(setup, tmp_path, capsys):
 
 
 def test_provenance_stale_tmp_and_a_failed_case_moved_aside(setup, tmp_path, capsys):
-    """Issue 14 holes 2 and 6: the header and summary carry the checkpoint and input sha256; a rerun cleans the
+    """The header and summary carry the checkpoint and input sha256; a rerun cleans the
     .tmp-* a killed run left; a case that fails on a rerun has its earlier prediction moved to stale/, and
     evaluate refuses a prediction that is not from the run of summary.json."""
     from hpc_dfs.fsutil import sha256_file

@@ -17,7 +17,7 @@ import pytest
 
 from hpc_dfs.cli import main as cli_main
 from hpc_dfs.config.data import PreprocessConfig
-from hpc_dfs.data.clinical import ClinicalPipeline
+from hpc_dfs.data.kits_clinical import ClinicalPipeline
 from hpc_dfs.data.geometry import prepare_image, prepare_label, resample_image, restore_labels, restore_volume
 from hpc_dfs.data.kits_io import kits_affine
 from hpc_dfs.data.shards import validate_shard
@@ -141,7 +141,7 @@ def test_manifest_and_shards_follow_the_contract(tmp_path):
         assert len(json.loads(g.attrs["affine"])) == 4 and g.attrs["orientation"] == "IPL"
         assert len(g.attrs["source_sha256"]) == 64 and json.loads(g.attrs["preprocessing"]) == pre
         # the shard's clinical vector is what the stored pipeline gives for that record
-        from hpc_dfs.data.clinical import load_kits_records, preop_frame
+        from hpc_dfs.data.kits_clinical import load_kits_records, preop_frame
         frame = preop_frame(load_kits_records(data / "kits.json"))
         np.testing.assert_array_equal(g["clinical"][()], pipe.transform(frame.loc[["case_00001"]])[0])
         assert int(g["classes_present"][()][:, 2].sum()) == m["cases"][1]["slices_with"]["tumor"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpc_dfs.dist import backends
-from hpc_dfs.dist.phases import PhaseClock, process_start
+from hpc_dfs.parallel import backends
+from hpc_dfs.parallel.phases import PhaseClock, process_start
 from hpc_dfs.stages import preprocess as pre
 
 
@@ -105,8 +105,8 @@ def test_phase_clock_counts_from_the_process_start():
     assert clock.json().startswith('[{"name":"a"')
 
 
-def _plan(sizes: dict[str, int]) -> pre.Plan:
-    return pre.Plan(Path("."), "kits19", {0: 0}, ["background"], {c: Path(c) for c in sizes},
+def _plan(sizes: dict[str, int]) -> pre.PreprocessPlan:
+    return pre.PreprocessPlan(Path("."), "kits19", {0: 0}, ["background"], {c: Path(c) for c in sizes},
                     {c: {"n_voxels": n} for c, n in sizes.items()})
 
 
@@ -135,7 +135,7 @@ def test_on_a_tie_the_last_rank_fits_and_alone_it_is_rank_0():
 
 
 def test_a_plain_process_asking_for_ranks_only_starts_no_horovod(monkeypatch):
-    from hpc_dfs.dist.launch import launch_rank_size
+    from hpc_dfs.parallel.launch import launch_rank_size
 
     class _Hvd:  # a Horovod that imports: init() must not be reached
         def __getattr__(self, name):

@@ -135,7 +135,7 @@ def test_validate_detects_corruption(shards, tmp_path):
         ShardSet(copy).validate()
 
 
-# ----------------------------------------------------------------------------- integrity (issue 14 holes 1 and 4)
+# ----------------------------------------------------------------------------- integrity ------------------------
 def _flip(path, dataset: str, case_id: str, chunk: int, at: int = 100, n: int = 4) -> None:
     """Flip ``n`` bytes inside chunk ``chunk`` of ``case_id/dataset``, as disk corruption would."""
     with h5py.File(path, "r") as f:
@@ -250,7 +250,7 @@ def test_compressed_layout_is_checked_on_every_read_too(tmp_path):
 
 @pytest.mark.slow
 def test_train_stops_before_the_first_step_on_a_corrupt_shard(copy, tmp_path):
-    """Issue 14 hole 4 end to end: `hpc-dfs train` names the corrupt shard, case and slice at start-up."""
+    """End to end: `hpc-dfs train` names the corrupt shard, case and slice at start-up."""
     import subprocess
     import sys
     from tests.launch import REPO, job_env

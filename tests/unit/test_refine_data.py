@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 from hpc_dfs.cli import main as cli
 from hpc_dfs.data.reader import ShardError, ShardSet, SliceDataset
 from hpc_dfs.data.roi import context_indices
@@ -43,7 +43,7 @@ def data(tmp_path_factory) -> Path:
     assert cli(["synth", "--out", str(root / "data"), "--cases", str(N_CASES), "--seed", "0", "--size", "32",
                 "--min-slices", "6", "--max-slices", "8"]) == 0
     _erase_kidneys(root / "data" / EMPTY)
-    dist.init()
+    parallel.init()
     return root / "data"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_dfs import dist
+from hpc_dfs import parallel
 from hpc_dfs.cli import main as cli
 from hpc_dfs.config import load
 from hpc_dfs.config.train import TrainConfig
@@ -32,8 +32,8 @@ def shards(tmp_path_factory) -> Path:
                 "--min-slices", "6", "--max-slices", "8"]) == 0
     assert cli(["preprocess", "--data", str(root / "data"), "--out", str(root / "shards"), "--slice-size", "32,32",
                 "--n-folds", "4"]) == 0
-    dist.init()
-    assert dist.size() == 1
+    parallel.init()
+    assert parallel.size() == 1
     return root / "shards"
 
 

@@ -1,4 +1,4 @@
-"""SPMD tests of hpc_dfs.dist: pytest runs on EVERY rank, under a real launcher.
+"""SPMD tests of hpc_dfs.parallel: pytest runs on EVERY rank, under a real launcher.
 
     mpirun --allow-run-as-root --oversubscribe -np 2 --tag-output .venv/bin/python -m pytest tests/distributed/spmd
     horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python -m pytest tests/distributed/spmd
@@ -15,54 +15,54 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpc_dfs import dist
-from hpc_dfs.dist.launch import launch_rank_size
+from hpc_dfs import parallel
+from hpc_dfs.parallel.launch import launch_rank_size
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _init():
-    dist.init()
+    parallel.init()
     torch.set_num_threads(1)
     yield
 
 
 def test_topology_matches_launcher():
-    topo = dist.topology()
+    topo = parallel.topology()
     assert topo["size"] == launch_rank_size()[1]
-    assert launch_rank_size() == (dist.rank(), dist.size()) == dist.rank_size_or_env()
+    assert launch_rank_size() == (parallel.rank(), parallel.size()) == parallel.rank_size_or_env()
     assert 0 <= topo["rank"] < topo["size"]
-    assert dist.is_main() == (dist.rank() == 0)
-    gathered = dist.allgather_object(dist.rank())
-    assert gathered == list(range(dist.size()))
+    assert parallel.is_main() == (parallel.rank() == 0)
+    gathered = parallel.allgather_object(parallel.rank())
+    assert gathered == list(range(parallel.size()))
 
 
 def test_allreduce_mean_and_sum_exact():
-    n, r = dist.size(), dist.rank()
+    n, r = parallel.size(), parallel.rank()
     t = torch.arange(4, dtype=torch.float32) + 10.0 * r
-    mean = dist.allreduce(t, op="mean", name="t.mean")
-    total = dist.allreduce(t, op="sum", name="t.sum")
+    mean = parallel.allreduce(t, op="mean", name="t.mean")
+    total = parallel.allreduce(t, op="sum", name="t.sum")
     expect_sum = sum(torch.arange(4, dtype=torch.float32) + 10.0 * q for q in range(n))
     assert torch.equal(total, expect_sum)
     assert torch.equal(mean, expect_sum / n)
-    assert dist.allreduce_scalar(r + 1.0, op="mean") == pytest.approx((n + 1) / 2)
-    assert dist.allreduce_scalar(r + 1, op="sum") == n * (n + 1) / 2
-    assert dist.allreduce_scalar(r, op="max") == n - 1
+    assert parallel.allreduce_scalar(r + 1.0, op="mean") == pytest.approx((n + 1) / 2)
+    assert parallel.allreduce_scalar(r + 1, op="sum") == n * (n + 1) / 2
+    assert parallel.allreduce_scalar(r, op="max") == n - 1
 
 
 def test_broadcast_model_and_objects():
-    torch.manual_seed(100 + dist.rank())           # different weights on every rank
+    torch.manual_seed(100 + parallel.rank())           # different weights on every rank
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
-    dist.broadcast_model(model, root=0)
+    parallel.broadcast_model(model, root=0)
     flat = torch.cat([p.detach().flatten() for p in model.state_dict().values()])
     torch.manual_seed(100)
     ref = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
     ref_flat = torch.cat([p.flatten() for p in ref.state_dict().values()])
     assert torch.equal(flat, ref_flat)             # every rank now holds rank 0's weights
-    obj = dist.broadcast_object({"rank": dist.rank(), "cfg": [1, 2]}, root=0)
+    obj = parallel.broadcast_object({"rank": parallel.rank(), "cfg": [1, 2]}, root=0)
     assert obj == {"rank": 0, "cfg": [1, 2]}
-    dist.barrier()
+    parallel.barrier()
 
 
 def _data(rank: int, per_rank: int = 4):
@@ -72,17 +72,17 @@ def _data(rank: int, per_rank: int = 4):
 
 def test_distributed_optimizer_equals_single_process_on_concatenated_batch():
     """5 SGD+momentum steps, different data per rank == one process on the concatenated batch."""
-    n = dist.size()
+    n = parallel.size()
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double().float()
     ref = copy.deepcopy(model)
-    opt = dist.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+    opt = parallel.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                                     model.named_parameters())
-    dist.broadcast_model(model)
-    dist.broadcast_optimizer_state(opt)
+    parallel.broadcast_model(model)
+    parallel.broadcast_optimizer_state(opt)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     for step in range(5):
-        x, y = _data(dist.rank() + 100 * step)
+        x, y = _data(parallel.rank() + 100 * step)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -91,7 +91,7 @@ def test_distributed_optimizer_equals_single_process_on_concatenated_batch():
         nn.functional.mse_loss(ref(torch.cat(xs)), torch.cat(ys)).backward()
         ref_opt.step()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    everyone = dist.allgather(flat.unsqueeze(0), name="opt.params")
+    everyone = parallel.allgather(flat.unsqueeze(0), name="opt.params")
     ref_flat = torch.cat([p.detach().flatten() for p in ref.parameters()])
     for q in range(n):                              # bitwise identical on all ranks
         assert torch.equal(everyone[q], flat)
@@ -99,14 +99,14 @@ def test_distributed_optimizer_equals_single_process_on_concatenated_batch():
 
 
 def test_sync_batchnorm_equals_global_batch_norm():
-    """dist.SyncBatchNorm on per-rank halves == nn.BatchNorm2d on the whole batch (fwd and grad)."""
-    n, r = dist.size(), dist.rank()
+    """parallel.SyncBatchNorm on per-rank halves == nn.BatchNorm2d on the whole batch (fwd and grad)."""
+    n, r = parallel.size(), parallel.rank()
     g = torch.Generator().manual_seed(5)
     full = torch.randn(2 * n, 3, 5, 5, generator=g)
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(3)
-    sbn = dist.convert_sync_batchnorm(copy.deepcopy(bn))
-    assert isinstance(sbn, dist.SyncBatchNorm) or torch.cuda.is_available()
+    sbn = parallel.convert_sync_batchnorm(copy.deepcopy(bn))
+    assert isinstance(sbn, parallel.SyncBatchNorm) or torch.cuda.is_available()
     x = full[2 * r:2 * r + 2].clone().requires_grad_(True)
     y = sbn(x)
     (y * torch.arange(y.numel()).view_as(y).float().sin()).sum().backward()
@@ -122,11 +122,11 @@ def test_sync_batchnorm_equals_global_batch_norm():
 
 def test_mpi_objects_backend_under_an_mpi_launcher():
     """The backend of init(horovod=False) under mpirun/srun: ranks, objects, number allreduce, tensor work refused."""
-    if dist.launcher() not in ("mpirun", "srun"):
-        pytest.skip(f"the mpi4py backend runs only under an MPI launcher (this is {dist.launcher()})")
+    if parallel.launcher() not in ("mpirun", "srun"):
+        pytest.skip(f"the mpi4py backend runs only under an MPI launcher (this is {parallel.launcher()})")
     from mpi4py import MPI
 
-    from hpc_dfs.dist.backends import MpiObjectsBackend
+    from hpc_dfs.parallel.backends import MpiObjectsBackend
     b = MpiObjectsBackend(MPI.COMM_WORLD, MPI)
     n, r = b.size, b.rank
     gathered = b.allgather_object({"r": r}, None)
@@ -134,13 +134,13 @@ def test_mpi_objects_backend_under_an_mpi_launcher():
     mean = b.allreduce_array(np.array([r + 1.0, 2.0 * r]), "avg", None)
     top = b.allreduce_array(np.array([float(r)]), "max", None)
     b.barrier()
-    assert (r, n, b.local_size) == (dist.rank(), dist.size(), dist.local_size())
+    assert (r, n, b.local_size) == (parallel.rank(), parallel.size(), parallel.local_size())
     assert gathered == [{"r": q} for q in range(n)]
     assert root_obj == ("from", 0)
     np.testing.assert_allclose(mean, [(n + 1) / 2, n - 1.0])
     assert top[0] == n - 1
-    with pytest.raises(dist.DistError, match="needs Horovod"):
+    with pytest.raises(parallel.DistError, match="needs Horovod"):
         b.allreduce(torch.ones(1), "sum", None)
-    with pytest.raises(dist.DistError, match="needs Horovod"):
+    with pytest.raises(parallel.DistError, match="needs Horovod"):
         b.distributed_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), None, "none",
                                 "average", 1, 1.0)

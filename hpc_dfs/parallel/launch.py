@@ -1,7 +1,7 @@
 """What the launcher tells this process through its environment: how it was started, and its rank and size.
 
-Read before any backend exists (the logger tags lines with the rank before :func:`hpc_dfs.dist.init`), and
-by :func:`hpc_dfs.dist.init` to know how many processes the launcher started. Nothing here initialises
+Read before any backend exists (the logger tags lines with the rank before :func:`hpc_dfs.parallel.init`), and
+by :func:`hpc_dfs.parallel.init` to know how many processes the launcher started. Nothing here initialises
 anything.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def launch_rank_size() -> tuple[int, int]:
     """(rank, size) of this process as the launcher's environment states them; (0, 1) for a plain process.
 
     This is the one place that reads the rank and the size from the environment. Once a backend is chosen,
-    ask it instead (:func:`hpc_dfs.dist.rank_size_or_env` does).
+    ask it instead (:func:`hpc_dfs.parallel.rank_size_or_env` does).
 
     Returns:
         ``(rank, size)``.

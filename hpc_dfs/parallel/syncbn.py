@@ -23,15 +23,15 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from hpc_dfs import dist
-        if not self.training or dist.size() == 1:
+        from hpc_dfs import parallel
+        if not self.training or parallel.size() == 1:
             return super().forward(x)  # plain batch norm: eval, or one rank holds the whole batch
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         xf = x.float()
         count = torch.full((1,), float(x.numel() // c), dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = dist.allreduce(stats, op="sum", name=None)
+        stats = parallel.allreduce(stats, op="sum", name=None)
         total = stats[-1]
         mean = stats[:c] / total
         var = (stats[c:2 * c] / total - mean * mean).clamp_min(0.0)
@@ -51,10 +51,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm layer of ``module`` by a rank-synchronised one (weights kept)."""
-    from hpc_dfs import dist
-    use_hvd = torch.cuda.is_available() and dist.horovod_available()
+    from hpc_dfs import parallel
+    use_hvd = torch.cuda.is_available() and parallel.horovod_available()
     if use_hvd:
-        import horovod.torch as hvd  # dist/ is the one package allowed to import horovod
+        import horovod.torch as hvd  # parallel/ is the one package allowed to import horovod
         cls = hvd.SyncBatchNorm
     else:
         cls = SyncBatchNorm

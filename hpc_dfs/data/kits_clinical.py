@@ -12,7 +12,7 @@ the surgeon chose after imaging) may only be *targets*; :func:`risk_labels` give
 
 The real files mix types: ``"not_applicable"``, ``">=90"``, ``null``, numbers as strings
 (``"50"``). These are read as values or missing; anything else (``"abc"`` as an age, a number as a
-gender) is a :class:`ClinicalError` naming the case and field.
+gender) is a :class:`ClinicalRecordError` naming the case and field.
 
 :class:`ClinicalPipeline` is an sklearn ``ColumnTransformer`` (median imputation with missing
 indicators + ``StandardScaler`` for numbers; missing categories become their own category
@@ -24,7 +24,7 @@ numpy evaluation equals sklearn's own ``transform``).
 
 Usage::
 
-    from hpc_dfs.data.clinical import load_kits_records, preop_frame, risk_labels, ClinicalPipeline
+    from hpc_dfs.data.kits_clinical import load_kits_records, preop_frame, risk_labels, ClinicalPipeline
     records = load_kits_records("data/kits/kits.json")
     X = preop_frame(records)                        # DataFrame indexed by case_id
     y = risk_labels(records)                        # Series: 1.0 malignant, 0.0 benign, NaN unknown
@@ -45,7 +45,7 @@ import pandas as pd
 
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 
-__all__ = ["ClinicalError", "NUMERIC", "CATEGORICAL", "BOOLEAN", "PREOP_COLUMNS", "TARGET_FIELDS",
+__all__ = ["ClinicalRecordError", "NUMERIC", "CATEGORICAL", "BOOLEAN", "PREOP_COLUMNS", "TARGET_FIELDS",
            "load_kits_records", "find_clinical_file", "flatten_record", "preop_features", "preop_frame",
            "risk_label", "risk_labels", "ClinicalPipeline"]
 
@@ -80,7 +80,7 @@ _RANGES = {"age_at_nephrectomy": (0, 120), "body_mass_index": (8, 120), "pack_ye
            "age_when_quit_smoking": (0, 120), "radiographic_size": (0, 60), "last_preop_egfr": (0, 300)}
 
 
-class ClinicalError(HpcDfsError, ValueError):
+class ClinicalRecordError(HpcDfsError, ValueError):
     """A clinical record is missing or malformed; the message names case and field (exit code 3)."""
 
     code = EXIT_DATA
@@ -156,7 +156,7 @@ def flatten_record(record: dict) -> dict:
 def _number(cid: str, name: str, v: Any) -> float:
     if v is None or isinstance(v, bool):
         if isinstance(v, bool):
-            raise ClinicalError(cid, f"malformed clinical value {name}={v!r} (expected a number)")
+            raise ClinicalRecordError(cid, f"malformed clinical value {name}={v!r} (expected a number)")
         return math.nan
     if isinstance(v, (int, float, np.integer, np.floating)):
         x = float(v)
@@ -168,14 +168,15 @@ def _number(cid: str, name: str, v: Any) -> float:
         try:
             x = float(m.group(2)) if m else float(s)  # ">=90" -> 90: the censoring bound itself
         except ValueError:
-            raise ClinicalError(cid, f"malformed clinical value {name}={v!r} (expected a number)") from None
+            raise ClinicalRecordError(cid, f"malformed clinical value {name}={v!r} (expected a number)") from None
     else:
-        raise ClinicalError(cid, f"malformed clinical value {name}={v!r} (expected a number)")
+        raise ClinicalRecordError(cid, f"malformed clinical value {name}={v!r} (expected a number)")
     if not math.isfinite(x):
         return math.nan
     lo, hi = _RANGES.get(name, (-math.inf, math.inf))
     if not lo <= x <= hi:
-        raise ClinicalError(cid, f"malformed clinical value {name}={v!r} (outside the plausible range {lo}..{hi})")
+        raise ClinicalRecordError(cid, f"malformed clinical value {name}={v!r} "
+                                       f"(outside the plausible range {lo}..{hi})")
     return x
 
 
@@ -183,7 +184,7 @@ def _category(cid: str, name: str, v: Any) -> Optional[str]:
     if v is None:
         return None
     if not isinstance(v, str):
-        raise ClinicalError(cid, f"malformed clinical value {name}={v!r} (expected a category string)")
+        raise ClinicalRecordError(cid, f"malformed clinical value {name}={v!r} (expected a category string)")
     s = v.strip().lower()
     return None if s in _MISSING else s
 
@@ -203,13 +204,13 @@ def _boolean(cid: str, name: str, v: Any) -> float:
             return 0.0
         if s in _MISSING:
             return math.nan
-    raise ClinicalError(cid, f"malformed clinical value {name}={v!r} (expected true/false)")
+    raise ClinicalRecordError(cid, f"malformed clinical value {name}={v!r} (expected true/false)")
 
 
 def preop_features(record: dict) -> dict:
     """The pre-operative inputs of one record as ``{column: value}`` (floats, strings or None/NaN).
 
-    Raises :class:`ClinicalError` for a malformed value. Post-operative fields are never read.
+    Raises :class:`ClinicalRecordError` for a malformed value. Post-operative fields are never read.
     """
     cid = str(record.get("case_id", "?"))
     flat = flatten_record(record)
@@ -228,7 +229,7 @@ def preop_frame(records: Iterable[dict], errors: str = "raise") -> pd.DataFrame 
 
     Args:
         records: KiTS records (from :func:`load_kits_records`).
-        errors: 'raise' (first malformed record raises :class:`ClinicalError`) or 'collect' (malformed
+        errors: 'raise' (first malformed record raises :class:`ClinicalRecordError`) or 'collect' (malformed
             records are left out and ``(frame, {case_id: message})`` is returned).
     """
     rows, index, bad = [], [], {}
@@ -236,7 +237,7 @@ def preop_frame(records: Iterable[dict], errors: str = "raise") -> pd.DataFrame 
         try:
             rows.append(preop_features(rec))
             index.append(str(rec["case_id"]))
-        except ClinicalError as e:
+        except ClinicalRecordError as e:
             if errors == "raise":
                 raise
             bad[e.case_id] = str(e)

@@ -1,4 +1,4 @@
-"""The three backends behind :mod:`hpc_dfs.dist`, and the choice among them (:func:`select`).
+"""The three backends behind :mod:`hpc_dfs.parallel`, and the choice among them (:func:`select`).
 
 ============  ===========================================  ==============================================
 backend       chosen when                                  what it can do
@@ -13,7 +13,7 @@ Single        a plain process: ``init(horovod=False)``,    size-1 semantics of e
               imported
 ============  ===========================================  ==============================================
 
-Horovod and mpi4py are imported here and nowhere else in hpc_dfs (and in :mod:`hpc_dfs.dist.syncbn` for
+Horovod and mpi4py are imported here and nowhere else in hpc_dfs (and in :mod:`hpc_dfs.parallel.syncbn` for
 ``hvd.SyncBatchNorm``), only when a backend is chosen.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from hpc_dfs.dist.launch import launch_rank_size, launcher
+from hpc_dfs.parallel.launch import launch_rank_size, launcher
 from hpc_dfs.errors import EXIT_ENV, HpcDfsError
 
 __all__ = ["DistError", "Backend", "HorovodBackend", "MpiObjectsBackend", "SingleBackend", "reduction", "select"]
@@ -60,7 +60,7 @@ def reduction(op: str) -> str:
 
 
 class Backend(abc.ABC):
-    """What every backend answers; the public functions of :mod:`hpc_dfs.dist` delegate to it.
+    """What every backend answers; the public functions of :mod:`hpc_dfs.parallel` delegate to it.
 
     The job's shape is fixed once the backend is started, so it is held as plain attributes.
 
@@ -77,7 +77,7 @@ class Backend(abc.ABC):
         self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
 
     def describe(self) -> dict:
-        """The backend's part of :func:`hpc_dfs.dist.topology`."""
+        """The backend's part of :func:`hpc_dfs.parallel.topology`."""
         return {"horovod": False, "mpi4py": False}
 
     @abc.abstractmethod
@@ -236,7 +236,7 @@ class MpiObjectsBackend(Backend):
 
     @staticmethod
     def _needs_horovod(what: str) -> DistError:
-        return DistError(f"{what} needs Horovod: call dist.init() (not init(horovod=False)) in this stage")
+        return DistError(f"{what} needs Horovod: call parallel.init() (not init(horovod=False)) in this stage")
 
     def allreduce(self, tensor, op, name):
         raise self._needs_horovod("tensor collectives")
@@ -366,7 +366,7 @@ def select(horovod: bool = True) -> Backend:
 
 def _mpi_objects(lch: str) -> MpiObjectsBackend:
     try:
-        from mpi4py import MPI  # mpi4py is imported only in hpc_dfs/dist
+        from mpi4py import MPI  # mpi4py is imported only in hpc_dfs/parallel
     except ImportError as e:
         raise DistError(f"launched by {lch} but mpi4py cannot be imported ({e}); run `make setup`") from None
     return MpiObjectsBackend(MPI.COMM_WORLD, MPI)

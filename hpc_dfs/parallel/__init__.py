@@ -2,13 +2,13 @@
 
 Usage::
 
-    from hpc_dfs import dist
-    dist.init()                     # or dist.init(horovod=False) in a stage that needs only ranks and objects
-    if dist.is_main(): log.info("world size %d", dist.size())
-    opt = dist.DistributedOptimizer(opt, model.named_parameters())
-    dist.broadcast_model(model); dist.broadcast_optimizer_state(opt)
+    from hpc_dfs import parallel
+    parallel.init()                     # or parallel.init(horovod=False) in a stage that needs only ranks and objects
+    if parallel.is_main(): log.info("world size %d", parallel.size())
+    opt = parallel.DistributedOptimizer(opt, model.named_parameters())
+    parallel.broadcast_model(model); parallel.broadcast_optimizer_state(opt)
 
-:func:`init` picks ONE backend object (:mod:`hpc_dfs.dist.backends`) and every function below delegates to it:
+:func:`init` picks ONE backend object (:mod:`hpc_dfs.parallel.backends`) and every function below delegates to it:
 
 - **Horovod** (``horovod.torch``): :func:`init` under any launcher, and in a plain process at size 1.
   Tensor collectives (a differentiable allreduce), object collectives, the distributed optimizer.
@@ -40,9 +40,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from hpc_dfs.dist.backends import Backend, DistError, select
-from hpc_dfs.dist.launch import launch_rank_size, launcher
-from hpc_dfs.dist.syncbn import SyncBatchNorm, convert_sync_batchnorm
+from hpc_dfs.parallel.backends import Backend, DistError, select
+from hpc_dfs.parallel.launch import launch_rank_size, launcher
+from hpc_dfs.parallel.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "DistError", "init", "shutdown", "finish_for_exit", "horovod_available", "launcher", "rank_size_or_env", "rank",
@@ -298,7 +298,7 @@ def abort(code: int = 1) -> None:
     sys.stderr.flush()
     if launcher() in ("mpirun", "srun"):
         try:
-            from mpi4py import MPI  # mpi4py is imported only in hpc_dfs/dist
+            from mpi4py import MPI  # mpi4py is imported only in hpc_dfs/parallel
             MPI.COMM_WORLD.Abort(code)
         except Exception:  # pragma: no cover - fall through to a hard exit
             pass
