@@ -62,7 +62,7 @@ from hpc_dfs.config import add_arguments as add_config_arguments, from_args
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.log import get_logger
-from hpc_dfs.training.plan import SetupError, checked, model_kwargs, prepare
+from hpc_dfs.training.plan import SetupError, checked, engine_for, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
 
 __all__ = ["add_arguments", "main", "train"]
@@ -99,8 +99,9 @@ def main(args: argparse.Namespace) -> int:
             written; with several ranks the line is logged and the job aborted with its code.
     """
     cfg = from_args(TrainConfig, args)
+    cfg = dataclasses.replace(cfg, engine=engine_for(cfg))   # recorded in config.toml and the checkpoint
     _horovod_environment(cfg)
-    parallel.init()
+    parallel.init(engine=cfg.engine, timeout_s=cfg.horovod.stall_timeout)
     log = get_logger("hpc_dfs.train")
     try:
         resume = args.resume or (args.auto_resume and (Path(args.out) / "checkpoints" / "last.pt").is_file())
