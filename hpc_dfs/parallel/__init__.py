@@ -53,7 +53,7 @@ from hpc_dfs.parallel.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "DistError", "init", "engine", "requested_engine", "shutdown", "finish_for_exit",
-    "horovod_available", "launcher", "rank_size_or_env", "rank",
+    "horovod_available", "torch_engine_active", "launcher", "rank_size_or_env", "rank",
     "size", "local_rank", "local_size", "is_main", "topology", "device", "configure_threads", "allreduce",
     "allreduce_scalar", "allgather", "broadcast_object", "allgather_object", "barrier", "broadcast_model",
     "broadcast_optimizer_state", "DistributedOptimizer", "abort", "SyncBatchNorm", "convert_sync_batchnorm",
@@ -121,6 +121,11 @@ def _b() -> Backend:
 def horovod_available() -> bool:
     """Whether the chosen backend is Horovod (False before :func:`init`)."""
     return _backend is not None and _backend.name == "horovod"
+
+
+def torch_engine_active() -> bool:
+    """Whether the chosen backend is the torch engine (False before :func:`init`)."""
+    return _backend is not None and _backend.name == "torch"
 
 
 def rank_size_or_env() -> tuple[int, int]:

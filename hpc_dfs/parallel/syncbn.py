@@ -64,7 +64,7 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if torch.cuda.is_available() and parallel.horovod_available():
         import horovod.torch as hvd  # parallel/ is the one package allowed to import horovod
         cls = hvd.SyncBatchNorm
-    elif torch.cuda.is_available() and parallel.engine() == "torch":
+    elif torch.cuda.is_available() and parallel.torch_engine_active():
         cls = nn.SyncBatchNorm      # NCCL's default group
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):

@@ -137,6 +137,11 @@ class GradientSync:
         self._sync_done = False
         return super().step(closure)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # new gradients follow: reduce them (also after a step that GradScaler skipped for an inf)
+        self._sync_done = False
+        super().zero_grad(set_to_none)
+
 
 class TorchBackend(Backend):
     """``torch.distributed`` once the process group is up (see the module docstring).
