@@ -26,6 +26,7 @@ collective at once.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import sys
 from datetime import timedelta
@@ -293,4 +294,12 @@ def start(rdv: Rendezvous, tensors: bool, timeout_s: float) -> TorchBackend:
         raise DistError(f"rank {rdv.rank} of {rdv.size} could not join the torch.distributed job at "
                         f"{rdv.init_method} within {timeout_s:.0f} s: {str(e).splitlines()[0] if str(e) else e!r}"
                         ) from None
+    atexit.register(_leave)   # a process that exits without shutdown() must not abort in Gloo's teardown
     return TorchBackend(rdv, objects, device)
+
+
+def _leave() -> None:
+    """Leave the process group at interpreter exit (seen without it: 'terminate called without an active
+    exception', SIGABRT, when a script that used the torch engine simply ended)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
