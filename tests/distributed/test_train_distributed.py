@@ -215,6 +215,24 @@ def test_horovod_and_torch_engines_reach_the_same_weights(defaults_runs):
     _vacuity_check(hvd, 1e-3)
 
 
+@pytest.mark.horovod
+def test_engines_agree_with_fp16_compression_and_accumulation(shards, tmp_path):
+    """--compression fp16 and 2 backward passes per step (1 slice per rank and pass), 4 SGD steps: Horovod (mpirun)
+    and torch (torchrun) within the SGD bound (measured: 0, the same float16 sums and halvings)."""
+    runs = {}
+    for launcher in ("mpirun", "torchrun"):
+        runs[launcher] = tmp_path / launcher
+        res = train(shards, runs[launcher], "--epochs", 1, "--max-steps", 4, "--batch-size", 2, "--compression",
+                    "fp16", "--backward-passes-per-step", 2, np=2, launcher=launcher)
+        assert res.returncode == 0, res.output
+        assert "global batch 4 = 2 ranks x 1 per rank x 2 backward pass(es)" in res.output
+        check_engine(res, launcher)
+    hvd, tch = weights(runs["mpirun"]), weights(runs["torchrun"])
+    assert hvd["config"]["horovod"]["compression"] == tch["config"]["horovod"]["compression"] == "fp16"
+    rel = model_rel_diff(hvd["model"], tch["model"])
+    assert rel < 1e-5, f"fp16 + accumulation: the torch engine differs from Horovod by {rel:.2e}; {lock.note()}"
+
+
 # --------------------------------------------------------------------------- resume == uninterrupted
 @pytest.mark.horovod
 @pytest.mark.parametrize("np_, optimizer, stage", [(1, "adam", "locate"), (2, "sgd", "locate"), (2, "sgd", "refine")])

@@ -203,6 +203,8 @@ def test_accumulation_and_fp16_compression_equal_one_process():
         assert torch.equal(everyone[q], flat)          # every rank stepped with the same (decompressed) gradients
     torch.testing.assert_close(flat, ref_flat, rtol=0, atol=1e-4)
     assert (flat - start).abs().max() > 100 * 1e-4, "the weights barely moved: the comparison would be vacuous"
+    if n > 1:   # the gradients did travel in float16: not the float32 result bit for bit
+        assert not torch.equal(flat, ref_flat), "fp16 compression left the float32 gradients untouched"
 
 
 def test_allgather_of_different_lengths():
