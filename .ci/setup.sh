@@ -16,6 +16,9 @@
 #   TORCH_SPEC       pip requirement for torch (default: the lock's torch line, the CPU wheel here;
 #                    on a CUDA cluster e.g. TORCH_SPEC="torch==2.5.1" with PIP_INDEX_URL for cu124;
 #                    TORCH_SPEC=installed keeps the torch already in the environment, e.g. conda's)
+#   ENGINE           horovod (default): build Horovod (the default engine); torch: skip Horovod altogether, for a
+#                    suite that trains with the torch engine only (torch.distributed; a set-up in the time pip
+#                    takes). `make test` in such a set-up skips the tests that need Horovod and names them.
 #   HOROVOD_VERSION  default: the lock's horovod line (0.28.1, the last release on PyPI)
 #   HOROVOD_GPU_OPERATIONS  set to NCCL on a CUDA machine with NCCL (auto when nvcc + nccl.h found)
 #   HPC_DFS_CACHE    where built wheels are cached (default ~/.cache/hpc-dfs)
@@ -36,6 +39,11 @@ TORCH_SPEC=${TORCH_SPEC:-torch==$(locked torch || true)}
 HOROVOD_VERSION=${HOROVOD_VERSION:-$(locked horovod || true)}
 HOROVOD_VERSION=${HOROVOD_VERSION:-0.28.1}
 CACHE=${HPC_DFS_CACHE:-$HOME/.cache/hpc-dfs}
+ENGINE=${ENGINE:-horovod}
+case "$ENGINE" in
+  horovod|torch) ;;
+  *) printf '[setup] error: ENGINE=%s: use horovod (the default: builds Horovod) or torch (no Horovod)\n' "$ENGINE"; exit 2 ;;
+esac
 PY="$VENV/bin/python"
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -75,7 +83,13 @@ if [ -z "$torch_have" ] || { [ -n "$torch_want" ] && [ "$torch_want" != "$TORCH_
 fi
 
 # ---------------------------------------------------------------- 3. Horovod (patched sdist, cached wheel)
-if ! "$PY" -c 'import horovod.torch' >/dev/null 2>&1; then
+if [ "$ENGINE" = torch ]; then
+  if "$PY" -c 'import horovod' >/dev/null 2>&1; then
+    log "ENGINE=torch: Horovod is installed in $VENV already and stays (pip uninstall horovod removes it)"
+  else
+    log "ENGINE=torch: Horovod not built (train with --engine torch or torchrun; make test skips the Horovod tests)"
+  fi
+elif ! "$PY" -c 'import horovod.torch' >/dev/null 2>&1; then
   pyv=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
   mpiv=$(mpirun --version 2>/dev/null | head -1 | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1 || echo none)
   cuda=$("$PY" -c 'import torch; print("cu" + torch.version.cuda.replace(".", "") if torch.version.cuda else "cpu")')
@@ -113,11 +127,19 @@ fi
 # the stamp holds what the environment was installed from: the lock's sha256 (or none) and the torch spec, so a
 # changed lock or setting reinstalls, and the tests can tell a locked environment from another one
 stamp="$VENV/.hpc_dfs-installed"
-want="lock=$([ "$LOCK" = none ] && echo none || sha256sum "$LOCK" | cut -c1-64) torch=$TORCH_SPEC horovod=$HOROVOD_VERSION"
+hvd_want=$HOROVOD_VERSION
+[ "$ENGINE" = torch ] && hvd_want=none
+want="lock=$([ "$LOCK" = none ] && echo none || sha256sum "$LOCK" | cut -c1-64) torch=$TORCH_SPEC horovod=$hvd_want"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ pyproject.toml -nt "$stamp" ] || [ .ci/setup.sh -nt "$stamp" ] \
    || ! "$PY" -c 'import hpc_dfs' >/dev/null 2>&1; then
   log "pip install -e .[test,bench] (constraints: $LOCK)"
   "${PIP[@]}" -e '.[test,bench]'
   printf '%s\n' "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 fi
-log "ready: $("$PY" -c 'import torch, horovod; print("torch", torch.__version__, "horovod", horovod.__version__)')"
+log "ready: $("$PY" -c 'import torch
+try:
+    import horovod
+    hvd = "horovod " + horovod.__version__
+except ImportError:
+    hvd = "no horovod (the torch engine only)"
+print("torch", torch.__version__, hvd)')"

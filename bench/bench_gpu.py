@@ -1,4 +1,4 @@
-"""GPU benchmark: training step rate, peak memory, reader vs step, and a 1-GPU horovodrun run.
+"""GPU benchmark: training step rate, peak memory, reader vs step, and 1-GPU horovodrun and torchrun runs.
 
     bench/gpu.sh                      # on a GPU machine: ~3-4 min on one GPU, writes bench/results/gpu.json
     bench/gpu.sh --dry-run            # on CPU: tiny sizes, 1-2 steps, proves every part runs (make test)
@@ -19,7 +19,12 @@ What it measures, in one process unless said:
    steps on those shards with ``model.norm=batch`` and ``amp=auto`` (fp16 + GradScaler), which takes
    ``hvd.SyncBatchNorm``, ``optimizer.synchronize()`` + ``skip_synchronize()`` and the device chosen
    from the local rank; its log line naming the device and its metrics are recorded, and the
-   SyncBatchNorm class that ``parallel.convert_sync_batchnorm`` picks here is checked.
+   SyncBatchNorm class that ``parallel.convert_sync_batchnorm`` picks here is checked;
+5. **the torch engine through the real CLI**: the same training under ``torchrun --standalone
+   --nproc_per_node 1 -m hpc_dfs train`` (torch.distributed with NCCL on CUDA, ``torch.nn.SyncBatchNorm``),
+   so both engines' samples/s sit side by side in one JSON (``torchrun_train``); then
+   ``bench/bench_engines.py --device cuda`` times both engines' NCCL allreduce from 4 KB to 64 MB on the
+   node's GPUs (one rank per GPU; ``engines`` in the JSON; skipped by ``--dry-run``, which has no NCCL).
 
 Without CUDA, ``gpu.sh`` (``--require-cuda``) stops at once with exit status 4, and a plain
 ``bench_gpu.py`` (as ``hpc-dfs bench --all`` runs it) says it skipped and exits 0; ``--dry-run``
@@ -156,12 +161,17 @@ def reader_rate(shards: Path, reads: int, workers: int, batch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- 4. the CUDA path via the CLI
-def horovod_train(shards: Path, out: Path, steps: int, batch: int, dry: bool) -> dict:
-    """``horovodrun -np 1`` of ``hpc-dfs train`` for ``steps`` steps; what its log and metrics show."""
-    hvdrun = shutil.which("horovodrun") or str(Path(PY).parent / "horovodrun")
-    cmd = [hvdrun, "-np", 1, "-H", "localhost:1", PY, "-m", "hpc_dfs", "train", "--shards", shards, "--out", out,
-           "--epochs", 1, "--steps-per-epoch", steps, "--batch-size", batch, "--num-workers", 0 if dry else 4,
-           "--log-every", 10, "--set", "model.norm=batch", "--set", "amp=auto"]
+def horovod_train(shards: Path, out: Path, steps: int, batch: int, dry: bool, engine: str = "horovod") -> dict:
+    """``hpc-dfs train`` for ``steps`` steps on one GPU: under ``horovodrun -np 1`` (engine horovod) or
+    ``torchrun --nproc_per_node 1`` (engine torch: NCCL); what its log and metrics show."""
+    if engine == "horovod":
+        hvdrun = shutil.which("horovodrun") or str(Path(PY).parent / "horovodrun")
+        prefix = [hvdrun, "-np", 1, "-H", "localhost:1", PY, "-m", "hpc_dfs"]
+    else:
+        prefix = [str(Path(PY).parent / "torchrun"), "--standalone", "--nproc_per_node", 1, "-m", "hpc_dfs"]
+    cmd = prefix + ["train", "--shards", shards, "--out", out, "--epochs", 1, "--steps-per-epoch", steps,
+                    "--batch-size", batch, "--num-workers", 0 if dry else 4, "--log-every", 10, "--set",
+                    "model.norm=batch", "--set", "amp=auto", "--engine", engine]
     if dry:
         cmd += ["--set", "model.base_channels=8"]
     t = time.perf_counter()
@@ -176,6 +186,18 @@ def horovod_train(shards: Path, out: Path, steps: int, batch: int, dry: bool) ->
             "steps": rows[-1].get("step") if rows else None,
             "samples_per_s": rows[-1].get("samples_per_s") if rows else None,
             "output_tail": text[-1500:] if res.returncode else None}
+
+
+def engines_allreduce(dry: bool) -> dict | None:
+    """``bench/bench_engines.py --device cuda`` on the node's GPUs (None on a dry run: no NCCL on CPU)."""
+    if dry or not torch.cuda.is_available():
+        return None
+    out = Path(tempfile.mkdtemp(prefix="bench_engines_")) / "engines-gpu.json"
+    res = run([PY, str(REPO / "bench" / "bench_engines.py"), "--device", "cuda", "--np",
+               max(1, torch.cuda.device_count()), "--out", out], check=False)
+    if res.returncode:
+        return {"rc": res.returncode, "output_tail": (res.stdout + res.stderr)[-1500:]}
+    return json.loads(out.read_text())
 
 
 def syncbn_class() -> str:
@@ -250,18 +272,23 @@ def main(argv=None) -> int:
             rd = readers[r["size"]]["slices_per_s_dataloader"]
             r["reader_over_step"] = round(rd / r["samples_per_s"], 2) if r.get("samples_per_s") else None
         train = horovod_train(shards[sizes[-1]], tmp / "run", a.train_steps, a.batch, a.dry_run)
+        torch_train = horovod_train(shards[sizes[-1]], tmp / "run_torch", a.train_steps, a.batch, a.dry_run, "torch")
     report = {"benchmark": "gpu", "dry_run": a.dry_run, "device": str(device), "environment": env,
               "settings": {"sizes": sizes, "batch": a.batch, "warmup": a.warmup, "steps": a.steps,
                            "models": a.models.split(","), "base_channels": base or "model default"},
               "steps": steps, "reader": {str(k): v for k, v in readers.items()},
-              "horovodrun_train": train, "syncbn_class": syncbn_class(), "wall_s": round(time.perf_counter() - t0, 1),
+              "horovodrun_train": train, "torchrun_train": torch_train, "engines": engines_allreduce(a.dry_run),
+              "syncbn_class": syncbn_class(), "wall_s": round(time.perf_counter() - t0, 1),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(a.out, report)
-    print(json.dumps({k: report[k] for k in ("device", "horovodrun_train", "syncbn_class", "wall_s")}, indent=1))
-    ok = train["rc"] == 0 and (a.dry_run or train["on_cuda"])
-    if not ok:
-        print(f"bench_gpu: error: the horovodrun training failed (rc {train['rc']}, on_cuda {train['on_cuda']})",
-              file=sys.stderr)
+    print(json.dumps({k: report[k] for k in ("device", "horovodrun_train", "torchrun_train", "syncbn_class",
+                                             "wall_s")}, indent=1))
+    ok = True
+    for name, t in (("horovodrun", train), ("torchrun", torch_train)):
+        if t["rc"] != 0 or not (a.dry_run or t["on_cuda"]):
+            print(f"bench_gpu: error: the {name} training failed (rc {t['rc']}, on_cuda {t['on_cuda']})",
+                  file=sys.stderr)
+            ok = False
     return 0 if ok else 1
 
 

@@ -54,6 +54,13 @@ hd_activate() {
     || hd_fail "'$PYTHON' cannot import hpc_dfs: activate the environment where 'pip install -e .' was run"
   export PYTHONUNBUFFERED=1
   export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}   # the job's CPUs per rank
+  # ENGINE [horovod]: horovod, or torch (torch.distributed: ranks and the rendezvous from SLURM's variables, no
+  # MPI needed); every hpc-dfs step of the job reads it as HPC_DFS_ENGINE
+  ENGINE=${ENGINE:-${HPC_DFS_ENGINE:-horovod}}
+  case "$ENGINE" in
+    horovod|torch) export HPC_DFS_ENGINE=$ENGINE ;;
+    *) hd_fail "ENGINE must be horovod or torch, got '$ENGINE'" 2 ;;
+  esac
   # The CLI, as a command (HPC_DFS may be overridden, e.g. HPC_DFS="hpc-dfs").
   read -r -a HD_CLI <<<"${HPC_DFS:-$PYTHON -m hpc_dfs}"
 }
@@ -69,9 +76,11 @@ hd_logs() {
 }
 
 # Which srun --mpi plugins to try, in order: SRUN_MPI if set (one, or a list like "pmix pmi2"),
-# else those of pmix and pmi2 that `srun --mpi=list` offers, else the cluster default.
+# else (the torch engine needs no MPI) the cluster default, else those of pmix and pmi2 that `srun --mpi=list`
+# offers, else the cluster default.
 hd_mpi_candidates() {
   if [ -n "${SRUN_MPI:-}" ]; then echo "$SRUN_MPI"; return; fi
+  if [ "${ENGINE:-horovod}" = torch ]; then echo default; return; fi
   local types; types=$(srun --mpi=list 2>&1 || true)
   local out=()
   grep -qE '(^|[[:space:]])pmix($|[[:space:]_])' <<<"$types" && out+=(pmix)
@@ -102,8 +111,8 @@ hd_banner() {
   fi
 }
 
-# A short srun step over all tasks: initialises Horovod exactly as the stage will, prints one
-# line per rank (rank, local rank, host, CUDA device, MPI/Gloo/NCCL) and checks an allreduce.
+# A short srun step over all tasks: initialises the engine (Horovod, or torch.distributed) exactly as the stage
+# will, prints one line per rank (rank, local rank, host, CUDA device, MPI/Gloo/NCCL) and checks an allreduce.
 # It also picks the MPI plugin: pmix first, pmi2 when pmix cannot start this MPI.
 # Sets HD_MPI. PREFLIGHT=0 skips the step (HD_MPI = first candidate).
 HD_PREFLIGHT_PY='
@@ -116,7 +125,7 @@ t.setdefault("mpi", None); t.setdefault("gloo", None); t.setdefault("nccl", None
 total = parallel.allreduce_scalar(1.0, "sum", name="preflight")
 rows = parallel.allgather_object(t, name="preflight_topology")
 if parallel.rank() == 0:
-    print("[topology] world size {} (allreduce check {:.0f}), launcher {launcher}, horovod {horovod} "
+    print("[topology] world size {} (allreduce check {:.0f}), launcher {launcher}, engine {engine}, horovod {horovod} "
           "mpi {mpi} gloo {gloo} nccl {nccl}".format(parallel.size(), total, **t))
     for r in rows:
         print("[topology] rank {rank}/{size} local {local_rank}/{local_size} host {host} device {device} "
@@ -146,10 +155,12 @@ hd_preflight() {
       [ -f "$log" ] && break
       hd_log "srun --mpi=$mpi step did not launch (status $rc); retrying once"
     done
-    hd_log "srun --mpi=$mpi could not start a Horovod job (see ${HD_LOG_PREFIX}-preflight-$mpi-rank*.log)"
+    hd_log "srun --mpi=$mpi could not start a $([ "$ENGINE" = torch ] && echo torch.distributed || echo Horovod) job" \
+           "(see ${HD_LOG_PREFIX}-preflight-$mpi-rank*.log)"
     hd_tail_logs "${HD_LOG_PREFIX}-preflight-$mpi-rank"
   done
-  hd_fail "no srun MPI plugin (${cands[*]}) starts Horovod here: check that Horovod was built against this MPI (horovodrun --check-build) and that the MPI modules match"
+  [ "$ENGINE" = torch ] && hd_fail "srun could not start the torch engine (see the preflight logs above): check that the nodes reach each other on TCP ports 20000-39999 (or set MASTER_PORT)"
+  hd_fail "no srun MPI plugin (${cands[*]}) starts Horovod here: check that Horovod was built against this MPI (horovodrun --check-build) and that the MPI modules match, or use ENGINE=torch"
 }
 
 # After a failed step: wait (up to 60 s) until SLURM has cleaned it up, so the next step gets its CPUs.

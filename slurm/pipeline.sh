@@ -21,6 +21,8 @@
 #   --preprocess-nodes N / --preprocess-tasks-per-node T / --preprocess-partition P
 #                         [1 / TASKS_PER_NODE / PARTITION]; preprocessing asks for no GPU
 #   --time-preprocess T   [02:00:00]  --time-train T [24:00:00]  --time-predict T [04:00:00]
+#   --engine E            horovod | torch [horovod]: the gradient engine of every job (HPC_DFS_ENGINE); torch
+#                         needs no Horovod and no MPI (torch.distributed, rendezvous from SLURM's variables)
 #   --epochs E            training epochs [from the config]
 #   --stage S             locate | refine | both [from the config: locate]. both trains the cascade
 #                         (RUN/locate, then RUN/refine) and predicts with both stages
@@ -40,7 +42,7 @@ HPC_DFS_HOME=$(cd "$HERE/.." && pwd)
 die() { echo "[pipeline] ERROR: $*" >&2; exit 2; }
 
 KNOWN=" DATA WORK SHARDS RUN PRED INPUT LOG_DIR NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK PARTITION ACCOUNT QOS
- PREPROCESS_NODES PREPROCESS_TASKS_PER_NODE PREPROCESS_PARTITION TIME_PREPROCESS TIME_TRAIN TIME_PREDICT EPOCHS STAGE
+ PREPROCESS_NODES PREPROCESS_TASKS_PER_NODE PREPROCESS_PARTITION TIME_PREPROCESS TIME_TRAIN TIME_PREDICT EPOCHS STAGE ENGINE
  PREPROCESS_CONFIG TRAIN_CONFIG PREDICT_CONFIG PREPROCESS_ARGS TRAIN_ARGS PREDICT_ARGS EVAL_ARGS VENV CONDA_ENV MODULES
  SBATCH_ARGS "
 set_opt() {  # set_opt --some-option VALUE  ->  SOME_OPTION=VALUE, for known options only
@@ -89,10 +91,12 @@ for f in PREPROCESS_CONFIG TRAIN_CONFIG PREDICT_CONFIG; do
   if [ -n "${!f:-}" ]; then [ -f "${!f}" ] || die "$f=${!f} does not exist"; printf -v "$f" '%s' "$(abspath "${!f}")"; fi
 done
 [ -n "${VENV:-}" ] && VENV=$(abspath "$VENV")
+ENGINE=${ENGINE:-${HPC_DFS_ENGINE:-horovod}}
+case "$ENGINE" in horovod|torch) ;; *) die "--engine must be horovod or torch, got '$ENGINE'" ;; esac
 mkdir -p "$LOG_DIR"
 
 # What the jobs read (sbatch exports the submitting environment by default).
-export HPC_DFS_HOME DATA SHARDS RUN PRED INPUT LOG_DIR
+export HPC_DFS_HOME DATA SHARDS RUN PRED INPUT LOG_DIR ENGINE
 for v in EPOCHS STAGE PREPROCESS_CONFIG TRAIN_CONFIG PREDICT_CONFIG PREPROCESS_ARGS TRAIN_ARGS PREDICT_ARGS EVAL_ARGS \
          VENV CONDA_ENV MODULES; do
   if [ -n "${!v:-}" ]; then export "${v?}"; fi

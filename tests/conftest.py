@@ -27,3 +27,14 @@ def uci_ckd_dir():
 def pytest_report_header(config):
     from tests import lock
     return lock.note()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``horovod`` are skipped, with the reason, where Horovod is not installed (ENGINE=torch set-up)."""
+    from tests.launch import horovod_missing
+    reason = horovod_missing()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("horovod") is not None:   # not item.keywords: a parameter id may say horovod
+            item.add_marker(pytest.mark.skip(reason=reason))

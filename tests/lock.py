@@ -49,8 +49,24 @@ def installed_version(name: str) -> str | None:
 
 
 def differences(lock: Path = LOCK) -> dict[str, tuple[str, str | None]]:
-    """``{name: (locked, installed or None)}`` for every locked package whose installed version differs."""
-    return {n: (v, have) for n, v in locked(lock).items() if (have := installed_version(n)) != v}
+    """``{name: (locked, installed or None)}`` for every locked package whose installed version differs.
+
+    Horovod and its build's own dependencies (:data:`HOROVOD_ONLY`) count only where Horovod was wanted: a set-up
+    made with ``ENGINE=torch make setup`` has none of them, by design.
+    """
+    skip = set() if horovod_wanted() else HOROVOD_ONLY
+    return {n: (v, have) for n, v in locked(lock).items() if n not in skip and (have := installed_version(n)) != v}
+
+
+#: what an ``ENGINE=torch make setup`` lacks against the lock: Horovod and what only its build installs (cffi for
+#: its extension build, and cffi's pycparser), as measured in such a set-up
+HOROVOD_ONLY = frozenset({"horovod", "cffi", "pycparser"})
+
+
+def horovod_wanted() -> bool:
+    """False in an environment that ``ENGINE=torch make setup`` installed (its stamp says ``horovod=none``)."""
+    stamp = Path(sys.prefix) / ".hpc_dfs-installed"
+    return not (stamp.is_file() and "horovod=none" in stamp.read_text().split())
 
 
 def installed_from_lock(lock: Path = LOCK) -> bool:

@@ -294,6 +294,9 @@ class TrainConfig:
     optim: OptimConfig = _section(OptimConfig, "optimizer and learning rate")
     loss: LossConfig = _section(LossConfig, "loss weights")
     horovod: HorovodConfig = _section(HorovodConfig, "gradient reduction")
+    engine: Optional[Literal["horovod", "torch"]] = field(default=None, metadata=_h(
+        "the gradient engine: horovod (Horovod ring-allreduce) or torch (torch.distributed: Gloo on CPU, NCCL "
+        "on CUDA); unset = $HPC_DFS_ENGINE, else torch under torchrun, else horovod"))
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpoints kept")
     # --- precision, performance, determinism, logging
     amp: Literal["auto", "off", "fp16", "bf16"] = field(default="auto", metadata=_h(
@@ -312,6 +315,26 @@ class TrainConfig:
     def validate(self) -> None:
         _at_least("", self, ("log_every",), 1)
         _at_least("", self, ("threads",), 0)
+        if self.engine is not None:
+            self.check_engine(self.engine)
+
+    def check_engine(self, engine: str) -> None:
+        """Refuse the Horovod-only features under another engine (one line; never a silent no-op).
+
+        Args:
+            engine: the engine the run will use (``horovod`` or ``torch``).
+
+        Raises:
+            ConfigError: ``horovod.adasum``, ``horovod.timeline`` or ``horovod.autotune`` with ``engine='torch'``.
+        """
+        if engine == "horovod":
+            return
+        used = [f"--{name}" for name, on in (("adasum", self.horovod.adasum), ("timeline", self.horovod.timeline),
+                                             ("autotune", self.horovod.autotune)) if on]
+        if used:
+            raise ConfigError(f"{' and '.join(used)} exist{'s' if len(used) == 1 else ''} only in Horovod, but this "
+                              f"run uses the {engine} engine: drop {'it' if len(used) == 1 else 'them'}, or train "
+                              f"with --engine horovod")
 
     @classmethod
     def from_stored(cls, data: dict) -> "TrainConfig":

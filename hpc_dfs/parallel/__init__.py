@@ -1,4 +1,5 @@
-"""The one place that talks to Horovod and MPI: ranks, collectives, the optimizer wrapper, the device.
+"""The one place that talks to Horovod, MPI and torch.distributed: ranks, collectives, the optimizer wrapper,
+the device.
 
 Usage::
 
@@ -12,6 +13,10 @@ Usage::
 
 - **Horovod** (``horovod.torch``): :func:`init` under any launcher, and in a plain process at size 1.
   Tensor collectives (a differentiable allreduce), object collectives, the distributed optimizer.
+- **torch.distributed** (:mod:`hpc_dfs.parallel.torch_backend`): the torch engine (``--engine torch``,
+  ``HPC_DFS_ENGINE=torch``, or launched by torchrun): Gloo on CPU, NCCL on CUDA; the same tensor and object
+  collectives and the same distributed optimizer protocol as Horovod, with the same arithmetic. Rendezvous
+  from torchrun's, SLURM's or Open MPI's environment (:mod:`hpc_dfs.parallel.rendezvous`).
 - **MPI objects** (mpi4py's COMM_WORLD): ``init(horovod=False)`` under ``mpirun`` or ``srun``, for the
   stages that need only ranks and object collectives (synth, preprocess, predict, evaluate). Horovod is
   not started (its background thread slowed CPU-bound work of 2 ranks on 2 cores by 1.5-2x); a tensor
@@ -28,6 +33,8 @@ The same code runs unchanged under each way of launching a job::
     horovodrun -np 2 -H localhost:2 --gloo hpc-dfs VERB ...     # Gloo controller
     horovodrun -np 2 hpc-dfs VERB ...  /  mpirun -np 2 hpc-dfs VERB ...   # MPI controller
     srun --mpi=pmix -n 2 hpc-dfs VERB ...                       # inside a SLURM allocation
+    torchrun --nproc_per_node 2 -m hpc_dfs VERB ...             # the torch engine
+    mpirun -np 2 hpc-dfs train --engine torch ...  /  srun -n 2 hpc-dfs train --engine torch ...
 
 Logging is :mod:`hpc_dfs.log`; it tags lines with :func:`rank_size_or_env`, which never initialises.
 """
@@ -41,11 +48,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from hpc_dfs.parallel.backends import Backend, DistError, select
-from hpc_dfs.parallel.launch import launch_rank_size, launcher
+from hpc_dfs.parallel.launch import launch_rank_size, launcher, requested_engine
 from hpc_dfs.parallel.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "DistError", "init", "shutdown", "finish_for_exit", "horovod_available", "launcher", "rank_size_or_env", "rank",
+    "DistError", "init", "engine", "requested_engine", "shutdown", "finish_for_exit",
+    "horovod_available", "torch_engine_active", "launcher", "rank_size_or_env", "rank",
     "size", "local_rank", "local_size", "is_main", "topology", "device", "configure_threads", "allreduce",
     "allreduce_scalar", "allgather", "broadcast_object", "allgather_object", "barrier", "broadcast_model",
     "broadcast_optimizer_state", "DistributedOptimizer", "abort", "SyncBatchNorm", "convert_sync_batchnorm",
@@ -54,21 +62,30 @@ __all__ = [
 _backend: Backend | None = None   # chosen once by init(), dropped by shutdown()
 
 
-def init(horovod: bool = True) -> None:
+def init(horovod: bool = True, engine: str | None = None, timeout_s: float | None = None) -> None:
     """Choose the backend for the way this process was launched and start it (once; later calls return).
 
     Args:
         horovod: False when the stage needs only ranks and object collectives (preprocess, predict,
-            evaluate, synth): under an MPI launcher these then go through mpi4py, in a plain process through
-            the size-1 backend, and Horovod is not started.
-            Under ``horovodrun --gloo`` Horovod is still used (there is no MPI there).
+            evaluate, synth): under an MPI launcher these then go through mpi4py, under torchrun through
+            the torch engine's Gloo, in a plain process through the size-1 backend, and Horovod is not
+            started. Under ``horovodrun --gloo`` Horovod is still used (there is no MPI there).
+        engine: ``horovod`` or ``torch`` for the tensor work; None: ``$HPC_DFS_ENGINE``, else torch under
+            torchrun, else horovod.
+        timeout_s: the torch engine's longest wait for another rank (Horovod's is its stall timeout).
 
     Raises:
         DistError: (exit code 4) when the job cannot work as launched; the message says how to fix it.
+        ConfigError: (exit code 2) an engine other than horovod or torch.
     """
     global _backend
     if _backend is None:
-        _backend = select(horovod=horovod)
+        _backend = select(horovod=horovod, engine=engine, timeout_s=timeout_s)
+
+
+def engine() -> str:
+    """The chosen backend's name: ``horovod``, ``torch``, ``mpi4py`` or ``single`` (initialises if needed)."""
+    return _b().name
 
 
 def shutdown() -> None:
@@ -80,7 +97,8 @@ def shutdown() -> None:
 
 
 def finish_for_exit() -> bool:
-    """Finalize MPI if this process started it (mpi4py backend), before a process exits without teardown.
+    """Finalize MPI if this process started it (mpi4py backend; the torch engine also leaves its process group),
+    before a process exits without teardown.
 
     Returns:
         Whether the process may now exit at once (``os._exit``): False under Horovod, whose shutdown
@@ -88,7 +106,7 @@ def finish_for_exit() -> bool:
     """
     if _backend is None or _backend.name == "single":
         return True
-    if _backend.name != "mpi4py":
+    if _backend.name not in ("mpi4py", "torch"):
         return False
     _backend.finalize()
     return True
@@ -103,6 +121,11 @@ def _b() -> Backend:
 def horovod_available() -> bool:
     """Whether the chosen backend is Horovod (False before :func:`init`)."""
     return _backend is not None and _backend.name == "horovod"
+
+
+def torch_engine_active() -> bool:
+    """Whether the chosen backend is the torch engine (False before :func:`init`)."""
+    return _backend is not None and _backend.name == "torch"
 
 
 def rank_size_or_env() -> tuple[int, int]:
@@ -144,11 +167,12 @@ def is_main() -> bool:
 def topology() -> dict:
     """A plain dict describing the job, for logs and checkpoints.
 
-    Keys: rank, size, local_rank, local_size, launcher, host, horovod, mpi4py, and under Horovod mpi, gloo, nccl.
+    Keys: rank, size, local_rank, local_size, launcher, host, engine (the backend), horovod, mpi4py, under
+    Horovod mpi, gloo, nccl, and under the torch engine torch_distributed (gloo or nccl) and init.
     """
     b = _b()
     info = {"rank": b.rank, "size": b.size, "local_rank": b.local_rank, "local_size": b.local_size,
-            "launcher": launcher(), "host": os.uname().nodename}
+            "launcher": launcher(), "host": os.uname().nodename, "engine": b.name}
     info.update(b.describe())
     return info
 
@@ -262,7 +286,9 @@ def broadcast_optimizer_state(optimizer, root: int = 0) -> None:
 def DistributedOptimizer(optimizer, named_parameters: Iterable | None = None, compression: str = "none",
                          op: str = "average", backward_passes_per_step: int = 1,
                          gradient_predivide_factor: float = 1.0):
-    """``hvd.DistributedOptimizer`` with names for the options.
+    """``hvd.DistributedOptimizer`` with names for the options; under the torch engine the same protocol
+    (``synchronize``, ``skip_synchronize``, ``step``) with torch.distributed
+    (:class:`hpc_dfs.parallel.torch_backend.GradientSync`).
 
     At size 1 without Horovod the optimizer is returned unchanged (and gets no-op
     ``synchronize``/``skip_synchronize``).
@@ -276,8 +302,8 @@ def DistributedOptimizer(optimizer, named_parameters: Iterable | None = None, co
         gradient_predivide_factor: as Horovod's.
 
     Raises:
-        ValueError: for an unknown ``compression`` or ``op`` (under Horovod).
-        DistError: under ``init(horovod=False)`` with mpi4py.
+        ValueError: for an unknown ``compression`` or ``op``.
+        DistError: under ``init(horovod=False)`` with mpi4py; ``op='adasum'`` under the torch engine.
     """
     return _b().distributed_optimizer(optimizer, named_parameters, compression, op, backward_passes_per_step,
                                       gradient_predivide_factor)
@@ -288,7 +314,9 @@ def abort(code: int = 1) -> None:
     """Kill the whole job: MPI_Abort under an MPI launcher, else exit this process (works before init).
 
     Called when one rank hits an error that the others would otherwise wait on forever. Log handlers and
-    stdout/stderr are flushed first.
+    stdout/stderr are flushed first. Under the torch engine MPI is used only where it was started (mpirun's
+    rendezvous); otherwise the exit closes this rank's sockets, which fails the other ranks' next collective,
+    and torchrun (or srun's ``--kill-on-bad-exit``) stops the rest.
 
     Args:
         code: the exit status.
@@ -296,7 +324,8 @@ def abort(code: int = 1) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    if launcher() in ("mpirun", "srun"):
+    torch_engine = _backend is not None and _backend.name == "torch"
+    if launcher() in ("mpirun", "srun") and (not torch_engine or "mpi4py.MPI" in sys.modules):
         try:
             from mpi4py import MPI  # mpi4py is imported only in hpc_dfs/parallel
             MPI.COMM_WORLD.Abort(code)

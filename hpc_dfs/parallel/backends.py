@@ -1,11 +1,16 @@
-"""The three backends behind :mod:`hpc_dfs.parallel`, and the choice among them (:func:`select`).
+"""The backends behind :mod:`hpc_dfs.parallel`, and the choice among them (:func:`select`).
 
 ============  ===========================================  ==============================================
 backend       chosen when                                  what it can do
 ============  ===========================================  ==============================================
-Horovod       ``init()`` (in a plain process: where        everything: tensor collectives (differentiable
-              Horovod imports); ``init(horovod=False)``    allreduce), object collectives, the distributed
-              only under ``horovodrun --gloo``             optimizer, model and optimizer broadcast
+Horovod       ``init()`` with the horovod engine (in a     everything: tensor collectives (differentiable
+              plain process: where Horovod imports);       allreduce), object collectives, the distributed
+              ``init(horovod=False)`` only under           optimizer, model and optimizer broadcast
+              ``horovodrun --gloo``
+Torch         ``init()`` with the torch engine (torchrun,  everything, as Horovod (Gloo on CPU, NCCL on
+              mpirun, srun, a plain process);              CUDA): :mod:`hpc_dfs.parallel.torch_backend`;
+              ``init(horovod=False)`` under torchrun, or   object-only stages get Gloo alone
+              srun with ``HPC_DFS_ENGINE=torch``
 MpiObjects    ``init(horovod=False)`` under ``mpirun`` or  ranks, object collectives, number allreduce,
               ``srun`` (mpi4py's COMM_WORLD)               barrier; tensor work is a :class:`DistError`
 Single        a plain process: ``init(horovod=False)``,    size-1 semantics of everything (a collective
@@ -13,8 +18,9 @@ Single        a plain process: ``init(horovod=False)``,    size-1 semantics of e
               imported
 ============  ===========================================  ==============================================
 
-Horovod and mpi4py are imported here and nowhere else in hpc_dfs (and in :mod:`hpc_dfs.parallel.syncbn` for
-``hvd.SyncBatchNorm``), only when a backend is chosen.
+The engine (horovod or torch) is ``--engine``, else ``$HPC_DFS_ENGINE``, else torch under torchrun and
+horovod elsewhere. Horovod, mpi4py and torch.distributed are imported in this package and nowhere else in
+hpc_dfs, only when a backend is chosen.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from hpc_dfs.parallel.launch import launch_rank_size, launcher
+from hpc_dfs.parallel.launch import launch_rank_size, launcher, requested_engine
 from hpc_dfs.errors import EXIT_ENV, HpcDfsError
 
 __all__ = ["DistError", "Backend", "HorovodBackend", "MpiObjectsBackend", "SingleBackend", "reduction", "select"]
@@ -328,23 +334,69 @@ class HorovodBackend(Backend):
 
 
 # ----------------------------------------------------------------------------- the choice, at init()
-def select(horovod: bool = True) -> Backend:
-    """Choose and start the backend for the way this process was launched.
+def select(horovod: bool = True, engine: str | None = None, timeout_s: float | None = None) -> Backend:
+    """Choose and start the backend for the way this process was launched and the engine asked for.
 
     Args:
         horovod: False when the stage needs only ranks and object collectives; under ``mpirun``/``srun``
-            that selects :class:`MpiObjectsBackend`, in a plain process :class:`SingleBackend` (under
-            ``horovodrun --gloo`` there is no MPI, so Horovod).
+            that selects :class:`MpiObjectsBackend` (the torch engine's Gloo under ``srun`` with
+            ``HPC_DFS_ENGINE=torch``: no MPI needed), under torchrun the torch engine's Gloo, in a plain
+            process :class:`SingleBackend` (under ``horovodrun --gloo`` there is no MPI, so Horovod).
+        engine: ``horovod`` or ``torch``; None: ``$HPC_DFS_ENGINE``, else torch under torchrun, else horovod
+            (:func:`hpc_dfs.parallel.launch.requested_engine`).
+        timeout_s: the torch engine's longest wait for another rank (default :data:`TORCH_TIMEOUT_S`).
 
     Raises:
         DistError: (exit code 4) when the launcher started more than one process and the library the
-            backend needs is missing, built without this launcher's controller, or sees another size.
+            backend needs is missing, built without this launcher's controller, or sees another size; or
+            when the launcher cannot start the engine asked for (Horovod under torchrun, torch under
+            ``horovodrun``).
+        ConfigError: (exit code 2) for an engine name other than horovod or torch.
     """
     lch = launcher()
+    eng = _engine(engine)
+    if not horovod and (lch == "torchrun" or (lch == "srun" and eng == "torch")):
+        return _torch(tensors=False, timeout_s=timeout_s)
     if not horovod and lch in ("mpirun", "srun"):
         return _mpi_objects(lch)
     if not horovod and lch == "none":  # one plain process: nothing to start (Horovod's init and its thread cost)
         return SingleBackend()
+    if eng == "torch" and lch != "horovodrun-gloo":
+        return _torch(tensors=horovod, timeout_s=timeout_s)
+    if eng == "torch":
+        raise DistError("horovodrun starts Horovod, not the torch engine: use --engine horovod, or launch with "
+                        "torchrun, mpirun or srun")
+    if lch == "torchrun":
+        raise DistError("torchrun starts no Horovod: use --engine torch (the default under torchrun) or launch "
+                        "Horovod with horovodrun, mpirun or srun")
+    return _horovod(lch)
+
+
+#: the torch engine's longest wait in a collective or the rendezvous when the stage names none (seconds)
+TORCH_TIMEOUT_S = 1800.0
+
+
+def _engine(engine: str | None) -> str:
+    from hpc_dfs.config import ConfigError
+    try:
+        return requested_engine(engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _torch(tensors: bool, timeout_s: float | None) -> Backend:
+    from hpc_dfs.parallel import rendezvous, torch_backend   # torch.distributed only when this engine is chosen
+    try:
+        rdv = rendezvous.rendezvous()
+    except ImportError as e:
+        raise DistError(f"launched by {launcher()} but mpi4py cannot be imported ({e}); run `make setup`, or "
+                        f"launch the torch engine with torchrun or srun") from None
+    except KeyError as e:
+        raise DistError(f"the torch engine cannot find its rendezvous: {e.args[0]} is missing") from None
+    return torch_backend.start(rdv, tensors, TORCH_TIMEOUT_S if timeout_s is None else timeout_s)
+
+
+def _horovod(lch: str) -> Backend:
     n = launch_rank_size()[1]
     try:
         import horovod.torch as hvd  # the only import of horovod in hpc_dfs (besides syncbn's SyncBatchNorm)
@@ -352,8 +404,8 @@ def select(horovod: bool = True) -> Backend:
         if n > 1:
             raise DistError(
                 f"this job was launched with {n} processes ({lch}) but Horovod cannot be imported "
-                f"({e}). Run `make setup` (it builds Horovod with PyTorch, MPI and Gloo) or activate the "
-                f"environment that has it.") from None
+                f"({e}). Run `make setup` (it builds Horovod with PyTorch, MPI and Gloo), activate the "
+                f"environment that has it, or use the torch engine (--engine torch).") from None
         return SingleBackend()
     _check_horovod_build(hvd, lch)
     hvd.init()

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["launcher", "launch_rank_size"]
+__all__ = ["launcher", "launch_rank_size", "ENGINES", "ENGINE_ENV", "requested_engine"]
+
+#: the gradient engines: Horovod (the default) and torch.distributed (Gloo on CPU, NCCL on CUDA)
+ENGINES = ("horovod", "torch")
+#: the environment variable that picks the engine when the command line and the config do not
+ENGINE_ENV = "HPC_DFS_ENGINE"
 
 # First variable that holds an integer wins. Open MPI (mpirun), horovodrun (Gloo), PMI/PMIx (srun --mpi=...),
 # then SLURM's own (srun without an MPI plugin; its task count only inside a job step).
@@ -21,9 +26,12 @@ def launcher() -> str:
     """How this process was started.
 
     Returns:
-        ``'horovodrun-gloo'``, ``'mpirun'``, ``'srun'`` or ``'none'`` (a plain process).
+        ``'torchrun'``, ``'horovodrun-gloo'``, ``'mpirun'``, ``'srun'`` or ``'none'`` (a plain process).
+        torchrun wins over SLURM's variables (one torchrun per node, started by srun).
     """
     env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and "WORLD_SIZE" in env:
+        return "torchrun"
     if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env:
         return "horovodrun-gloo"
     if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env:
@@ -51,6 +59,32 @@ def launch_rank_size() -> tuple[int, int]:
     Returns:
         ``(rank, size)``.
     """
+    if launcher() == "torchrun":
+        rank, size = _first_int(("RANK",)), _first_int(("WORLD_SIZE",))
+        return (0 if rank is None else rank), (1 if size is None else size)
     size_vars = _SIZE_VARS + ((_SLURM_STEP_SIZE_VAR,) if "SLURM_STEP_ID" in os.environ else ())
     rank, size = _first_int(_RANK_VARS), _first_int(size_vars)
     return (0 if rank is None else rank), (1 if size is None else size)
+
+
+def requested_engine(engine: str | None = None) -> str:
+    """The engine this process should start: ``engine``, else ``$HPC_DFS_ENGINE``, else ``torch`` under torchrun
+    (which starts no Horovod) and ``horovod`` everywhere else.
+
+    Args:
+        engine: the setting of the command line or config (None: not set).
+
+    Returns:
+        ``'horovod'`` or ``'torch'``.
+
+    Raises:
+        ValueError: for another name (the message names where it came from).
+    """
+    where = "--engine"
+    if not engine:
+        engine, where = os.environ.get(ENGINE_ENV, "").strip().lower(), f"${ENGINE_ENV}"
+    if not engine:
+        return "torch" if launcher() == "torchrun" else "horovod"
+    if engine not in ENGINES:
+        raise ValueError(f"{where}={engine!r}: the engine is one of {', '.join(ENGINES)}")
+    return engine

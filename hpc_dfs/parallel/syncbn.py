@@ -7,7 +7,8 @@ adds them up with Horovod's *differentiable* allreduce, so both the forward stat
 backward pass equal those of one process holding the whole global batch. That is what makes a
 2-rank run reproduce a 1-rank run with the same global batch.
 
-On CUDA with NCCL, ``hvd.SyncBatchNorm`` is used instead (faster fused kernels).
+On CUDA, the engine's own is used instead (faster fused kernels): ``hvd.SyncBatchNorm`` under Horovod,
+``torch.nn.SyncBatchNorm`` under the torch engine (NCCL). On CPU both engines use this one.
 """
 from __future__ import annotations
 
@@ -50,14 +51,21 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm layer of ``module`` by a rank-synchronised one (weights kept)."""
+    """Replace every BatchNorm layer of ``module`` by a rank-synchronised one (weights kept).
+
+    Args:
+        module: the model (or a layer).
+
+    Returns:
+        The module with its BatchNorm layers replaced (the same object unless ``module`` is one itself).
+    """
     from hpc_dfs import parallel
-    use_hvd = torch.cuda.is_available() and parallel.horovod_available()
-    if use_hvd:
+    cls = SyncBatchNorm
+    if torch.cuda.is_available() and parallel.horovod_available():
         import horovod.torch as hvd  # parallel/ is the one package allowed to import horovod
         cls = hvd.SyncBatchNorm
-    else:
-        cls = SyncBatchNorm
+    elif torch.cuda.is_available() and parallel.torch_engine_active():
+        cls = nn.SyncBatchNorm      # NCCL's default group
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
         out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)

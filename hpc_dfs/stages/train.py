@@ -1,12 +1,14 @@
-"""Train the DFS fusion model data-parallel with Horovod ring-allreduce (1..N ranks, CPU or GPU).
+"""Train the DFS fusion model data-parallel with Horovod ring-allreduce or torch.distributed (1..N ranks, CPU or GPU).
 
 The same command runs as one process, under ``horovodrun`` (Gloo or MPI), under ``mpirun`` and under
-``srun`` in an sbatch allocation::
+``srun`` in an sbatch allocation, and under ``torchrun`` (the torch engine, :mod:`hpc_dfs.parallel.torch_backend`)::
 
     hpc-dfs train --shards data/shards --out runs/r1                          # one process
     horovodrun -np 4 --gloo hpc-dfs train --shards data/shards --out runs/r1  # Gloo controller
     mpirun -np 4 hpc-dfs train --shards data/shards --out runs/r1             # MPI controller
     srun --mpi=pmix hpc-dfs train --shards data/shards --out runs/r1          # inside sbatch (slurm/)
+    torchrun --nproc_per_node 4 -m hpc_dfs train --shards data/shards --out runs/r1   # the torch engine
+    mpirun -np 4 hpc-dfs train --engine torch --shards data/shards --out runs/r1      # torch engine, MPI launch
     hpc-dfs train --shards data/shards --out runs/r1 --resume                 # continue from last.pt
     hpc-dfs train --shards data/shards --out runs/r1 --auto-resume            # resume if last.pt exists (sbatch)
     hpc-dfs train --shards data/shards --out runs/r1 --set optim.lr=1e-3 --set schedule.val_every=5
@@ -29,7 +31,8 @@ The DFS algorithm, step by step, is :meth:`hpc_dfs.training.trainer.Trainer.trai
 2. each rank runs the segmentation, clinical and fusion forward pass and the loss on its share;
    the loss's sufficient statistics are summed over ranks first (a differentiable allreduce), so the
    loss is the global batch's loss on every rank;
-3. gradients are averaged by Horovod's ring-allreduce (``hvd.DistributedOptimizer``);
+3. gradients are averaged by Horovod's ring-allreduce (``hvd.DistributedOptimizer``), or by the torch
+   engine's allreduce with the same protocol and arithmetic (``--engine torch``);
 4. weights are broadcast from rank 0 at the start, weights and optimizer state on resume.
 
 Why the gradients equal the single-process ones: every rank holds the same loss ``L`` of the global
@@ -64,7 +67,7 @@ from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.contracts import checkpoint as ckpt
 from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.log import get_logger
-from hpc_dfs.training.plan import SetupError, checked, model_kwargs, prepare
+from hpc_dfs.training.plan import SetupError, checked, engine_for, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
 
 __all__ = ["add_arguments", "main", "train"]
@@ -101,8 +104,9 @@ def main(args: argparse.Namespace) -> int:
             written; with several ranks the line is logged and the job aborted with its code.
     """
     cfg = from_args(TrainConfig, args)
+    cfg = dataclasses.replace(cfg, engine=engine_for(cfg))   # recorded in config.toml and the checkpoint
     _horovod_environment(cfg)
-    parallel.init()
+    parallel.init(engine=cfg.engine, timeout_s=cfg.horovod.stall_timeout)
     log = get_logger("hpc_dfs.train")
     try:
         resume = args.resume or (args.auto_resume and ckpt.last_path(args.out).is_file())

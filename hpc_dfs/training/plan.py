@@ -24,8 +24,8 @@ from hpc_dfs.contracts import checkpoint as ckpt, shards as shards_contract
 
 from hpc_dfs.models import SEGMENTATION_MODELS
 
-__all__ = ["TrainPlan", "SetupError", "SEGMENTATION_MODELS", "checked", "prepare", "model_kwargs", "check_steps",
-           "check_resume_fits"]
+__all__ = ["TrainPlan", "SetupError", "SEGMENTATION_MODELS", "checked", "engine_for", "prepare", "model_kwargs",
+           "check_steps", "check_resume_fits"]
 
 
 
@@ -70,6 +70,21 @@ def checked(log, what: str, fn: Callable[[], Any]) -> Any:
                 log.error("%s: %s%s", what, msg, where)
         raise SetupError(f"{what} (reported above)")
     return result
+
+
+def engine_for(cfg: TrainConfig) -> str:
+    """The engine this run uses (``--engine``, else ``$HPC_DFS_ENGINE``, else torch under torchrun, else horovod).
+
+    Raises:
+        ConfigError: an unknown engine name, or a Horovod-only feature (Adasum, timeline, autotune) under the
+            torch engine: one line, before any rank starts work.
+    """
+    try:
+        engine = parallel.requested_engine(cfg.engine)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg.check_engine(engine)
+    return engine
 
 
 def _check_settings(cfg: TrainConfig, world: int) -> None:

@@ -1,6 +1,8 @@
-"""``mpirun -np 2 hpc-dfs predict`` writes the same bytes as one process.
+"""``mpirun -np 2 hpc-dfs predict`` (and ``torchrun --nproc_per_node 2 -m hpc_dfs predict``) writes the same bytes
+as one process.
 
-Two real processes under OpenMPI (Horovod's MPI controller) split the synthetic cases by voxel count;
+Two real processes under OpenMPI (mpi4py's objects), or under torchrun (the torch engine's Gloo), split the
+synthetic cases by voxel count;
 every output file -- label maps, probabilities, raw maps, overlays, risk.csv -- must equal the
 single-process run byte for byte (summary.json differs only by timings and ranks). ``mpirun -np 2 hpc-dfs
 evaluate`` then splits the cases over the ranks and writes the same JSON, CSV and markdown as one process.
@@ -26,11 +28,11 @@ def _outputs(d):
             if p.is_file() and p.name != "summary.json"}
 
 
-def _run_np1_np2(args: list, out1, out2) -> None:
-    """``hpc-dfs ARGS --out out1`` in one process, then ``--out out2`` under ``mpirun -np 2``; both must succeed."""
+def _run_np1_np2(args: list, out1, out2, launcher: str = "mpirun") -> None:
+    """``hpc-dfs ARGS --out out1`` in one process, then ``--out out2`` on 2 ranks; both must succeed."""
     one = launch(hpc_dfs_cmd(*args, "--out", out1), np=1, launcher="none", timeout=240)
     assert one.returncode == 0, one.output
-    two = launch(hpc_dfs_cmd(*args, "--out", out2), np=2, launcher="mpirun", timeout=240)
+    two = launch(hpc_dfs_cmd(*args, "--out", out2), np=2, launcher=launcher, timeout=240)
     assert two.returncode == 0, two.output
 
 
@@ -47,18 +49,19 @@ def _same_outputs(tmp_path, what: str) -> tuple[dict, dict]:
     return s1, s2
 
 
-def test_two_rank_predict_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_two_rank_predict_is_byte_identical(tmp_path, launcher):
     s = make_setup(tmp_path)
     args = ["predict", "--checkpoint", s["ckpts"][0], "--checkpoint", s["ckpts"][1], "--weights", "0.7,0.3",
             "--input", s["data"], "--batch-size", "4", "--tta", "--save-probabilities", "--save-raw"]
-    _run_np1_np2(args, tmp_path / "p1", tmp_path / "p2")
+    _run_np1_np2(args, tmp_path / "p1", tmp_path / "p2", launcher)
     s1, s2 = _same_outputs(tmp_path, "outputs")
     assert [c["case_id"] for c in s1["cases"]] == [c["case_id"] for c in s2["cases"]]
     assert [c["risk_prob"] for c in s1["cases"]] == [c["risk_prob"] for c in s2["cases"]]
 
     # evaluate under 2 ranks: the same files as one process
     ev = ["evaluate", "--pred", tmp_path / "p2", "--gt", s["data"]]
-    _run_np1_np2(ev, tmp_path / "e1.json", tmp_path / "e2.json")
+    _run_np1_np2(ev, tmp_path / "e1.json", tmp_path / "e2.json", launcher)
     for ext in (".json", ".csv", ".md"):
         assert (tmp_path / f"e1{ext}").read_bytes() == (tmp_path / f"e2{ext}").read_bytes(), ext
     assert len(json.loads((tmp_path / "e2.json").read_text())["cases"]) == 3
@@ -74,14 +77,15 @@ def _refine_checkpoint(shards, path, seed: int):
     return path
 
 
-def test_two_rank_cascade_predict_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_two_rank_cascade_predict_is_byte_identical(tmp_path, launcher):
     """Stage 1, the kidney boxes, stage 2 (two weighted replicas) pasted back: 1 rank == 2 ranks, native geometry."""
     s = make_setup(tmp_path)
     ref = [_refine_checkpoint(s["shards"], tmp_path / f"refine{i}.pt", seed=10 + i) for i in range(2)]
     args = ["predict", "--checkpoint", s["ckpts"][0], "--refine-checkpoint", ref[0], "--refine-checkpoint", ref[1],
             "--refine-weights", "0.6,0.4", "--input", s["data"], "--batch-size", "4", "--save-probabilities",
             "--save-raw"]
-    _run_np1_np2(args, tmp_path / "p1", tmp_path / "p2")
+    _run_np1_np2(args, tmp_path / "p1", tmp_path / "p2", launcher)
     s1, s2 = _same_outputs(tmp_path, "cascade outputs")
     assert [c["cascade"] for c in s1["cases"]] == [c["cascade"] for c in s2["cases"]]
     assert any(c["cascade"]["stage"] == "refine" for c in s1["cases"]), "stage 2 never ran: the test is vacuous"

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.launch import hpc_dfs_cmd, launch
+from tests.launch import engine_params, hpc_dfs_cmd, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -39,7 +39,7 @@ def _content(shards):
     return arrays, attrs
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+@pytest.mark.parametrize("launcher", engine_params("mpirun", "horovodrun", "torchrun", train=False))
 def test_two_ranks_equal_one_process(data, tmp_path, launcher):
     one, two = tmp_path / "one", tmp_path / "two"
     res1 = launch(hpc_dfs_cmd("preprocess", "--data", data, "--out", one, *ARGS), launcher="none", timeout=300)

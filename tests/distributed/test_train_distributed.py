@@ -1,4 +1,8 @@
-"""2-rank training jobs (mpirun / horovodrun --gloo): the proofs of rank invariance, resume and preemption.
+"""2-rank training jobs: the proofs of rank invariance, resume and preemption, for both engines.
+
+The launchers (``launcher`` in the parametrizations, :mod:`tests.launch`): ``mpirun`` and ``horovodrun``
+(``--gloo``) start the Horovod engine, ``torchrun`` and ``mpirun-torch`` (``mpirun ... --engine torch``)
+the torch engine (torch.distributed, Gloo on CPU).
 
 - np=2 reaches the weights of np=1 after k steps (fp32, CPU, deterministic, SyncBatchNorm, with
   augmentation on) within 1e-5 relative (norm of the whole weight vector) with SGD and dropout 0: the
@@ -8,6 +12,8 @@
 - SIGUSR1 to the job (or SIGTERM to one rank only) writes a checkpoint and exits with 75, and the run
   resumed from that mid-epoch checkpoint again matches the uninterrupted one;
 - SIGKILL of one rank makes the job exit non-zero within 60 s, naming the dead rank.
+- a Horovod run and a torch run from the same seed reach the same weights after 8 steps, and a checkpoint
+  written under one engine resumes under the other to the weights of an uninterrupted run.
 
 Each proof is also run for the cascade's stage 2 (``--stage refine``: the shards' kidney windows, 2.5D with
 3 slices as channels), parametrized as ``stage``.
@@ -18,6 +24,7 @@ with the real ``hpc-dfs synth`` + ``preprocess``; the model is the DFS fusion mo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -30,7 +37,7 @@ from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.contracts import checkpoint
 
 from tests import lock
-from tests.launch import hpc_dfs_cmd, job_env, launch, launcher_prefix, REPO
+from tests.launch import ENGINE, REPO, command, engine_params, hpc_dfs_cmd, job_env, launch, launcher_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -58,8 +65,15 @@ def shards(tmp_path_factory) -> Path:
 
 def train(shards: Path, out: Path, *flags, np: int = 1, launcher: str = "none", timeout: float = 300,
           stage: str = "locate"):
-    cmd = hpc_dfs_cmd("train", "--shards", shards, "--out", out, *TINY, *STAGE[stage], *map(str, flags))
+    """``hpc-dfs train`` with TINY under ``launcher`` (one plain process at np=1); mpirun-torch says --engine torch."""
+    engine = ["--engine", "torch"] if launcher == "mpirun-torch" else []
+    cmd = hpc_dfs_cmd("train", "--shards", shards, "--out", out, *TINY, *STAGE[stage], *engine, *map(str, flags))
     return launch(cmd, np=np, launcher=launcher if np > 1 else "none", timeout=timeout)
+
+
+def check_engine(res, launcher: str) -> None:
+    """The job ran on the engine its launcher stands for (rank 0's topology line names it)."""
+    assert f"'engine': '{ENGINE[launcher]}'" in res.output, res.output[-3000:]
 
 
 def weights(run: Path, name: str = "last.pt") -> dict:
@@ -112,11 +126,14 @@ def single_process_runs(shards, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- np=2 == np=1
-@pytest.mark.parametrize("launcher, stage", [("mpirun", "locate"), ("horovodrun", "locate"), ("mpirun", "refine")])
+@pytest.mark.parametrize("launcher, stage", engine_params(
+    ("mpirun", "locate"), ("horovodrun", "locate"), ("mpirun", "refine"), ("torchrun", "locate"),
+    ("mpirun-torch", "locate"), ("torchrun", "refine")))
 def test_two_ranks_reach_single_process_weights(shards, single_process_runs, tmp_path, launcher, stage):
     out = tmp_path / "np2"
     res = train(shards, out, "--epochs", 1, "--max-steps", 4, np=2, launcher=launcher, stage=stage)
     assert res.returncode == 0, res.output
+    check_engine(res, launcher)
     assert "global batch 4 = 2 ranks x 2 per rank" in res.output
     one, two = weights(single_process_runs(stage)), weights(out)
     assert one["step"] == two["step"] == 4 and two["world_size"] == 2
@@ -143,27 +160,83 @@ def test_two_ranks_reach_single_process_weights(shards, single_process_runs, tmp
 DEFAULTS = ["--optimizer", "adam", "--lr", "0.001", "--set", "model.dropout=0.2"]
 
 
-def test_two_ranks_reach_single_process_weights_with_the_defaults(shards, tmp_path):
+@pytest.fixture(scope="session")
+def defaults_runs(shards, tmp_path_factory):
+    """8 steps with DEFAULTS, made once per session and launcher (np=1 is one plain process for every launcher)."""
+    runs: dict[str, Path] = {}
+
+    def get(launcher: str, np_: int) -> Path:
+        key = launcher if np_ > 1 else "none"
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"defaults_{key}") / "run"
+            res = train(shards, out, *DEFAULTS, "--epochs", 2, "--max-steps", 8, np=np_, launcher=launcher)
+            assert res.returncode == 0, res.output
+            if np_ > 1:
+                check_engine(res, launcher)
+            runs[key] = out
+        return runs[key]
+    return get
+
+
+def _vacuity_check(state: dict, bound: float) -> None:
+    """Training moved the weights far more than ``bound``: a comparison within it says something."""
+    torch.manual_seed(3)
+    from hpc_dfs import parallel
+    from hpc_dfs.models import build_model
+    init = parallel.convert_sync_batchnorm(build_model(**state["model_config"])).state_dict()
+    assert model_rel_diff(state["model"], init) > 10 * bound, "weights barely moved: the check would be vacuous"
+
+
+@pytest.mark.parametrize("launcher", engine_params("mpirun", "torchrun"))
+def test_two_ranks_reach_single_process_weights_with_the_defaults(defaults_runs, launcher):
     """Adam + dropout + augmentation: np=2 within 1e-3 of np=1 after 8 steps (README, `train --help`)."""
-    runs = {}
-    for np_ in (1, 2):
-        runs[np_] = tmp_path / f"np{np_}"
-        res = train(shards, runs[np_], *DEFAULTS, "--epochs", 2, "--max-steps", 8, np=np_, launcher="mpirun")
-        assert res.returncode == 0, res.output
-    one, two = weights(runs[1]), weights(runs[2])
+    one, two = weights(defaults_runs(launcher, 1)), weights(defaults_runs(launcher, 2))
     assert one["step"] == two["step"] == 8 and two["world_size"] == 2
     assert one["model_config"]["dropout"] == 0.2 and one["config"]["optim"]["optimizer"] == "adam"
     rel = model_rel_diff(one["model"], two["model"])
     assert rel < 1e-3, f"np=2 weights differ from np=1 by {rel:.2e} (relative) with the defaults; {lock.note()}"
-    torch.manual_seed(3)
-    from hpc_dfs import parallel
-    from hpc_dfs.models import build_model
-    init = parallel.convert_sync_batchnorm(build_model(**one["model_config"])).state_dict()
-    assert model_rel_diff(one["model"], init) > 10 * 1e-3, "weights barely moved: the check would be vacuous"
+    _vacuity_check(one, 1e-3)
+
+
+@pytest.mark.horovod
+def test_horovod_and_torch_engines_reach_the_same_weights(defaults_runs):
+    """The same seed and settings on 2 ranks, 8 steps with the defaults: Horovod (mpirun) == torch (torchrun).
+
+    The bound is the defaults' np=2 vs np=1 bound; measured: 0 (the same bits: with 2 ranks both engines add the
+    same two float32 numbers and multiply by 1/2, and the rest of the step is the same code).
+    """
+    hvd, tch = weights(defaults_runs("mpirun", 2)), weights(defaults_runs("torchrun", 2))
+    assert (hvd["config"]["engine"], tch["config"]["engine"]) == ("horovod", "torch")
+    assert hvd["step"] == tch["step"] == 8
+    rel = model_rel_diff(hvd["model"], tch["model"])
+    assert rel < 1e-3, f"the torch engine's weights differ from Horovod's by {rel:.2e} (relative); {lock.note()}"
+    worst, where = max_rel_diff(hvd["model"], tch["model"])
+    assert worst < 1e-3, f"{where} differs by {worst:.2e}"
+    _vacuity_check(hvd, 1e-3)
+
+
+@pytest.mark.horovod
+def test_engines_agree_with_fp16_compression_and_accumulation(shards, tmp_path):
+    """--compression fp16 and 2 backward passes per step (1 slice per rank and pass), 4 SGD steps: Horovod (mpirun)
+    and torch (torchrun) within the SGD bound (measured: 0, the same float16 sums and halvings)."""
+    runs = {}
+    for launcher in ("mpirun", "torchrun"):
+        runs[launcher] = tmp_path / launcher
+        res = train(shards, runs[launcher], "--epochs", 1, "--max-steps", 4, "--batch-size", 2, "--compression",
+                    "fp16", "--backward-passes-per-step", 2, np=2, launcher=launcher)
+        assert res.returncode == 0, res.output
+        assert "global batch 4 = 2 ranks x 1 per rank x 2 backward pass(es)" in res.output
+        check_engine(res, launcher)
+    hvd, tch = weights(runs["mpirun"]), weights(runs["torchrun"])
+    assert hvd["config"]["horovod"]["compression"] == tch["config"]["horovod"]["compression"] == "fp16"
+    rel = model_rel_diff(hvd["model"], tch["model"])
+    assert rel < 1e-5, f"fp16 + accumulation: the torch engine differs from Horovod by {rel:.2e}; {lock.note()}"
 
 
 # --------------------------------------------------------------------------- resume == uninterrupted
-@pytest.mark.parametrize("np_, optimizer, stage", [(1, "adam", "locate"), (2, "sgd", "locate"), (2, "sgd", "refine")])
+@pytest.mark.parametrize("np_, optimizer, stage", [
+    (1, "adam", "locate"), pytest.param(2, "sgd", "locate", marks=pytest.mark.horovod),
+    pytest.param(2, "sgd", "refine", marks=pytest.mark.horovod)])
 def test_resume_equals_uninterrupted(shards, tmp_path, np_, optimizer, stage):
     common = ["--epochs", 2, "--steps-per-epoch", 3, "--optimizer", optimizer]
     full = tmp_path / "full"
@@ -186,6 +259,31 @@ def test_resume_equals_uninterrupted(shards, tmp_path, np_, optimizer, stage):
     assert len(lines) == 2, lines  # the resumed run continues the metrics log, it does not duplicate it
 
 
+@pytest.mark.parametrize("first, then", engine_params(("mpirun", "torchrun"), ("torchrun", "mpirun"),
+                                                      ("mpirun-torch", "horovodrun")))
+def test_checkpoint_resumes_under_the_other_engine(shards, tmp_path, first, then):
+    """last.pt written under one engine (after epoch 1, Adam's state in it) resumes under the other one to the
+    weights of a run that used the other engine throughout."""
+    assert ENGINE[first] != ENGINE[then]
+    common = ["--epochs", 2, "--steps-per-epoch", 3, "--optimizer", "adam"]
+    full = tmp_path / "full"
+    res = train(shards, full, *common, np=2, launcher=then)
+    assert res.returncode == 0, res.output
+    part = tmp_path / "part"
+    res = train(shards, part, *common, "--max-steps", 3, np=2, launcher=first)
+    assert res.returncode == 0, res.output
+    assert weights(part)["config"]["engine"] == ENGINE[first] and weights(part)["epoch"] == 1
+    res = train(shards, part, *common, "--resume", np=2, launcher=then)
+    assert res.returncode == 0, res.output
+    assert "resumed from" in res.output
+    check_engine(res, then)
+    a, b = weights(full), weights(part)
+    assert b["config"]["engine"] == ENGINE[then] and a["step"] == b["step"] == 6
+    rel, where = max_rel_diff(a["model"], b["model"])
+    assert rel < 1e-6, f"resumed under {then} after {first}: differs by {rel:.2e} (relative) in {where}"
+
+
+@pytest.mark.horovod
 def test_resume_refuses_changed_shards(shards, tmp_path):
     out = tmp_path / "run"
     res = train(shards, out, "--epochs", 1, "--max-steps", 1)
@@ -199,6 +297,7 @@ def test_resume_refuses_changed_shards(shards, tmp_path):
 
 
 # --------------------------------------------------------------------------- bad configuration
+@pytest.mark.horovod
 def test_bad_config_fails_before_work(shards, tmp_path):
     res = train(shards, tmp_path / "a", "--global-batch-size", 5, np=2, launcher="mpirun")
     assert res.returncode != 0
@@ -209,11 +308,13 @@ def test_bad_config_fails_before_work(shards, tmp_path):
 
 
 # --------------------------------------------------------------------------- preemption and rank death
-def _start(shards: Path, out: Path, *flags, np: int = 2, stage: str = "locate") -> subprocess.Popen:
-    cmd = launcher_prefix("mpirun", np) + hpc_dfs_cmd("train", "--shards", shards, "--out", out, *TINY,
-                                                      *STAGE[stage], *map(str, flags))
-    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=job_env(), cwd=REPO, start_new_session=True)
+def _start(shards: Path, out: Path, *flags, np: int = 2, stage: str = "locate",
+           launcher: str = "mpirun") -> subprocess.Popen:
+    engine = ["--engine", "torch"] if launcher == "mpirun-torch" else []
+    cmd = command(hpc_dfs_cmd("train", "--shards", shards, "--out", out, *TINY, *STAGE[stage], *engine,
+                              *map(str, flags)), launcher, np)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=job_env(launcher_env(launcher)), cwd=REPO, start_new_session=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -246,62 +347,91 @@ def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
             env = child.environ()
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue
-        if "OMPI_COMM_WORLD_RANK" in env and "python" in child.name():
+        if "python" not in child.name():
+            continue
+        if "OMPI_COMM_WORLD_RANK" in env:
             ranks[int(env["OMPI_COMM_WORLD_RANK"])] = child.pid
+        elif "TORCHELASTIC_RUN_ID" in env and "RANK" in env:     # a torchrun worker (not the agent itself)
+            ranks[int(env["RANK"])] = child.pid
     return ranks
 
 
-@pytest.mark.parametrize("target, stage", [("job", "locate"), ("one-rank", "locate"), ("job", "refine")])
-def test_preemption_writes_checkpoint_and_resumes(shards, tmp_path, target, stage):
-    """SIGUSR1 to mpirun (forwarded to every rank), or SIGTERM to rank 1 only: both ranks agree to stop."""
-    out = tmp_path / "run"
-    proc = _start(shards, out, "--epochs", 40, stage=stage)
-    _wait_for(out / "checkpoints" / "epoch_0001.pt", proc)
-    if target == "job":
-        os.kill(proc.pid, signal.SIGUSR1)
-    else:
+def _preempt(proc: subprocess.Popen, launcher: str, target: str) -> str:
+    """Signal the job as a scheduler would (mpirun: SIGUSR1, forwarded to every rank; torchrun forwards only
+    SIGTERM, SIGINT, SIGHUP and SIGQUIT, and SIGUSR1 would kill it), or SIGTERM rank 1 only.
+
+    Returns:
+        The signal's name.
+    """
+    if target == "one-rank":
         os.kill(_rank_pids(proc)[1], signal.SIGTERM)
+        return "SIGTERM"
+    sig = signal.SIGTERM if launcher == "torchrun" else signal.SIGUSR1
+    os.kill(proc.pid, sig)
+    return sig.name
+
+
+def _check_preempted(code: int, log: str, launcher: str) -> None:
+    """Every rank stopped with 75. torchrun reports its workers' status in its summary and exits 1 itself."""
+    assert "exiting with 75" in log, log[-3000:]
+    if launcher == "torchrun":
+        assert code != 0 and ("got signal: 15" in log or re.search(r"exitcode\s*:\s*75", log)), log[-3000:]
+    else:
+        assert code == EXIT_PREEMPTED, log
+
+
+@pytest.mark.parametrize("target, stage, launcher", engine_params(
+    ("job", "locate", "mpirun"), ("one-rank", "locate", "mpirun"), ("job", "refine", "mpirun"),
+    ("job", "locate", "torchrun"), ("one-rank", "locate", "torchrun")))
+def test_preemption_writes_checkpoint_and_resumes(shards, tmp_path, target, stage, launcher):
+    """A signal to the job, or SIGTERM to rank 1 only: both ranks agree to stop, write last.pt, exit 75."""
+    out = tmp_path / "run"
+    proc = _start(shards, out, "--epochs", 40, stage=stage, launcher=launcher)
+    _wait_for(out / "checkpoints" / "epoch_0001.pt", proc)
+    sig = _preempt(proc, launcher, target)
     code, log, _ = _finish(proc, 120)
-    assert code == EXIT_PREEMPTED, log
-    assert "exiting with 75" in log and ("SIGUSR1" in log if target == "job" else "another rank" in log or
-                                         "SIGTERM" in log)
+    _check_preempted(code, log, launcher)
+    assert sig in log if target == "job" else ("another rank" in log or "SIGTERM" in log)
     state = weights(out)
     assert 5 <= state["step"] < 200 and state["epoch"] == state["step"] // 5
-    assert state["config"]["stage"] == stage
+    assert state["config"]["stage"] == stage and state["config"]["engine"] == ENGINE[launcher]
     # resuming finishes the run from the mid-epoch checkpoint
     res = train(shards, out, "--epochs", 40, "--resume", "--max-steps", state["step"] + 2, np=2,
-                launcher="mpirun", stage=stage)
+                launcher=launcher, stage=stage)
     assert res.returncode == 0, res.output
     assert weights(out)["step"] == state["step"] + 2
 
 
-@pytest.mark.parametrize("stage", ["locate", "refine"])
-def test_preempted_mid_epoch_resume_equals_uninterrupted(shards, tmp_path, stage):
+@pytest.mark.parametrize("stage, launcher", engine_params(("locate", "mpirun"), ("refine", "mpirun"),
+                                                          ("locate", "torchrun")))
+def test_preempted_mid_epoch_resume_equals_uninterrupted(shards, tmp_path, stage, launcher):
     """A checkpoint taken mid-epoch on a signal resumes to the same weights as a run never stopped."""
     full = tmp_path / "full"
-    res = train(shards, full, "--epochs", 4, np=2, launcher="mpirun", stage=stage)
+    res = train(shards, full, "--epochs", 4, np=2, launcher=launcher, stage=stage)
     assert res.returncode == 0, res.output
     part = tmp_path / "part"
-    proc = _start(shards, part, "--epochs", 4, stage=stage)
+    proc = _start(shards, part, "--epochs", 4, stage=stage, launcher=launcher)
     _wait_for(part / "checkpoints" / "epoch_0001.pt", proc)
-    os.kill(proc.pid, signal.SIGUSR1)
+    _preempt(proc, launcher, "job")
     code, log, _ = _finish(proc, 120)
     assert code != 0, "the run finished before the signal arrived: give the partial run more epochs on this machine"
-    assert code == EXIT_PREEMPTED, log
-    res = train(shards, part, "--epochs", 4, "--resume", np=2, launcher="mpirun", stage=stage)
+    _check_preempted(code, log, launcher)
+    res = train(shards, part, "--epochs", 4, "--resume", np=2, launcher=launcher, stage=stage)
     assert res.returncode == 0, res.output
     rel, where = max_rel_diff(weights(full)["model"], weights(part)["model"])
     assert rel < 1e-6, f"{rel:.2e} in {where}"
 
 
-@pytest.mark.parametrize("stage", ["locate", "refine"])
-def test_no_hang_when_a_rank_dies(shards, tmp_path, stage):
+@pytest.mark.parametrize("stage, launcher", engine_params(("locate", "mpirun"), ("refine", "mpirun"),
+                                                          ("locate", "torchrun"), ("locate", "mpirun-torch")))
+def test_no_hang_when_a_rank_dies(shards, tmp_path, stage, launcher):
     out = tmp_path / "run"
-    proc = _start(shards, out, "--epochs", 200, stage=stage)
+    proc = _start(shards, out, "--epochs", 200, stage=stage, launcher=launcher)
     _wait_for(out / "checkpoints" / "epoch_0001.pt", proc)
     pids = _rank_pids(proc)
     os.kill(pids[1], signal.SIGKILL)
     code, log, took = _finish(proc, 60)
     assert code != 0, log
     assert took < 60
-    assert "signal 9" in log or "Killed" in log, log[-3000:]
+    print(f"[dead rank] {launcher}: the job ended {took:.1f} s after SIGKILL of rank 1")
+    assert "signal 9" in log.lower() or "Killed" in log, log[-3000:]

@@ -14,7 +14,7 @@ from datetime import datetime
 import pytest
 import torch
 
-from tests.launch import hpc_dfs_cmd, launch
+from tests.launch import engine_params, hpc_dfs_cmd, launch
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -36,10 +36,12 @@ def _when(s: str) -> datetime:
     return datetime.fromisoformat(s)
 
 
-def test_pipeline_preprocess_train_predict(slurm, tmp_path):
+@pytest.mark.parametrize("engine", engine_params("horovod", "torch"))
+def test_pipeline_preprocess_train_predict(slurm, tmp_path, engine):
+    """pipeline.sh with ENGINE=horovod (srun --mpi=pmix) or ENGINE=torch (ranks and rendezvous from SLURM)."""
     data = _synth(tmp_path)
     work = tmp_path / "work"
-    env = dict(CPU_JOB, DATA=str(data), WORK=str(work), EPOCHS="2", PREPROCESS_ARGS=PREPROCESS_ARGS,
+    env = dict(CPU_JOB, DATA=str(data), WORK=str(work), EPOCHS="2", PREPROCESS_ARGS=PREPROCESS_ARGS, ENGINE=engine,
                TRAIN_ARGS=TINY_TRAIN + " --batch-size 2 --steps-per-epoch 2", TIME_PREPROCESS="00:15:00",
                TIME_TRAIN="00:15:00",
                TIME_PREDICT="00:15:00")
@@ -69,7 +71,7 @@ def test_pipeline_preprocess_train_predict(slurm, tmp_path):
     manifest = json.loads((shards / "manifest.json").read_text())
     assert len(manifest["cases"]) == N_CASES and all((shards / s).is_file() for s in manifest["shards"])
     ckpt = torch.load(work / "run" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
-    assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2
+    assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2 and ckpt["config"]["engine"] == engine
     preds = sorted((work / "run" / "predictions").glob("prediction_*.nii.gz"))
     assert len(preds) == N_CASES
     evaluation = json.loads((work / "run" / "predictions" / "eval.json").read_text())
@@ -79,7 +81,9 @@ def test_pipeline_preprocess_train_predict(slurm, tmp_path):
     logs = work / "logs"
     for name, job in (("preprocess", pre), ("train", train), ("predict", pred)):
         log = (logs / f"hpcdfs-{name}-{job}.out").read_text()
-        assert "[hpc-dfs topology] world size 2 (allreduce check 2), launcher srun, horovod True mpi True" in log, log
+        topology = (f"[hpc-dfs topology] world size 2 (allreduce check 2), launcher srun, engine {engine}, horovod "
+                    + ("True mpi True" if engine == "horovod" else "False mpi None"))
+        assert topology in log, log
         assert f"[hpc-dfs {name}" in log and "FAILED" not in log
         assert (logs / f"hpcdfs-{name}-{job}-{name}-rank0.log").is_file()
         assert (logs / f"hpcdfs-{name}-{job}-{name}-rank1.log").is_file()
@@ -87,6 +91,7 @@ def test_pipeline_preprocess_train_predict(slurm, tmp_path):
     assert (logs / f"hpcdfs-predict-{pred}-evaluate-rank0.log").is_file()
 
 
+@pytest.mark.horovod
 def test_pipeline_cascade_stage_both(slurm, tmp_path):
     """STAGE=both: train.sbatch trains locate then refine; predict.sbatch finds both and runs the cascade."""
     data = _synth(tmp_path)
@@ -117,7 +122,8 @@ def test_pipeline_cascade_stage_both(slurm, tmp_path):
     assert "STAGE=both" in (work / "logs" / f"hpcdfs-train-{train}.out").read_text()
 
 
-def test_preemption_checkpoint_requeue_resume(slurm, tmp_path):
+@pytest.mark.parametrize("engine", engine_params("horovod", "torch"))
+def test_preemption_checkpoint_requeue_resume(slurm, tmp_path, engine):
     data = _synth(tmp_path)
     shards = tmp_path / "shards"
     res = launch(hpc_dfs_cmd("preprocess", "--data", data, "--out", shards, *PREPROCESS_ARGS.split()),
@@ -129,6 +135,7 @@ def test_preemption_checkpoint_requeue_resume(slurm, tmp_path):
     job = slurm.run("sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
                     "--time=00:20:00", f"--output={logs}/%x-%j.out", "slurm/train.sbatch",
                     env={"SHARDS": str(shards), "RUN": str(run), "EPOCHS": str(epochs), "LOG_DIR": str(logs),
+                         "ENGINE": engine,
                          "TRAIN_ARGS": TINY_TRAIN + " --batch-size 1 --steps-per-epoch 5"}).stdout.strip()
 
     # wait until the first epoch is done, then preempt (as SLURM does before the time limit)
@@ -163,6 +170,6 @@ def test_preemption_checkpoint_requeue_resume(slurm, tmp_path):
     assert 1 <= int(resumed.group(1)) < epochs
 
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
-    assert ckpt["epoch"] == epochs and ckpt["world_size"] == 2
+    assert ckpt["epoch"] == epochs and ckpt["world_size"] == 2 and ckpt["config"]["engine"] == engine
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))

@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from tests.launch import engine_params
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ALLREDUCE_PY = textwrap.dedent("""
@@ -26,8 +28,9 @@ ALLREDUCE_PY = textwrap.dedent("""
 """)
 
 
-def test_srun_pmix_horovod_allreduce(slurm, tmp_path):
-    mpi = "pmix"
+@pytest.mark.parametrize("engine, mpi", engine_params(("horovod", "pmix"), ("torch", "none")))
+def test_srun_pmix_horovod_allreduce(slurm, tmp_path, engine, mpi):
+    """A 2-rank allreduce through srun: Horovod over PMIx, or the torch engine from SLURM's variables alone."""
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "check.py").write_text(ALLREDUCE_PY)
@@ -38,6 +41,7 @@ def test_srun_pmix_horovod_allreduce(slurm, tmp_path):
         #SBATCH --time=5
         #SBATCH --output={tmp_path}/%x-%j.out
         set -e
+        export HPC_DFS_ENGINE={engine}
         srun --mpi={mpi} --kill-on-bad-exit=1 python {tmp_path}/check.py {out}
         """))
     job = slurm.run("sbatch", "--parsable", "--job-name", f"stack-{mpi}", script).stdout.strip().split(";")[0]
@@ -47,12 +51,14 @@ def test_srun_pmix_horovod_allreduce(slurm, tmp_path):
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for r, info in enumerate(ranks):
         assert info["rank"] == r and info["size"] == 2 and info["local_size"] == 2
-        assert info["launcher"] == "srun" and info["horovod"] and info["mpi"]
+        assert info["launcher"] == "srun" and info["engine"] == engine
+        assert (info["horovod"] and info["mpi"]) if engine == "horovod" else info["torch_distributed"] == "gloo"
         assert info["total"] == 3.0          # 1 + 2 summed over the two ranks
         assert info["device"] == "cpu"
     assert {i["local_rank"] for i in ranks} == {0, 1}
 
 
+@pytest.mark.horovod
 def test_mpi_plugin_fallback_and_topology(slurm, tmp_path):
     script = tmp_path / "job.sbatch"
     script.write_text(textwrap.dedent(f"""\

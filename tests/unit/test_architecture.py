@@ -61,11 +61,19 @@ def test_no_function_longer_than_one_screen():
     assert not long, "functions over %d lines:\n%s" % (MAX_FUNCTION_LINES, "\n".join(long))
 
 
-@pytest.mark.parametrize("lib", ["horovod", "mpi4py"])
-def test_only_parallel_imports_horovod_and_mpi4py(lib):
+@pytest.mark.parametrize("lib", ["horovod", "mpi4py", "torch.distributed"])
+def test_only_parallel_imports_horovod_mpi4py_and_torch_distributed(lib):
     bad = [_rel(p) for p, t in _modules()
            if "/parallel/" not in _rel(p) and any(n == lib or n.startswith(lib + ".") for n in _imports(t))]
     assert not bad, f"{lib} imported outside hpc_dfs/parallel: {bad}"
+
+
+def test_only_dist_uses_torch_distributed_as_an_attribute():
+    """``import torch`` then ``torch.distributed.all_reduce(...)`` is a use of the process groups too."""
+    bad = [f"{_rel(p)}:{n.lineno}" for p, t in _modules() if "/parallel/" not in _rel(p) for n in ast.walk(t)
+           if isinstance(n, ast.Attribute) and n.attr == "distributed" and isinstance(n.value, ast.Name)
+           and n.value.id == "torch"]
+    assert not bad, f"torch.distributed used outside hpc_dfs/parallel: {bad}"
 
 
 def test_models_know_nothing_of_ranks_or_files():

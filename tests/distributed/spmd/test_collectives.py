@@ -144,3 +144,71 @@ def test_mpi_objects_backend_under_an_mpi_launcher():
     with pytest.raises(parallel.DistError, match="needs Horovod"):
         b.distributed_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), None, "none",
                                 "average", 1, 1.0)
+
+
+# ----------------------------------------------------------------------------- the engine's semantics (both engines)
+def test_engine_is_the_one_asked_for():
+    """Horovod by default, torch under torchrun or with HPC_DFS_ENGINE=torch (make test runs all of these)."""
+    import os
+    want = os.environ.get("HPC_DFS_ENGINE") or ("torch" if parallel.launcher() == "torchrun" else "horovod")
+    names = parallel.allgather_object(parallel.engine())
+    if want == "horovod" and parallel.size() == 1 and not parallel.horovod_available():
+        pytest.skip("a plain process without Horovod runs the size-1 backend")
+    assert names == [want] * parallel.size() and parallel.topology()["engine"] == want
+
+
+def test_allreduce_gradient_is_the_reduction_of_the_gradients():
+    """Horovod's rule, which the DFS loss's rank-summed statistics rely on: d(sum_q x_q)/dx_r = sum_q of the
+    upstream gradients (and 1/n of it for the mean)."""
+    n, r = parallel.size(), parallel.rank()
+    x = torch.arange(3.0, requires_grad=True)
+    w = torch.tensor([1.0, -2.0, 0.5]) * (r + 1)          # a different upstream gradient on every rank
+    (parallel.allreduce(x * (r + 1), op="sum", name="grad.sum") * w).sum().backward()
+    g_sum = x.grad.clone()
+    x.grad = None
+    (parallel.allreduce(x, op="mean", name="grad.mean") * w).sum().backward()
+    total = sum(q + 1 for q in range(n))
+    assert torch.equal(g_sum, (r + 1) * torch.tensor([1.0, -2.0, 0.5]) * total)
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, -2.0, 0.5]) * total / n)
+
+
+def test_accumulation_and_fp16_compression_equal_one_process():
+    """2 backward passes per step, gradients on the wire in float16, synchronize() then step() inside
+    skip_synchronize() (the trainer's protocol) == one process on the whole batch, within float16 rounding."""
+    n, r = parallel.size(), parallel.rank()
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    ref = copy.deepcopy(model)
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = parallel.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model.named_parameters(),
+                                        compression="fp16", backward_passes_per_step=2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for step in range(3):
+        opt.zero_grad()
+        for k in range(2):
+            x, y = _data(r + 10 * k + 100 * step, per_rank=2)
+            (nn.functional.mse_loss(model(x), y) / 2).backward()
+        opt.synchronize()
+        with opt.skip_synchronize():
+            opt.step()
+        ref_opt.zero_grad()
+        for k in range(2):
+            xs, ys = zip(*[_data(q + 10 * k + 100 * step, per_rank=2) for q in range(n)])
+            (nn.functional.mse_loss(ref(torch.cat(xs)), torch.cat(ys)) / 2).backward()
+        ref_opt.step()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = parallel.allgather(flat.unsqueeze(0), name="fp16.params")
+    ref_flat = torch.cat([p.detach().flatten() for p in ref.parameters()])
+    for q in range(n):
+        assert torch.equal(everyone[q], flat)          # every rank stepped with the same (decompressed) gradients
+    torch.testing.assert_close(flat, ref_flat, rtol=0, atol=1e-4)
+    assert (flat - start).abs().max() > 100 * 1e-4, "the weights barely moved: the comparison would be vacuous"
+    if n > 1:   # the gradients did travel in float16: not the float32 result bit for bit
+        assert not torch.equal(flat, ref_flat), "fp16 compression left the float32 gradients untouched"
+
+
+def test_allgather_of_different_lengths():
+    r = parallel.rank()
+    got = parallel.allgather(torch.full((r + 1, 2), float(r)), name="ragged")
+    want = torch.cat([torch.full((q + 1, 2), float(q)) for q in range(parallel.size())])
+    assert torch.equal(got, want)

@@ -1,4 +1,5 @@
-"""bench/gpu.sh: --dry-run runs every part on CPU (step rate, reader, horovodrun training); a real run needs CUDA."""
+"""bench/gpu.sh: --dry-run runs every part on CPU (step rate, reader, horovodrun and torchrun training); a real run
+needs CUDA."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ MODELS = {"rusp_net_dw", "dfs_fusion", "unet"}
 
 
 @pytest.mark.slow
+@pytest.mark.horovod
 def test_gpu_script_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     res = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", "--out", str(out)], cwd=REPO,
@@ -30,6 +32,10 @@ def test_gpu_script_dry_run(tmp_path):
     assert train["rc"] == 0 and train["steps"] == 2 and "horovodrun -np 1 -H localhost:1" in train["command"]
     assert " train --shards " in train["command"] and "amp=auto" in train["command"]
     assert train["device_line"] and " on cpu" in train["device_line"]
+    both = r["torchrun_train"]   # the torch engine through torchrun (NCCL on a GPU; Gloo in this dry run)
+    assert both["rc"] == 0 and both["steps"] == 2 and "torchrun --standalone --nproc_per_node 1" in both["command"]
+    assert "--engine torch" in both["command"] and both["device_line"] and " on cpu" in both["device_line"]
+    assert r["engines"] is None            # the NCCL allreduce sweep needs CUDA
     assert r["syncbn_class"] and r["environment"]["torch"] == torch.__version__
 
 

@@ -14,7 +14,9 @@ from hpc_dfs.parallel.launch import launch_rank_size
 from hpc_dfs.errors import EXIT_ENV, HpcDfsError
 
 LAUNCH_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "HOROVOD_RANK", "HOROVOD_SIZE", "PMIX_RANK",
-               "PMI_SIZE", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "HOROVOD_GLOO_RENDEZVOUS_ADDR")
+               "PMI_SIZE", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS", "HOROVOD_GLOO_RENDEZVOUS_ADDR",
+               "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "HPC_DFS_ENGINE",
+               "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture
@@ -210,8 +212,112 @@ def test_env_helper_prefers_the_backend_once_initialised(no_backend):
     ({"OMPI_COMM_WORLD_SIZE": "2"}, "mpirun"), ({"PMIX_RANK": "0", "SLURM_STEP_ID": "1"}, "srun"),
     ({"OMPI_COMM_WORLD_SIZE": "2", "SLURM_STEP_ID": "1"}, "mpirun"),
     ({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "srun"), ({"SLURM_STEP_ID": "0"}, "none"),
+    ({"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "RANK": "1"}, "torchrun"),
+    ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "torchrun"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "none"),   # RANK alone is any program's variable, not a launcher's
 ])
 def test_launcher_detection(plain_env, env, expect):
     for var, value in env.items():
         plain_env.setenv(var, value)
     assert parallel.launcher() == expect
+
+
+# ----------------------------------------------------------------------------- the engine and its rendezvous
+def test_torchrun_rank_and_size_from_its_environment(no_backend):
+    for var, value in {"TORCHELASTIC_RUN_ID": "r", "RANK": "3", "WORLD_SIZE": "4", "SLURM_PROCID": "0"}.items():
+        no_backend.setenv(var, value)
+    assert launch_rank_size() == (3, 4)
+
+
+@pytest.mark.parametrize("setting, env, torchrun, expect", [
+    (None, None, False, "horovod"), (None, None, True, "torch"), (None, "torch", False, "torch"),
+    (None, " Torch ", False, "torch"), ("horovod", "torch", True, "horovod"), ("torch", None, False, "torch"),
+])
+def test_requested_engine(plain_env, setting, env, torchrun, expect):
+    if env is not None:
+        plain_env.setenv("HPC_DFS_ENGINE", env)
+    if torchrun:
+        plain_env.setenv("TORCHELASTIC_RUN_ID", "r")
+        plain_env.setenv("WORLD_SIZE", "2")
+    assert parallel.requested_engine(setting) == expect
+
+
+def test_unknown_engine_is_a_config_error_naming_its_source(plain_env):
+    plain_env.setenv("HPC_DFS_ENGINE", "nccl")
+    with pytest.raises(HpcDfsError, match=r"\$HPC_DFS_ENGINE='nccl': the engine is one of horovod, torch") as e:
+        backends.select()
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="--engine='mpi'"):
+        parallel.requested_engine("mpi")
+
+
+def test_horovod_under_torchrun_and_torch_under_horovodrun_are_clear_errors(plain_env):
+    plain_env.setenv("TORCHELASTIC_RUN_ID", "r")
+    plain_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(parallel.DistError, match="torchrun starts no Horovod: use --engine torch"):
+        backends.select(engine="horovod")
+    plain_env.delenv("TORCHELASTIC_RUN_ID")
+    plain_env.setenv("HOROVOD_GLOO_RENDEZVOUS_ADDR", "h")
+    with pytest.raises(parallel.DistError, match="horovodrun starts Horovod, not the torch engine"):
+        backends.select(engine="torch")
+
+
+def test_torch_engine_in_a_plain_process_is_a_real_size_one_group(no_backend):
+    """A real Gloo process group of one rank (no launcher): every collective has its size-1 meaning."""
+    import torch.distributed as dist
+    parallel.init(engine="torch")
+    try:
+        assert parallel.engine() == "torch" and dist.is_initialized() and dist.get_world_size() == 1
+        assert (parallel.rank(), parallel.size(), parallel.topology()["engine"]) == (0, 1, "torch")
+        x = torch.arange(3.0, requires_grad=True)
+        y = parallel.allreduce(x * 2, op="sum")
+        y.sum().backward()
+        assert torch.equal(y, torch.arange(3.0) * 2) and torch.equal(x.grad, torch.full((3,), 2.0))
+        assert parallel.allreduce_scalar(2.5, "mean") == 2.5 and parallel.allgather_object("a") == ["a"]
+        assert torch.equal(parallel.allgather(torch.ones(2, 3)), torch.ones(2, 3))
+        with pytest.raises(parallel.DistError, match="Adasum exists only in Horovod"):
+            parallel.DistributedOptimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), op="adasum")
+    finally:
+        parallel.shutdown()
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("nodelist, first", [("node[01-04,07],gpu2", "node01"), ("gpu7", "gpu7"),
+                                             ("a1,b2", "a1"), ("n[3,5]", "n3")])
+def test_first_host_of_a_slurm_nodelist(nodelist, first, monkeypatch):
+    from hpc_dfs.parallel import rendezvous
+    monkeypatch.setenv("PATH", "/nonexistent")          # no scontrol: the list is parsed
+    assert rendezvous.first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("spec, node, n", [("2(x3),1", 0, 2), ("2(x3),1", 3, 1), ("4", 0, 4), ("1,3", 1, 3)])
+def test_tasks_on_node(spec, node, n):
+    from hpc_dfs.parallel import rendezvous
+    assert rendezvous.tasks_on_node(spec, node) == n
+
+
+def test_slurm_rendezvous_from_its_variables(plain_env):
+    from hpc_dfs.parallel import rendezvous
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_ID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "cn[07-08]",
+           "SLURM_JOB_ID": "4242"}
+    for var, value in env.items():
+        plain_env.setenv(var, value)
+    plain_env.setenv("PATH", "/nonexistent")
+    rdv = rendezvous.rendezvous()
+    assert (rdv.rank, rdv.size, rdv.local_rank, rdv.local_size, rdv.addr) == (3, 4, 1, 2, "cn07")
+    assert rdv.port == rendezvous.slurm_port(4242, 1) and rdv.init_method == f"tcp://cn07:{rdv.port}"
+    assert rendezvous.slurm_port(4242, 2) != rdv.port          # the job's next step meets elsewhere
+    plain_env.setenv("MASTER_PORT", "31234")                    # the environment wins
+    assert rendezvous.rendezvous().port == 31234
+
+
+def test_torch_engine_refuses_horovod_only_features():
+    from hpc_dfs.config import ConfigError
+    from hpc_dfs.config.train import TrainConfig
+    cfg = TrainConfig()
+    cfg.horovod.adasum, cfg.horovod.timeline = True, "t.json"
+    with pytest.raises(ConfigError, match="--adasum and --timeline exist only in Horovod, but this run uses the "
+                                          "torch engine"):
+        cfg.check_engine("torch")
+    cfg.check_engine("horovod")
