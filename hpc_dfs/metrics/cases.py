@@ -17,7 +17,7 @@ from hpc_dfs.metrics.overlap import REGIONS, dice, iou, region_masks
 from hpc_dfs.metrics.surface import hausdorff, surface_dice
 
 __all__ = ["EvaluationError", "PRED_LABELS", "GT_LABELS", "evaluate_arrays", "check_labels", "evaluate_files",
-           "evaluate_missing", "raw_dice", "mean_of", "summarise", "summarise_all"]
+           "evaluate_missing", "raw_dice", "mean_of", "summarise", "summarise_all", "load_label"]
 
 log = get_logger("hpc_dfs.evaluate")
 
@@ -92,18 +92,27 @@ def check_labels(data: np.ndarray, allowed: tuple[int, ...], path: Path) -> None
                               f"{{{', '.join(map(str, allowed))}}}")
 
 
-def _load_label(path: Path):
+def load_label(path: Path, error: type[HpcDfsError] = EvaluationError):
+    """A 3-D label map as int16, its affine and its header's voxel spacing (mm).
+
+    Args:
+        path: the NIfTI file.
+        error: the error class to raise (each evaluation names its own).
+
+    Raises:
+        HpcDfsError: (``error``) the file cannot be read, is not 3-D, or holds non-integer values; names the file.
+    """
     import nibabel as nib
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for a damaged file
-        raise EvaluationError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
+        raise error(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
     if data.ndim != 3:
-        raise EvaluationError(f"{path}: expected a 3-D label map, got shape {data.shape}")
+        raise error(f"{path}: expected a 3-D label map, got shape {data.shape}")
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise EvaluationError(f"{path}: label map holds non-integer values")
+            raise error(f"{path}: label map holds non-integer values")
     return data.astype(np.int16, copy=False), img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
@@ -113,8 +122,8 @@ def evaluate_files(pred_path: Path, gt_path: Path, cfg: EvaluateConfig | None = 
     Raises:
         EvaluationError: a file cannot be read, holds labels outside its set, or the grids differ.
     """
-    pred, p_aff, _ = _load_label(pred_path)
-    gt, g_aff, spacing = _load_label(gt_path)
+    pred, p_aff, _ = load_label(pred_path)
+    gt, g_aff, spacing = load_label(gt_path)
     check_labels(pred, PRED_LABELS, pred_path)
     check_labels(gt, GT_LABELS, gt_path)
     if pred.shape != gt.shape:
@@ -143,7 +152,7 @@ def _case_image(gt_path: Path, shape: tuple) -> np.ndarray | None:
 
 def evaluate_missing(gt_path: Path, cfg: EvaluateConfig | None = None) -> dict[str, Any]:
     """A ground-truth case without a prediction, scored as an all-background prediction (KiTS)."""
-    gt, g_aff, spacing = _load_label(gt_path)
+    gt, g_aff, spacing = load_label(gt_path)
     check_labels(gt, GT_LABELS, gt_path)
     row = evaluate_arrays(np.zeros_like(gt), gt, spacing, cfg, affine=g_aff)
     row["status"] = "missing prediction"
@@ -164,9 +173,9 @@ def raw_dice(raw_dir: Path, pred_path: Path, gt_path: Path) -> dict[str, float]:
     raw_path = raw_dir / pred_path.name
     if not raw_path.exists():
         raise EvaluationError(f"raw prediction {raw_path} is missing (post-processed one exists)")
-    raw_pred, _, _ = _load_label(raw_path)
+    raw_pred, _, _ = load_label(raw_path)
     check_labels(raw_pred, PRED_LABELS, raw_path)
-    gt, _, _ = _load_label(gt_path)
+    gt, _, _ = load_label(gt_path)
     if raw_pred.shape != gt.shape:
         raise EvaluationError(f"{raw_path} has shape {raw_pred.shape} but {gt_path} has {gt.shape}")
     gm, rm = region_masks(gt), region_masks(raw_pred)

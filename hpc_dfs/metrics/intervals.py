@@ -2,8 +2,8 @@
 
 A mean Dice over 4 or 12 cases, or a detection rate over a dozen tumours, is noise unless it carries its
 interval: two rows differ only where their intervals separate. Cases are the unit of resampling (a case's
-tumours stay together: the cluster bootstrap), the percentile interval is used, and the seed is fixed so that
-the same inputs give the same interval.
+tumours stay together: scipy's paired bootstrap, i.e. the cluster bootstrap of a pooled rate), the percentile
+interval is used, and the seed is fixed so that the same inputs give the same interval.
 
     mean_interval([0.9, 0.8, 0.95])                    -> {"mean": 0.883, "ci95": [0.8, 0.95], "n": 3}
     rate_interval(hits=[1, 0, 2], totals=[1, 1, 2])    -> {"mean": 0.75, "ci95": [...], "n": 3, "hits": 3, "total": 4}
@@ -45,10 +45,23 @@ def mean_interval(values: Iterable, n_boot: int = N_BOOT, seed: int = 0) -> dict
     v = _finite(values)
     if v.size == 0:
         return None
-    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
-    boot = v[idx].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "n": int(v.size)}
+    lo, hi = _percentile_bootstrap((v,), lambda x, axis=-1: x.mean(axis=axis), n_boot, seed)
+    return {"mean": float(v.mean()), "ci95": [lo, hi], "n": int(v.size)}
+
+
+def _percentile_bootstrap(data: tuple, statistic, n_boot: int, seed: int) -> tuple[float, float]:
+    """scipy's percentile bootstrap of ``statistic`` over the cases (``paired``: a case's arrays stay together).
+
+    One case has no spread to resample: its interval is the value itself on both ends.
+    """
+    from scipy import stats
+
+    if data[0].size == 1:
+        value = float(statistic(*data))
+        return value, value
+    res = stats.bootstrap(data, statistic, n_resamples=n_boot, method="percentile", paired=len(data) > 1,
+                          vectorized=True, random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def rate_interval(hits: Sequence[int], totals: Sequence[int], n_boot: int = N_BOOT,
@@ -76,11 +89,9 @@ def rate_interval(hits: Sequence[int], totals: Sequence[int], n_boot: int = N_BO
     h, t = h[keep], t[keep]
     if t.size == 0:
         return None
-    idx = np.random.default_rng(seed).integers(0, t.size, size=(n_boot, t.size))
-    boot = h[idx].sum(axis=1) / t[idx].sum(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"mean": float(h.sum() / t.sum()), "ci95": [float(lo), float(hi)], "n": int(t.size),
-            "hits": int(h.sum()), "total": int(t.sum())}
+    lo, hi = _percentile_bootstrap((h, t), lambda a, b, axis=-1: a.sum(axis=axis) / b.sum(axis=axis), n_boot, seed)
+    return {"mean": float(h.sum() / t.sum()), "ci95": [lo, hi], "n": int(t.size), "hits": int(h.sum()),
+            "total": int(t.sum())}
 
 
 def size_class(ml: float) -> str:

@@ -49,6 +49,7 @@ import numpy as np
 from hpc_dfs import fsutil
 from hpc_dfs.contracts.kits import CASE_RE, LABEL_NAME, PRED_RE, SUBMISSION_RE, prediction_name, submission_name
 from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError
+from hpc_dfs.metrics.cases import load_label
 
 __all__ = ["Region", "REGIONS", "TOLERANCES_MM", "CSV_COLUMNS", "LABELS", "Kits23Error", "region_mask", "dice",
            "area_table", "surface_dice", "score_case", "score_files", "find_prediction", "score_folder", "summarise",
@@ -228,23 +229,12 @@ def score_case(truth: np.ndarray, pred: np.ndarray, spacing) -> dict[str, float]
 
 def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A label map (int16) and its header zooms; refuses unreadable files and values outside :data:`LABELS`."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types for a damaged file
-        raise Kits23Error(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
-    if data.ndim != 3:
-        raise Kits23Error(f"{path}: expected a 3-D label map, got shape {data.shape}")
-    if np.issubdtype(data.dtype, np.floating) and not np.array_equal(data, np.round(data)):
-        raise Kits23Error(f"{path}: label map holds non-integer values")
+    data, _, zooms = load_label(path, Kits23Error)
     if data.size and (data.min() < min(LABELS) or data.max() > max(LABELS)):  # unique() only to name them
         bad = sorted(set(np.unique(data).tolist()) - set(LABELS))
         raise Kits23Error(f"{path}: label value(s) {', '.join(str(int(b)) for b in bad[:5])} outside "
                           f"{{{', '.join(map(str, LABELS))}}} (0 background, 1 kidney, 2 tumour, 3 cyst)")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return data.astype(np.int16, copy=False), zooms
+    return data, zooms
 
 
 def score_files(pred_path: str | Path, gt_path: str | Path) -> dict[str, float]:
