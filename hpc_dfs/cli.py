@@ -100,12 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
+    from hpc_dfs import fsutil
     from hpc_dfs.errors import HpcDfsError
     try:
-        return int(args._main(args) or 0)
+        with fsutil.writing_as(args.verb):  # no verb replaces a file that another verb wrote
+            return int(args._main(args) or 0)
     except HpcDfsError as e:  # the one error base of every stage: one line naming the file or case, its code
         _error_line.error("hpc-dfs %s: error: %s", args.verb, e)
         return e.code
+    except OSError as e:  # a place that cannot be written (read-only, a file where a folder must be): one line
+        if not (fsutil.is_disk_error(e) and e.filename):
+            raise
+        err = fsutil.DiskWriteError(e.filename, e)
+        _error_line.error("hpc-dfs %s: error: %s", args.verb, err)
+        return err.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -61,6 +61,7 @@ from hpc_dfs import parallel
 from hpc_dfs.config import add_arguments as add_config_arguments, from_args
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.errors import HpcDfsError
+from hpc_dfs.fsutil import lock_folder
 from hpc_dfs.log import get_logger
 from hpc_dfs.training.plan import SetupError, checked, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
@@ -132,9 +133,10 @@ def train(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool = False) -
         SetupError: a bad setting, shard or checkpoint, on every rank (rank 0 logged it).
     """
     shards_dir, out = Path(shards_dir), Path(out)
+    log = get_logger("hpc_dfs.train")
+    checked(log, "cannot train into --out", lambda: parallel.is_main() and lock_folder(out, "hpc-dfs train"))
     if cfg.stage != "both":
         return _train_stage(cfg, shards_dir, out, resume)
-    log = get_logger("hpc_dfs.train")
     for stage in ("locate", "refine"):
         sub, sub_out = dataclasses.replace(cfg, stage=stage), out / stage
         if resume and _finished(sub_out, sub):
