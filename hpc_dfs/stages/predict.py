@@ -70,7 +70,7 @@ from hpc_dfs.errors import EXIT_DATA, EXIT_ENV, EXIT_PARTIAL, EXIT_USAGE, HpcDfs
 from hpc_dfs import __version__, parallel, fsutil
 from hpc_dfs import config as cfgmod
 from hpc_dfs.config.predict import PredictConfig
-from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_FILES
+from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_FILES, near_misses
 from hpc_dfs.data.roi import context_indices
 from hpc_dfs.log import get_logger
 
@@ -127,6 +127,8 @@ def discover_inputs(path: str | Path) -> tuple[list[CaseInput], Path]:
     if (p / IMAGE_NAME).exists():
         return [CaseInput(p.name, p / IMAGE_NAME)], p.parent
     cases = [CaseInput(d.name, d / IMAGE_NAME) for d in sorted(p.iterdir()) if d.is_dir() and CASE_RE.match(d.name)]
+    for _name, why in near_misses(p) if parallel.rank() == 0 else []:
+        log.warning("--input %s: skipped %s", p, why)
     if not cases:
         raise PredictError(f"--input {p} holds no case_XXXXX/ folders and no {IMAGE_NAME}")
     return cases, p
@@ -680,6 +682,9 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
         cfgmod.require_path(ckpt, "file", "--checkpoint")
     cases, data_root = discover_inputs(paths.input)
     reps = load_replicas([str(p) for p in paths.checkpoints], cfg.weights, device)
+    for r in (r for r in reps if r.info.get("stage") == "refine"):   # the mirror of load_refine_replicas' check
+        raise PredictError(f"--checkpoint {r.path} was trained with --stage refine (a stage-2 checkpoint): pass it "
+                           "as --refine-checkpoint, and a --stage locate one here")
     for ckpt in paths.refine_checkpoints:
         cfgmod.require_path(ckpt, "file", "--refine-checkpoint")
     refine = load_refine_replicas(paths.refine_checkpoints, cfg.refine_weights, reps, device)

@@ -30,7 +30,7 @@ from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_bala
 from hpc_dfs.fsutil import write_text
 from hpc_dfs.log import get_logger
 from hpc_dfs.models.dropout import per_sample_dropout
-from hpc_dfs.training import checkpoint as ckpt
+from hpc_dfs.training import checkpoint as ckpt, guards
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, score, summarise
 from hpc_dfs.training.optim import build_optimizer, build_scheduler, scaled_lrs, step_scheduler, warmup_factor
 from hpc_dfs.training.plan import TrainPlan, check_resume_fits, check_steps, checked
@@ -117,16 +117,19 @@ class Trainer:
         try:
             for epoch in range(st.epoch, cfg.schedule.epochs):
                 stop = self.train_epoch(epoch, preempt)
-                if stop == "preempted":
-                    break
+                if stop == "preempted" and st.step < (epoch + 1) * self.steps_per_epoch:
+                    break   # mid-epoch; a signal in the last step still finishes the epoch (validation, scheduler)
                 if self._validate_now(epoch, stop):
                     st.metrics = self.validate(epoch)
+                    guards.check_metrics(st.metrics, epoch)
                 self.end_epoch(epoch)
-                if stop == "max_steps":
+                if stop in ("max_steps", "preempted"):
+                    stop = None if st.epoch >= cfg.schedule.epochs and stop == "preempted" else stop
                     break
             if stop == "preempted":
-                st.epoch = st.step // self.steps_per_epoch
-                self.save_checkpoint(st, tag_epoch=False)
+                if st.step > st.epoch * self.steps_per_epoch:   # end_epoch did not write this step's last.pt
+                    st.epoch = st.step // self.steps_per_epoch
+                    self.save_checkpoint(st, tag_epoch=False)
                 self._log_preempted(preempt)
         finally:
             preempt.uninstall()
@@ -147,6 +150,7 @@ class Trainer:
         stop = None
         for step_in_epoch in range(done, self.steps_per_epoch):
             out = self.train_step([next(batches) for _ in range(self.k)])
+            guards.check_loss(out["loss"], self.state.step, epoch)
             stats.loss_sum += out["loss"]
             stats.n_steps += 1
             self._log_step(bar, epoch, step_in_epoch, out)
@@ -295,8 +299,10 @@ class Trainer:
             opt.synchronize()
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        if clip > 0:                         # on the averaged gradients: the same on every rank
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if clip > 0 or self.scaler is None:  # on the averaged gradients: the same on every rank
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+            if self.scaler is None:          # (fp16: the scaler skips a non-finite step by design)
+                guards.check_grad_norm(float(norm), self.state.step + 1)
         with opt.skip_synchronize():
             if self.scaler is not None:
                 self.scaler.step(opt)
