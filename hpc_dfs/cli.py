@@ -24,6 +24,7 @@ import atexit
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import NoReturn
@@ -92,9 +93,26 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one verb; the exit code is the stage's, or the ``code`` of the :class:`HpcDfsError` it raised."""
+    """Run one verb; the exit code is the stage's, or the ``code`` of the :class:`HpcDfsError` it raised.
+
+    Ctrl-C, or a SIGTERM (what ``mpirun`` sends the ranks on Ctrl-C) from the start on, is one line and exit
+    128 + the signal's number.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
+    old_term = _sigterm_interrupts()
+    try:
+        return _run_verb(argv, verb)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (mpirun passes Ctrl-C on to the ranks as SIGTERM)
+        why = str(e) if str(e) in ("SIGTERM", "SIGINT") else "SIGINT"
+        _error_line.error("hpc-dfs %s: error: interrupted by %s: stopped; every file written so far is complete "
+                          "(written atomically), so rerunning the same command continues", verb, why)
+        return 128 + int(getattr(signal, why))
+    finally:
+        _restore_sigterm(old_term)
+
+
+def _run_verb(argv: list[str], verb: str | None) -> int:
     parser = build_parser(verb if verb in VERBS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "verb", None):
@@ -114,9 +132,23 @@ def main(argv: list[str] | None = None) -> int:
         err = fsutil.DiskWriteError(e.filename, e)
         _error_line.error("hpc-dfs %s: error: %s", args.verb, err)
         return err.code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+
+def _interrupt(signum: int, frame) -> None:  # noqa: ARG001 (signal handler signature)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _sigterm_interrupts():
+    """SIGTERM stops a verb as Ctrl-C does (a message and a clean stop, not a silent death); returns the old
+    handler. ``train`` installs its own handler while it trains (preemption: a checkpoint and exit 75)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _restore_sigterm(old) -> None:
+    if old is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, old)
 
 
 def run(argv: list[str] | None = None) -> NoReturn:
