@@ -138,7 +138,7 @@ def _train_seconds(run: Path) -> float:
 
 
 def _finished(last: Path, epochs: int) -> bool:
-    from hpc_dfs.training import checkpoint
+    from hpc_dfs.contracts import checkpoint
     return last.exists() and int(checkpoint.read_meta(last).get("epoch", 0)) >= epochs
 
 

@@ -197,15 +197,6 @@ def clean_stale_tmp(directory: str | os.PathLike) -> int:
 # ----------------------------------------------------------------------------- who owns a file
 #: the lock file of a folder held by a run (:func:`lock_folder`)
 LOCK_NAME = ".hpc-dfs.lock"
-#: The files each verb writes under a fixed name (CONTRACTS.md "Who owns which file"). A verb never replaces an
-#: existing file that another verb owns: ``report --out RUN/checkpoints/last.pt`` or ``evaluate --out
-#: PRED/summary.json`` is refused before anything is written. Files of other names are not checked.
-OWNERS: dict[str, tuple[str, ...]] = {
-    "preprocess": ("manifest.json", "shard-*.h5", "clinical_pipeline.json"),
-    "train": ("*.pt", "metrics.jsonl", "config.toml", "curves.png", LOCK_NAME),
-    "predict": ("summary.json", "prediction_*.nii.gz", "probabilities_*.nii.gz", "risk.csv", "overlay_*.png"),
-    "synth": ("imaging.nii.gz", "segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz", "kits.json", "kits23.json"),
-}
 _writer: list[str] = []   # the verb running in this process (set by cli.main); empty for library calls
 
 
@@ -229,13 +220,6 @@ def writing_as(verb: str) -> Iterator[None]:
         _writer.pop()
 
 
-def owner_of(path: str | os.PathLike) -> str | None:
-    """The verb that writes files of ``path``'s name (:data:`OWNERS`), or None."""
-    import fnmatch
-    name = Path(path).name
-    return next((verb for verb, pats in OWNERS.items() if any(fnmatch.fnmatchcase(name, p) for p in pats)), None)
-
-
 def check_owner(path: str | os.PathLike) -> None:
     """Refuse to replace an existing file that another verb owns (only while a verb runs, see :func:`writing_as`).
 
@@ -247,6 +231,7 @@ def check_owner(path: str | os.PathLike) -> None:
     """
     if not _writer or not os.path.lexists(path):
         return
+    from hpc_dfs.contracts.owners import owner_of  # the contracts' names (they import this module)
     owner, me = owner_of(path), _writer[-1]
     if owner is not None and owner != me:
         raise ForeignFileError(f"refusing to overwrite {path}: it is written by `hpc-dfs {owner}`, not by "

@@ -22,6 +22,7 @@ contours on a second row.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -284,3 +285,63 @@ def plot_png(draw, figsize: Sequence[float] = (6, 4)) -> bytes:
     draw(ax)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def is_finite_number(v) -> bool:
+    """A real number that is neither NaN nor infinite (bools are not numbers here).
+
+    Args:
+        v: any value.
+    """
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["epoch"], float(r[key])) for r in rows if is_finite_number(r.get(key)) and "epoch" in r]
+
+
+def curves_figure(rows: list[dict], best_ep: int | None = None, n_val: int | None = None,
+                  n_risk: int | None = None, title: str = ""):
+    """The training curves, drawn once for ``RUN/curves.png`` and the report: loss, Dice, risk and learning rate
+    per epoch from ``metrics.jsonl`` rows, the best epoch marked.
+
+    Args:
+        rows: metrics.jsonl rows.
+        best_ep: epoch of best.pt (a dashed line in every panel), or None.
+        n_val: validation cases behind the Dice and validation loss, or None.
+        n_risk: cases with a risk label, or None (then ``n_val``).
+        title: a title above the panels, or none.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    nv = f" (validation n={n_val})" if n_val else ""
+    nr = f" (validation n={n_risk if n_risk is not None else n_val})" if (n_risk or n_val) else ""
+    panels = [(f"loss{nv}", [("train_loss", "train"), ("val_loss", "validation")], False),
+              (f"Dice, 2D slices{nv}", [("kidney_dice", "kidney"), ("tumor_dice", "tumour")], False),
+              (f"risk{nr}", [("risk_auc", "AUC"), ("risk_acc", "accuracy")], False),
+              ("learning rate (effective)", [("lr", "lr")], True)]
+    fig = Figure(figsize=(16, 3.8), dpi=80)
+    axes = fig.subplots(1, 4)
+    for ax, (name, keys, log_y) in zip(axes, panels):
+        for key, label in keys:
+            pts = _series(rows, key)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        if best_ep is not None:
+            ax.axvline(best_ep, color="#c60", ls="--", lw=1, label=f"best epoch {best_ep}")
+        if name.startswith("risk"):
+            ax.axhline(0.5, color="#888", ls=":", lw=1, label="chance (AUC 0.5)")
+        lr = [v for _, v in _series(rows, "lr") if v > 0]
+        if log_y and lr and max(lr) > 10 * min(lr):  # a log axis only when the schedule spans a decade
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -16,7 +16,7 @@ def _h(text: str) -> dict:
 class ClinicalConfig:
     """Everything ``hpc-dfs clinical`` needs; every field is also a ``--flag``.
 
-    The GRU defaults are the stable recipe measured on UCI CKD (see ``hpc_dfs/stages/clinical.py``):
+    The GRU defaults are the stable recipe measured on UCI CKD (see :mod:`hpc_dfs.tabular`):
     full-batch AdamW with a cosine learning-rate schedule, gradient clipping, a class-balanced
     loss and early stopping on an inner stratified split of each training fold. The paths (``--data``,
     ``--out``) are argparse arguments of the stage, not settings.

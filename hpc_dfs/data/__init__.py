@@ -2,7 +2,7 @@
 
 Modules (imported on demand, so ``import hpc_dfs.data`` stays cheap):
 
-- :mod:`hpc_dfs.data.layout`       the KiTS names: ``CASE_RE``, ``IMAGE_NAME``, ``LABEL_FILES``, ``PRED_RE``
+- :mod:`hpc_dfs.contracts.kits`       the KiTS names: ``CASE_RE``, ``IMAGE_NAME``, ``LABEL_FILES``, ``PRED_RE``
 - :mod:`hpc_dfs.data.kits_io`      nibabel I/O of the KiTS layout, label maps, atomic NIfTI save
 - :mod:`hpc_dfs.data.kits_clinical` kits.json / CSV records, pre-operative features, ``ClinicalPipeline``
 - :mod:`hpc_dfs.data.uci_ckd`      the UCI CKD table (ARFF/CSV) for the clinical experiment

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from hpc_dfs.contracts.kits import CLINICAL_FILES
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 
 __all__ = ["ClinicalRecordError", "NUMERIC", "CATEGORICAL", "BOOLEAN", "PREOP_COLUMNS", "TARGET_FIELDS",
@@ -94,7 +95,7 @@ class ClinicalRecordError(HpcDfsError, ValueError):
 # ----------------------------------------------------------------------------- loading
 def find_clinical_file(data_dir: str | Path) -> Optional[Path]:
     """``kits.json``, ``kits23.json`` or ``clinical.csv`` in ``data_dir`` (first found), else None."""
-    for name in ("kits.json", "kits23.json", "clinical.csv"):
+    for name in CLINICAL_FILES:
         if (Path(data_dir) / name).exists():
             return Path(data_dir) / name
     return None

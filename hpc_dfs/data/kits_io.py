@@ -1,7 +1,7 @@
 """Reading and writing KiTS-layout data with nibabel.
 
 Layouts understood (see ``hpc_dfs/CONTRACTS.md`` section 1; the names are those of
-:mod:`hpc_dfs.data.layout`, re-exported here)::
+:mod:`hpc_dfs.contracts.kits`, re-exported here)::
 
     DATA/case_XXXXX/imaging.nii.gz                     CT in HU
     DATA/case_XXXXX/segmentation.nii.gz                KiTS19/KiTS23 ground truth
@@ -32,8 +32,9 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
+from hpc_dfs.contracts.kits import (CASE_RE, IMAGE_NAME, KITS21_LABEL_NAME, KITS23_CLINICAL_NAME, LABEL_FILES,
+                                   find_label_file, near_misses)
 from hpc_dfs.data.checks import GeometryProblem, IntensityProblem, check_intensities, checked_spacing
-from hpc_dfs.data.layout import CASE_RE, IMAGE_NAME, LABEL_FILES, near_misses
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 from hpc_dfs.fsutil import atomic_path
 
@@ -86,7 +87,7 @@ class KitsCase:
 
 # ----------------------------------------------------------------------------- discovery
 def list_cases(data_dir: str | Path) -> list[Path]:
-    """Case folders (``case_XXXXX``, :data:`~hpc_dfs.data.layout.CASE_RE`) of a KiTS-layout directory, sorted by id.
+    """Case folders (``case_XXXXX``, :data:`~hpc_dfs.contracts.kits.CASE_RE`) of a KiTS-layout directory, sorted by id.
 
     Args:
         data_dir: the KiTS-layout folder.
@@ -112,23 +113,11 @@ def detect_dataset(data_dir: str | Path) -> str:
         data_dir: the KiTS-layout folder.
     """
     data_dir = Path(data_dir)
-    if any(data_dir.glob(f"case_*/{LABEL_FILES[1]}")):
+    if any(data_dir.glob(f"case_*/{KITS21_LABEL_NAME}")):
         return "kits21"
-    if (data_dir / "kits23.json").exists():
+    if (data_dir / KITS23_CLINICAL_NAME).exists():
         return "kits23"
     return "kits19"
-
-
-def find_label_file(case_dir: Path) -> Optional[Path]:
-    """The case's ground-truth file (the first of :data:`LABEL_FILES` present), else None.
-
-    Args:
-        case_dir: ``DATA/case_XXXXX``.
-    """
-    for name in LABEL_FILES:
-        if (case_dir / name).exists():
-            return case_dir / name
-    return None
 
 
 # ----------------------------------------------------------------------------- reading

@@ -45,7 +45,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from hpc_dfs.data.roi import context_indices
-from hpc_dfs.data.shards import REFINE_GROUP, CaseShard, ShardError
+from hpc_dfs.contracts.shards import ShardError, manifest_path, read_manifest
+from hpc_dfs.data.shards import REFINE_GROUP, CaseShard
 
 __all__ = ["ShardSet", "ShardError", "SliceDataset", "GlobalBatchSampler", "partition_balanced"]
 
@@ -82,16 +83,7 @@ class ShardSet:
 
     def __init__(self, shards_dir: str | os.PathLike):
         self.root = Path(shards_dir)
-        path = self.root / "manifest.json"
-        if not path.exists():
-            raise ShardError(f"{path} does not exist: run `hpc-dfs preprocess --out {self.root}` first "
-                             f"(an interrupted run writes no manifest)")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{path} is not valid JSON: {e}") from None
-        if self.manifest.get("schema_version") != 1:
-            raise ShardError(f"{path}: schema_version {self.manifest.get('schema_version')!r}, this hpc-dfs reads 1")
+        self.manifest = read_manifest(self.root)
         self.cases = {c["case_id"]: c for c in self.manifest["cases"]}
 
     @property
@@ -132,7 +124,7 @@ class ShardSet:
         """The preprocessing hash every shard of this folder must carry (manifest key ``params_sha256``)."""
         h = self.manifest.get("params_sha256")
         if not h:
-            raise ShardError(f"{self.root / 'manifest.json'} has no params_sha256 (written by an older hpc-dfs): "
+            raise ShardError(f"{manifest_path(self.root)} has no params_sha256 (written by an older hpc-dfs): "
                              "rerun preprocess")
         return str(h)
 
@@ -150,7 +142,7 @@ class ShardSet:
         from hpc_dfs.data.shards import validate_shard
 
         expected = self.params_sha256
-        _check_statistics(self.manifest, self.root / "manifest.json")
+        _check_statistics(self.manifest, manifest_path(self.root))
         for cid in case_ids or self.case_ids:
             ok, why = validate_shard(self.shard_path(cid), cid, deep=deep, params_sha256=expected)
             if not ok:
@@ -201,7 +193,7 @@ class SliceDataset(Dataset):
         ids = list(case_ids) if case_ids is not None else self.shards.case_ids
         unknown = [c for c in ids if c not in self.shards.cases]
         if unknown:
-            raise ShardError(f"case(s) not in {self.shards.root}/manifest.json: {', '.join(unknown[:5])}")
+            raise ShardError(f"case(s) not in {manifest_path(self.shards.root)}: {', '.join(unknown[:5])}")
         self.case_ids = ids
         self.transform = transform
         self.part = None if group == "main" else REFINE_GROUP

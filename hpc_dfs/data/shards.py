@@ -51,7 +51,7 @@ from typing import Callable, Optional
 import h5py
 import numpy as np
 
-from hpc_dfs.errors import EXIT_DATA, HpcDfsError
+from hpc_dfs.contracts.shards import SHARD_SCHEMA_VERSION, ShardError, shard_name
 from hpc_dfs.fsutil import atomic_h5
 
 try:  # the fast checksum; optional so that shards can be written and read without it (crc32)
@@ -66,25 +66,7 @@ __all__ = ["SLICE_DATASETS", "REFINE_GROUP", "SHARD_SCHEMA_VERSION", "ShardError
 SLICE_DATASETS = ("image", "label")
 #: the subgroup of a case holding the cascade's stage-2 windows (hpc_dfs.data.refine)
 REFINE_GROUP = "refine"
-#: shard format written by this code; 1 = before ``slice_checksums`` (read through h5py, fletcher32 only)
-SHARD_SCHEMA_VERSION = 2
 _REQUIRED = ("image", "label", "classes_present", "clinical", "fg_samples")
-
-
-class ShardError(HpcDfsError):
-    """A shard or the shards folder is missing, incomplete, inconsistent or corrupt; the message says which file.
-
-    A ``ShardError`` raised inside a DataLoader worker is re-raised by torch in the main process with
-    the worker's traceback appended to the message; the constructor keeps only the original line.
-    """
-
-    code = EXIT_DATA
-
-    def __init__(self, message: str = "", code: Optional[int] = None) -> None:
-        if "\nOriginal Traceback" in message:  # torch's ExceptionWrapper.reraise: keep the one line
-            last = [ln for ln in message.splitlines() if ln.strip()][-1]
-            message = last.split("ShardError: ", 1)[-1]
-        super().__init__(message, code)
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -110,11 +92,6 @@ def slice_checksum(arr: np.ndarray, name: str = "xxh3_64") -> int:
 
 
 # ----------------------------------------------------------------------------- writing
-def shard_name(case_id: str) -> str:
-    """Shard file name of a case (one case per shard: resumable and rank-independent)."""
-    return f"shard-{case_id}.h5"
-
-
 def _filters(compression: str, level: int) -> dict:
     if compression == "lzf":
         return {"compression": "lzf"}

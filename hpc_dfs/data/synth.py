@@ -459,16 +459,16 @@ def check_out_folder(out: Path, case_ids: list[str]) -> None:
     import json
 
     from hpc_dfs.config import ConfigError
-    from hpc_dfs.data.layout import CASE_RE
+    from hpc_dfs.contracts.kits import CASE_RE, CLINICAL_NAME
 
     out, wanted = Path(out), set(case_ids)
     if not out.is_dir():
         return
     others = sorted(p.name for p in out.iterdir() if p.is_dir() and CASE_RE.match(p.name) and p.name not in wanted)
     try:
-        listed = [str(r.get("case_id")) for r in json.loads((out / "kits.json").read_text()) if isinstance(r, dict)]
+        listed = [str(r.get("case_id")) for r in json.loads((out / CLINICAL_NAME).read_text()) if isinstance(r, dict)]
     except (OSError, ValueError, TypeError, AttributeError):
-        listed = [] if not (out / "kits.json").exists() else ["(an unreadable kits.json)"]
+        listed = [] if not (out / CLINICAL_NAME).exists() else [f"(an unreadable {CLINICAL_NAME})"]
     others += sorted(c for c in listed if c not in wanted and c not in others)
     if others:
         raise ConfigError(f"--out {out} already holds a data set ({len(others)} case(s) or record(s) this run "

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from hpc_dfs.config import ConfigError, require_path
-from hpc_dfs.data.layout import IMAGE_NAME, LABEL_NAME
+from hpc_dfs.contracts.kits import CLINICAL_NAME, IMAGE_NAME, LABEL_NAME
 from hpc_dfs.data.progress import add_progress_argument, progress_bar, wants_progress
 from hpc_dfs.data.synth import check_out_folder, phantom_case, render_from_labels
 from hpc_dfs.log import get_logger
@@ -109,7 +109,7 @@ def run_synth(out: str | Path, cfg, progress: bool = False) -> int:
         if not cfg.from_labels:
             for part in gathered:
                 records.update(part)
-        write_json(out / "kits.json", [records[c] for c, _ in jobs if c in records])
+        write_json(out / CLINICAL_NAME, [records[c] for c, _ in jobs if c in records])
         log.info("wrote %d case(s) to %s (%d already there and kept), kits.json with %d record(s)",
                  len(jobs) - n_kept, out, n_kept, len(records))
     parallel.barrier()

@@ -60,6 +60,7 @@ import torch
 from hpc_dfs import parallel
 from hpc_dfs.config import add_arguments as add_config_arguments, from_args
 from hpc_dfs.config.train import TrainConfig
+from hpc_dfs.contracts import checkpoint as ckpt
 from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.fsutil import lock_folder
 from hpc_dfs.log import get_logger
@@ -104,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     parallel.init()
     log = get_logger("hpc_dfs.train")
     try:
-        resume = args.resume or (args.auto_resume and (Path(args.out) / "checkpoints" / "last.pt").is_file())
+        resume = args.resume or (args.auto_resume and ckpt.last_path(args.out).is_file())
         return train(cfg, args.shards, args.out, resume=resume)
     except SetupError as e:   # every rank agreed, and rank 0 logged each problem
         return e.code
@@ -142,7 +143,7 @@ def train(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool = False) -
         if resume and _finished(sub_out, sub):
             log.info("stage %s: %s already finished its %d epochs; skipped", stage, sub_out, sub.schedule.epochs)
             continue
-        rc = _train_stage(sub, shards_dir, sub_out, resume and (sub_out / "checkpoints" / "last.pt").exists())
+        rc = _train_stage(sub, shards_dir, sub_out, resume and ckpt.last_path(sub_out).exists())
         if rc:
             return rc
     return 0
@@ -157,8 +158,7 @@ def _train_stage(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) ->
 
 def _finished(out: Path, cfg: TrainConfig) -> bool:
     """``RUN/checkpoints/last.pt`` records all the epochs asked for (a second ``--stage both --resume``)."""
-    from hpc_dfs.training import checkpoint as ckpt
-    last = out / "checkpoints" / "last.pt"
+    last = ckpt.last_path(out)
     if not last.exists():
         return False
     return int(ckpt.read_meta(last).get("epoch", 0)) >= cfg.schedule.epochs

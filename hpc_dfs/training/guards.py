@@ -12,7 +12,7 @@ import math
 
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 
-__all__ = ["NonFiniteError", "check_loss", "check_grad_norm", "check_metrics"]
+__all__ = ["NonFiniteError", "check_loss", "check_grad_norm", "clip_and_check", "check_metrics"]
 
 _ADVICE = ("training diverged: lower --lr (or raise --grad-clip), check the loss.* weights, and check the shards "
            "with ShardSet.validate(deep=True); no checkpoint of this step was written")
@@ -53,12 +53,36 @@ def check_grad_norm(norm: float, step: int) -> None:
         raise NonFiniteError(f"step {step}: the gradient norm is {norm}; {_ADVICE}")
 
 
-def check_metrics(metrics: dict, epoch: int) -> None:
-    """Raise when validation gave a non-finite loss: such an epoch is never kept, and never ``best``.
+def clip_and_check(params, clip: float, step: int, check: bool = True) -> None:
+    """Clip the global gradient norm to ``clip`` (0: no clipping) and, with ``check``, refuse a non-finite norm.
+
+    Args:
+        params: the model's parameters, gradients averaged over ranks.
+        clip: the largest norm (``optim.grad_clip``); 0 leaves the gradients as they are (x 1.0, exactly).
+        step: the optimizer step about to be taken (1-based).
+        check: raise on a non-finite norm (off under fp16, whose scaler skips such a step by design).
+
+    Raises:
+        NonFiniteError: the norm is NaN or inf.
+    """
+    import torch
+
+    if clip <= 0 and not check:
+        return
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    if check:
+        check_grad_norm(float(norm), step)
+
+
+def check_metrics(metrics: dict, epoch: int) -> dict:
+    """``metrics``, unless validation gave a non-finite loss: such an epoch is never kept, and never ``best``.
 
     Args:
         metrics: :meth:`Trainer.validate`'s result.
         epoch: the epoch (0-based).
+
+    Returns:
+        ``metrics``.
 
     Raises:
         NonFiniteError: ``val_loss`` is NaN or inf while there were cases to validate.
@@ -66,3 +90,4 @@ def check_metrics(metrics: dict, epoch: int) -> None:
     v = metrics.get("val_loss")
     if metrics.get("n_val_cases", 1) and isinstance(v, float) and not math.isfinite(v):
         raise NonFiniteError(f"epoch {epoch + 1}: the validation loss is {v}; {_ADVICE}")
+    return metrics

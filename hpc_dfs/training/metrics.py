@@ -26,7 +26,7 @@ import torch
 
 from hpc_dfs.fsutil import write_text
 
-__all__ = ["CaseAccumulator", "summarise", "MetricsLog", "score", "clean"]
+__all__ = ["CaseAccumulator", "summarise", "MetricsLog", "score", "clean", "epoch_line"]
 
 
 class CaseAccumulator:
@@ -131,3 +131,31 @@ class MetricsLog:
     def append(self, row: dict) -> None:
         self.rows.append(clean(row))
         write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.rows))
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def epoch_line(row: dict, epoch: int, epochs: int, world: int, completed: bool, is_best: bool,
+               train_time: float) -> str:
+    """The one log line of an epoch: losses, Dice, risk, throughput, allreduce share, learning rate.
+
+    Args:
+        row: the epoch's ``metrics.jsonl`` row.
+        epoch: the epoch, counted from 0.
+        epochs: the epochs configured.
+        world: the number of ranks.
+        completed: the epoch ran to its end (not stopped by ``max_steps``).
+        is_best: the epoch gave the best validation score so far.
+        train_time: seconds this rank trained in the epoch.
+    """
+    step = row["step"]
+    return ("epoch %d/%d step %s | train loss %s | val loss %s, kidney Dice %s, tumour Dice %s, "
+            "risk AUC %s acc %s | %.1f samples/s (%.1f per rank, slowest %.1f) | allreduce %.1f%% of "
+            "step time | lr %.3g | %.1f s%s") % (
+        epoch + 1, epochs, f"{step}" if completed else f"{step} (stopped by max_steps mid-epoch)",
+        _fmt(row["train_loss"], ".4f"), _fmt(row["val_loss"], ".4f"), _fmt(row["kidney_dice"]),
+        _fmt(row["tumor_dice"]), _fmt(row["risk_auc"]), _fmt(row["risk_acc"]), row["samples_per_s"],
+        row["samples_per_s"] / world, min(row["samples_per_s_per_rank"]), 100 * row["allreduce_frac"], row["lr"],
+        train_time, " (best)" if is_best else "")

@@ -20,7 +20,7 @@ from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.data.reader import ShardError, ShardSet
 from hpc_dfs.errors import EXIT_ENV, EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
-from hpc_dfs.training import checkpoint as ckpt
+from hpc_dfs.contracts import checkpoint as ckpt, shards as shards_contract
 
 from hpc_dfs.models import SEGMENTATION_MODELS
 
@@ -94,7 +94,7 @@ def _check_settings(cfg: TrainConfig, world: int) -> None:
 def _read_shards(cfg: TrainConfig, shards_dir: Path) -> tuple[Any, Path, list, list]:
     if not shards_dir.is_dir():
         raise FileNotFoundError(f"shards folder {shards_dir} does not exist (write it with `hpc-dfs preprocess`)")
-    manifest_path = shards_dir / "manifest.json"
+    manifest_path = shards_contract.manifest_path(shards_dir)
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing: {shards_dir} is not a finished `hpc-dfs preprocess` "
                                 "output")
@@ -185,7 +185,7 @@ def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Trai
     shardset, manifest_path, train_cases, val_cases = _read_shards(cfg, shards_dir)
     manifest_sha = sha256_file(manifest_path)
     state = None
-    last = out / "checkpoints" / "last.pt"
+    last = ckpt.last_path(out)
     if resume:
         if not last.is_file():
             raise ckpt.CheckpointError(f"--resume given but {last} does not exist")
@@ -253,5 +253,5 @@ def check_resume_fits(state: dict | None, steps_per_epoch: int, gb: int, out: Pa
     epoch, step = int(state["epoch"]), int(state["step"])
     if not 0 <= step - epoch * steps_per_epoch <= steps_per_epoch:
         raise ckpt.CheckpointError(
-            f"{out / 'checkpoints' / 'last.pt'} is at epoch {epoch}, step {step}, which does not fit {steps_per_epoch} "
+            f"{ckpt.last_path(out)} is at epoch {epoch}, step {step}, which does not fit {steps_per_epoch} "
             f"steps per epoch (global batch {gb}): resume with the run's batch and steps_per_epoch settings")

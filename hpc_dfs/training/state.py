@@ -1,4 +1,5 @@
-"""The training loop's state (:class:`TrainState`): what a checkpoint carries besides weights and optimizer.
+"""The training loop's state (:class:`TrainState`): what a checkpoint carries besides weights and optimizer; and
+the epoch's running statistics (:class:`EpochStats`).
 
 ``epoch`` counts completed epochs and ``step`` optimizer steps, so the next step belongs to epoch
 ``step // steps_per_epoch`` at position ``step % steps_per_epoch``: a run resumed from a mid-epoch
@@ -7,12 +8,17 @@ checkpoint (preemption) continues exactly where it stopped.
 from __future__ import annotations
 
 import math
+import random
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+import torch
+
 from hpc_dfs.training.metrics import clean
 
-__all__ = ["TrainState"]
+__all__ = ["TrainState", "Timer", "EpochStats", "seed_everything"]
 
 
 @dataclass
@@ -47,3 +53,38 @@ class TrainState:
         return cls(epoch=int(meta["epoch"]), step=int(meta["step"]), metrics=metrics,
                    best_score=best if best is not None else -math.inf, best_epoch=metrics.get("best_epoch"),
                    rng=list(meta.get("rng") or []))
+
+
+class Timer:
+    """Accumulates wall time spent inside ``with timer:`` blocks."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._t0
+
+
+@dataclass
+class EpochStats:
+    """Loss and timings of the epoch being trained (one rank)."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    loss_sum: float = 0.0
+    n_steps: int = 0
+    sync: Timer = field(default_factory=Timer)      # waiting for the gradient allreduce
+    train_time: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators.
+
+    Args:
+        seed: the run's seed.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -12,10 +12,8 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,55 +25,22 @@ from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.data.augment import SliceAugmenter, derive_seed
 from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_balanced
-from hpc_dfs.fsutil import write_text
 from hpc_dfs.log import get_logger
 from hpc_dfs.models.dropout import per_sample_dropout
-from hpc_dfs.training import checkpoint as ckpt, guards
-from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, score, summarise
+from hpc_dfs.contracts import checkpoint as ckpt, run as run_contract
+from hpc_dfs.training import guards
+from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, epoch_line, score, summarise
 from hpc_dfs.training.optim import build_optimizer, build_scheduler, scaled_lrs, step_scheduler, warmup_factor
 from hpc_dfs.training.plan import TrainPlan, check_resume_fits, check_steps, checked
 from hpc_dfs.training.signals import Preemption
-from hpc_dfs.training.state import TrainState
+from hpc_dfs.training.run_info import what_ran
+from hpc_dfs.training.state import EpochStats, Timer, TrainState, seed_everything
 
 __all__ = ["Trainer"]
 
 log = get_logger("hpc_dfs.train")
 
 _DROPOUT_SALT = 0xD80F   # separates the dropout seeds from the augmentation's (seed, epoch, index)
-
-
-class _Timer:
-    """Accumulates wall time spent inside ``with timer:`` blocks."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-
-    def __enter__(self):
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.total += time.perf_counter() - self._t0
-
-
-@dataclass
-class _EpochStats:
-    """Loss and timings of the epoch being trained (one rank)."""
-
-    t0: float = field(default_factory=time.perf_counter)
-    loss_sum: float = 0.0
-    n_steps: int = 0
-    sync: _Timer = field(default_factory=_Timer)      # waiting for the gradient allreduce
-    train_time: float = 0.0
-
-
-def _fmt(v, spec=".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -95,7 +60,7 @@ class Trainer:
         self.gb, self.k = plan.global_batch, cfg.horovod.backward_passes_per_step
         self.micro_global = self.gb // self.k           # samples per backward pass, all ranks together
         self.local_batch = self.micro_global // self.world
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = ckpt.checkpoint_dir(self.out)
         self._setup_device()
         self._build_model()
         self._build_optimization()
@@ -106,7 +71,7 @@ class Trainer:
         parallel.broadcast_model(self.model)
         self._open_outputs()
         self._running_epoch = self.state.epoch      # train_epoch sets it; train_step alone continues the state
-        self.epoch_stats = _EpochStats()
+        self.epoch_stats = EpochStats()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -121,15 +86,13 @@ class Trainer:
                     break   # mid-epoch; a signal in the last step still finishes the epoch (validation, scheduler)
                 if self._validate_now(epoch, stop):
                     st.metrics = self.validate(epoch)
-                    guards.check_metrics(st.metrics, epoch)
                 self.end_epoch(epoch)
-                if stop in ("max_steps", "preempted"):
+                if stop in ("max_steps", "preempted"):   # (a signal in the last epoch's last step: done)
                     stop = None if st.epoch >= cfg.schedule.epochs and stop == "preempted" else stop
                     break
             if stop == "preempted":
-                if st.step > st.epoch * self.steps_per_epoch:   # end_epoch did not write this step's last.pt
-                    st.epoch = st.step // self.steps_per_epoch
-                    self.save_checkpoint(st, tag_epoch=False)
+                st.epoch = st.step // self.steps_per_epoch
+                self.save_checkpoint(st, tag_epoch=False)
                 self._log_preempted(preempt)
         finally:
             preempt.uninstall()
@@ -144,7 +107,7 @@ class Trainer:
         self._running_epoch = epoch
         done = self.state.step - epoch * self.steps_per_epoch   # > 0 only when resuming a preempted epoch
         batches = iter(self._epoch_loader(epoch, done))
-        self.epoch_stats = stats = _EpochStats()
+        self.epoch_stats = stats = EpochStats()
         self.ar_timer.total = 0.0
         bar = self._progress_bar(epoch, done)
         stop = None
@@ -207,8 +170,9 @@ class Trainer:
         st.history.append(row)
         if parallel.is_main():
             if is_best:
-                ckpt.copy_atomic(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
-            self._log_epoch(epoch, row, completed, is_best)
+                ckpt.copy_atomic(ckpt.last_path(self.out), ckpt.best_path(self.out))
+            log.info("%s", epoch_line(row, epoch, self.cfg.schedule.epochs, self.world, completed, is_best,
+                                      self.epoch_stats.train_time))
         return row
 
     @torch.no_grad()
@@ -242,7 +206,7 @@ class Trainer:
         self.model.train()
         metrics = summarise(gathered)
         metrics["val_loss"] = float(np.mean([r["loss"] for r in gathered])) if gathered else float("nan")
-        return metrics
+        return guards.check_metrics(metrics, epoch)   # a non-finite validation loss stops the run
 
     def save_checkpoint(self, state: TrainState, tag_epoch: bool) -> None:
         """Every rank's RNG state to rank 0, which writes ``last.pt`` (and ``epoch_XXXX.pt`` when ``tag_epoch``)."""
@@ -259,9 +223,9 @@ class Trainer:
             "clinical": self._clinical_info(), "classes": list(m["preprocessing"]["classes"]),
             "manifest_sha256": self.plan.manifest_sha, "metrics": state.checkpoint_metrics(),
             "hpc_dfs_version": __version__, "world_size": self.world}
-        ckpt.save(full, self.ckpt_dir / "last.pt")
+        ckpt.save(full, ckpt.last_path(self.out))
         if tag_epoch:
-            ckpt.copy_atomic(self.ckpt_dir / "last.pt", ckpt.epoch_path(self.ckpt_dir, state.epoch))
+            ckpt.copy_atomic(ckpt.last_path(self.out), ckpt.epoch_path(self.ckpt_dir, state.epoch))
             ckpt.prune_epoch_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------------ one step
@@ -299,10 +263,8 @@ class Trainer:
             opt.synchronize()
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        if clip > 0 or self.scaler is None:  # on the averaged gradients: the same on every rank
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-            if self.scaler is None:          # (fp16: the scaler skips a non-finite step by design)
-                guards.check_grad_norm(float(norm), self.state.step + 1)
+        # on the averaged gradients (the same on every rank); fp16: the scaler skips a non-finite step by design
+        guards.clip_and_check(self.model.parameters(), clip, self.state.step + 1, check=self.scaler is None)
         with opt.skip_synchronize():
             if self.scaler is not None:
                 self.scaler.step(opt)
@@ -345,7 +307,7 @@ class Trainer:
         """The same initial weights on every rank (broadcast later anyway), the DFS loss and its reduction."""
         from hpc_dfs.models import DFSLoss, build_model
         cfg, kw = self.cfg, self.plan.model_kwargs
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         model = build_model(**kw)
         if cfg.horovod.sync_bn:
             model = parallel.convert_sync_batchnorm(model)
@@ -353,7 +315,7 @@ class Trainer:
         self.uses_clinical = bool(getattr(self.model, "takes_clinical", False))
         # rank-distinct dropout streams; the data order and augmentation never use these
         torch.manual_seed(derive_seed(cfg.seed, 1_000_003, self.rank))
-        self.ar_timer = _Timer()
+        self.ar_timer = Timer()
         reduce_fn = None
         if self.world > 1 and not cfg.horovod.adasum:   # Adasum combines rank-local gradients by design: local loss
             def reduce_fn(t):
@@ -418,7 +380,7 @@ class Trainer:
             log.warning("resuming a %d-rank run on %d ranks: the batch sequence is the same (global batch %d), "
                         "rank-local RNG streams (dropout) are not unless --deterministic", meta["world_size"],
                         self.world, self.gb)
-        log.info("resumed from %s: epoch %d, step %d", self.ckpt_dir / "last.pt", self.state.epoch, self.state.step)
+        log.info("resumed from %s: epoch %d, step %d", ckpt.last_path(self.out), self.state.epoch, self.state.step)
         # optimizer state first: Horovod initialises an empty state (ranks != 0) with a zero-gradient step,
         # which weight decay turns into a change of those ranks' weights; the model broadcast then undoes it
         parallel.broadcast_optimizer_state(self.optimizer)
@@ -430,8 +392,10 @@ class Trainer:
             return
         cfg = self.cfg
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _write_config_toml(self.out / "config.toml", cfg)
-        self.mlog = MetricsLog(self.out / "metrics.jsonl", keep_until_epoch=self.state.epoch if self.resume else -1)
+        run_contract.write_config_toml(self.out, to_dict(cfg))
+        run_contract.write_run_info(self.out, what_ran(self.device))
+        self.mlog = MetricsLog(run_contract.metrics_path(self.out),
+                               keep_until_epoch=self.state.epoch if self.resume else -1)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out / "tb"))
@@ -516,39 +480,21 @@ class Trainer:
                 if row.get(key) is not None and math.isfinite(row[key]):
                     self.tb.add_scalar(key, row[key], row["epoch"])
 
-    def _log_epoch(self, epoch: int, row: dict, completed: bool, is_best: bool) -> None:
-        step = row["step"]
-        log.info("epoch %d/%d step %s | train loss %s | val loss %s, kidney Dice %s, tumour Dice %s, "
-                 "risk AUC %s acc %s | %.1f samples/s (%.1f per rank, slowest %.1f) | allreduce %.1f%% of "
-                 "step time | lr %.3g | %.1f s%s", epoch + 1, self.cfg.schedule.epochs,
-                 f"{step}" if completed else f"{step} (stopped by max_steps mid-epoch)", _fmt(row["train_loss"], ".4f"),
-                 _fmt(row["val_loss"], ".4f"), _fmt(row["kidney_dice"]), _fmt(row["tumor_dice"]),
-                 _fmt(row["risk_auc"]), _fmt(row["risk_acc"]), row["samples_per_s"],
-                 row["samples_per_s"] / self.world, min(row["samples_per_s_per_rank"]), 100 * row["allreduce_frac"],
-                 row["lr"], self.epoch_stats.train_time, " (best)" if is_best else "")
-
     def _log_preempted(self, preempt: Preemption) -> None:
         if parallel.is_main():
             st = self.state
             log.warning("got %s: stopped after step %d (epoch %d + %d steps), wrote %s; exiting with %d so the "
                         "job is requeued; continue with --resume", preempt.name or "a signal on another rank",
-                        st.step, st.epoch, st.step - st.epoch * self.steps_per_epoch, self.ckpt_dir / "last.pt",
+                        st.step, st.epoch, st.step - st.epoch * self.steps_per_epoch, ckpt.last_path(self.out),
                         EXIT_PREEMPTED)
 
     def _finish(self) -> None:
         """Rank 0 draws the curves; every rank waits for it."""
         if parallel.is_main() and self.mlog is not None:
             from hpc_dfs.training.plots import plot_curves
-            plot_curves(self.mlog.rows, self.out / "curves.png",
+            curves = self.out / run_contract.CURVES_NAME
+            plot_curves(self.mlog.rows, curves,
                         title=f"{self.plan.model_kwargs['name']} on {self.shards_dir.name}, {self.world} rank(s)")
-            log.info("done: %s, %s, %s", self.ckpt_dir / "last.pt", self.out / "metrics.jsonl",
-                     self.out / "curves.png")
+            log.info("done: %s, %s, %s", ckpt.last_path(self.out), run_contract.metrics_path(self.out), curves)
         parallel.barrier()
 
-
-def _write_config_toml(path: Path, cfg: TrainConfig) -> None:
-    import tomli_w
-
-    def drop_none(d):
-        return {k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
-    write_text(path, tomli_w.dumps(drop_none(to_dict(cfg))))

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from hpc_dfs.errors import EXIT_PREEMPTED
-from hpc_dfs.training import checkpoint
+from hpc_dfs.contracts import checkpoint
 
 from tests import lock
 from tests.launch import hpc_dfs_cmd, job_env, launch, launcher_prefix, REPO

@@ -355,7 +355,7 @@ def readable_but_wrong_predictions(pred: Path, ref: Path) -> list[str]:
 
 def load_checkpoint(path: Path) -> Optional[dict]:
     """The checkpoint as predict / --resume read it, or None when that reader refuses it."""
-    from hpc_dfs.training import checkpoint
+    from hpc_dfs.contracts import checkpoint
     try:
         return checkpoint.load(path)
     except Exception:  # noqa: BLE001

@@ -48,7 +48,7 @@ def test_flipped_checkpoint_is_named(world, tmp_path):
     flip(ckpt, ckpt.stat().st_size // 2)
     problems = []
     if H.load_checkpoint(ckpt) is not None:
-        problems.append("hpc_dfs.training.checkpoint.load accepts a checkpoint with 4 flipped bytes")
+        problems.append("hpc_dfs.contracts.checkpoint.load accepts a checkpoint with 4 flipped bytes")
     res = H.cli("predict", "--checkpoint", ckpt, "--input", world.data, "--out", tmp_path / "pred", *PREDICT_FLAGS)
     problems += H.clear_error(res, "predict", "last.pt")
     if H.prediction_files(tmp_path / "pred"):

@@ -13,6 +13,21 @@ ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "hpc_dfs"
 LINTED = ("hpc_dfs", "tests", "bench", "preprocess")
 MAX_FUNCTION_LINES = 80
+MAX_FILE_LINES = 500
+MAX_STAGE_LINES = 300
+#: each on-disk contract's file names, written as a literal only in its module ``hpc_dfs/contracts/<name>.py``
+CONTRACT_NAMES = {
+    "kits": ("imaging.nii.gz", "segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz", "kits.json", "kits23.json"),
+    "shards": ("manifest.json", "clinical_pipeline.json"),
+    "checkpoint": ("last.pt", "best.pt"),
+    "run": ("metrics.jsonl", "run.json", "config.toml", "curves.png"),
+    "prediction": ("summary.json", "risk.csv"),
+    "evaluation": ("eval.json",),
+}
+#: name prefixes of per-case files (``prediction_00012.nii.gz``): a literal that is the prefix, or a file name
+#: starting with it
+CONTRACT_PREFIXES = {"prediction_": ("kits", "prediction"), "probabilities_": ("prediction",),
+                     "overlay_": ("prediction",)}
 
 
 def _modules():
@@ -47,7 +62,7 @@ def test_no_function_longer_than_one_screen():
 
 
 @pytest.mark.parametrize("lib", ["horovod", "mpi4py"])
-def test_only_dist_imports_horovod_and_mpi4py(lib):
+def test_only_parallel_imports_horovod_and_mpi4py(lib):
     bad = [_rel(p) for p, t in _modules()
            if "/parallel/" not in _rel(p) and any(n == lib or n.startswith(lib + ".") for n in _imports(t))]
     assert not bad, f"{lib} imported outside hpc_dfs/parallel: {bad}"
@@ -59,7 +74,7 @@ def test_models_know_nothing_of_ranks_or_files():
     assert not bad, bad
 
 
-def test_dist_imports_no_stage_and_nothing_imports_cli():
+def test_parallel_imports_no_stage_and_nothing_imports_cli():
     bad = [f"{_rel(p)}: {n}" for p, t in _modules() if "/parallel/" in _rel(p)
            for n in _imports(t) if n.startswith("hpc_dfs.") and not n.startswith(("hpc_dfs.parallel", "hpc_dfs.config",
                                                                                    "hpc_dfs.errors"))]
@@ -74,9 +89,9 @@ def test_checkpoints_are_read_only_through_the_schema():
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
-                    and _rel(path) != "hpc_dfs/training/checkpoint.py"):
+                    and _rel(path) != "hpc_dfs/contracts/checkpoint.py"):
                 bad.append(f"{_rel(path)}:{node.lineno}")
-    assert not bad, f"torch.load outside hpc_dfs/training/checkpoint.py: {bad}"
+    assert not bad, f"torch.load outside hpc_dfs/contracts/checkpoint.py: {bad}"
 
 
 def test_every_error_derives_from_the_one_base():
@@ -100,3 +115,63 @@ def test_ruff_sees_every_python_file():
     seen = {Path(line.strip()).resolve() for line in out.stdout.splitlines() if line.strip().endswith(".py")}
     every = {p.resolve() for d in LINTED for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts}
     assert every <= seen, f"ruff does not check: {sorted(str(p.relative_to(ROOT)) for p in every - seen)}"
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_no_file_longer_than_500_lines_and_no_stage_driver_longer_than_300():
+    long = [f"{_rel(p)} ({_lines(p)} lines)" for p, _ in _modules() if _lines(p) > MAX_FILE_LINES]
+    long += [f"{_rel(p)} ({_lines(p)} lines, a stage driver)" for p, _ in _modules()
+             if "/stages/" in _rel(p) and _lines(p) > MAX_STAGE_LINES]
+    assert not long, "files too long (libraries go in their own package, stages stay drivers):\n" + "\n".join(long)
+
+
+def test_no_stage_imports_another_stage():
+    bad = []
+    for path, tree in _modules():
+        if "/stages/" not in _rel(path):
+            continue
+        me = "hpc_dfs.stages." + path.stem
+        bad += [f"{_rel(path)}: {n}" for n in _imports(tree)
+                if n.startswith("hpc_dfs.stages.") and n.split(".")[2] != path.stem and not n.startswith(me)]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "hpc_dfs.stages":
+                bad += [f"{_rel(path)}: hpc_dfs.stages.{a.name}" for a in node.names if a.name != path.stem]
+    assert not bad, f"a stage imports another stage: {bad}"
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def _contract_of(value: str) -> tuple[str, ...]:
+    """The contract modules allowed to hold ``value``: () when it names no contract file."""
+    if any(c.isspace() for c in value):  # prose (a help text, a message) may mention a file by name
+        return ()
+    for module, names in CONTRACT_NAMES.items():
+        if any(n in value for n in names):
+            return (module,)
+    for prefix, modules in CONTRACT_PREFIXES.items():
+        if value == prefix or (value.startswith(prefix) and value.endswith((".nii.gz", ".nii", ".png"))):
+            return modules
+    return ()
+
+
+def test_contract_file_names_are_written_only_in_their_contract_module():
+    bad = []
+    for path, tree in _modules():
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                allowed = _contract_of(node.value)
+                if allowed and _rel(path) not in {f"hpc_dfs/contracts/{m}.py" for m in allowed}:
+                    bad.append(f"{_rel(path)}:{node.lineno} {node.value!r} (hpc_dfs/contracts/{allowed[0]}.py)")
+    assert not bad, "contract file names outside their contract module:\n" + "\n".join(bad)

@@ -1,4 +1,4 @@
-"""The one checkpoint schema (hpc_dfs/training/checkpoint.py): a bad file gets the same clear error everywhere.
+"""The one checkpoint schema (hpc_dfs/contracts/checkpoint.py): a bad file gets the same clear error everywhere.
 
 Truncated files, foreign torch files (a dict without our keys, a bare tensor) and non-torch files are
 refused by ``checkpoint.load`` with a :class:`CheckpointError` (an ``HpcDfsError``) naming the file and
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpc_dfs.errors import HpcDfsError
-from hpc_dfs.training import checkpoint as ckpt
+from hpc_dfs.contracts import checkpoint as ckpt
 
 torch.set_num_threads(1)
 
@@ -91,8 +91,9 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_predict_and_report_show_the_schema_message(tmp_path):
-    from hpc_dfs.stages.predict import PredictError, load_replica
-    from hpc_dfs.stages.report import ReportError, load_checkpoint_meta
+    from hpc_dfs.inference.errors import PredictError
+    from hpc_dfs.inference.replicas import load_replica
+    from hpc_dfs.report import ReportError, load_checkpoint_meta
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ckpt.CheckpointError) as direct:

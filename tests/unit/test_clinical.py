@@ -9,7 +9,8 @@ import pytest
 from sklearn import metrics as skm
 
 from hpc_dfs.cli import main as cli
-from hpc_dfs.stages.clinical import RiskOrientation, build_preprocessor, load_data
+from hpc_dfs.tabular.preprocessor import RiskOrientation, build_preprocessor
+from hpc_dfs.tabular.table import load_data
 from hpc_dfs.data.uci_ckd import FEATURES, NOMINAL_LEVELS
 
 FAST = ["--epochs", "15", "--patience", "10", "--rf-trees", "20", "--shap-rows", "12", "--shap-samples", "60",
@@ -46,7 +47,7 @@ def test_predictions_cover_every_row_for_every_model(fast_run):
 
 
 def _recompute(y, p, yhat) -> dict:
-    """The metrics straight from sklearn, written independently of hpc_dfs.stages.clinical.summarise."""
+    """The metrics straight from sklearn, written independently of hpc_dfs.tabular.scores.summarise."""
     tn, fp, fn, tp = skm.confusion_matrix(y, yhat, labels=[0, 1]).ravel()
     return {"accuracy": skm.accuracy_score(y, yhat), "kappa": skm.cohen_kappa_score(y, yhat),
             "auc": skm.roc_auc_score(y, p), "sensitivity": skm.recall_score(y, yhat),

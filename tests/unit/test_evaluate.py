@@ -1,4 +1,4 @@
-"""``hpc_dfs.stages.evaluate``: KiTS metrics against MONAI, an independent surface-distance computation, and by hand."""
+"""``hpc_dfs.metrics``: KiTS metrics against MONAI, an independent surface-distance computation, and by hand."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from hpc_dfs.stages import evaluate as ev
+from hpc_dfs import metrics as ev
 from hpc_dfs.config.predict import KITS21_NSD_TOLERANCES_MM, EvaluateConfig
 
 

@@ -126,21 +126,23 @@ def test_empty_and_missing_directories(tmp_path):
 
 
 def test_one_layout_for_every_stage(tmp_path):
-    """The KiTS names live in hpc_dfs.data.layout; kits_io, predict and evaluate use those very objects."""
-    from hpc_dfs.data import kits_io, layout
-    from hpc_dfs.stages import evaluate, predict
+    """The KiTS names live in hpc_dfs.contracts.kits; kits_io, inference and the prediction contract use them."""
+    from hpc_dfs.contracts import kits as layout
+    from hpc_dfs.data import kits_io
+    from hpc_dfs.contracts import prediction
+    from hpc_dfs.inference import cases as predict
 
     assert kits_io.CASE_RE is layout.CASE_RE is predict.CASE_RE
     assert kits_io.IMAGE_NAME is layout.IMAGE_NAME is predict.IMAGE_NAME == "imaging.nii.gz"
     assert kits_io.LABEL_FILES[0] == layout.LABEL_NAME == "segmentation.nii.gz"
-    assert evaluate.PRED_RE is layout.PRED_RE
+    assert prediction.PRED_RE is layout.PRED_RE
     assert layout.CASE_RE.match("case_00012").group(1) == "00012"
     for bad in ("case_12", "case_000123", "case_0001a", "xcase_00012"):
         assert not layout.CASE_RE.match(bad), bad
     assert layout.prediction_name("case_00012") == "prediction_00012.nii.gz"
     assert layout.prediction_name("scan7") == "prediction_scan7.nii.gz"
-    assert evaluate.case_id_of(layout.prediction_name("case_00012")) == "case_00012"
-    assert evaluate.case_id_of("prediction_12.nii.gz") is None
+    assert prediction.case_id_of(layout.prediction_name("case_00012")) == "case_00012"
+    assert prediction.case_id_of("prediction_12.nii.gz") is None
     assert predict.CaseInput("case_00012", tmp_path).suffix == "00012"
     for name in ("case_00003", "case_3", "notes"):
         (tmp_path / name).mkdir()

@@ -14,7 +14,7 @@ from hpc_dfs.config.data import PreprocessConfig
 from hpc_dfs.data import fingerprint, geometry, kits_io, plan, roi
 from hpc_dfs.data.fingerprint import CasePart
 from hpc_dfs.data.kits_io import CaseError, kits_affine
-from hpc_dfs.stages import preprocess
+from hpc_dfs.data import preprocess_passes
 from hpc_dfs.stages.preprocess import run_preprocess
 from tests.unit.test_kits_io import write_records, write_tiny_case
 
@@ -93,7 +93,7 @@ def _naive(monkeypatch) -> None:
     monkeypatch.setattr(fingerprint, "case_part", naive_case_part)
     monkeypatch.setattr(roi, "kidney_boxes", naive_kidney_boxes)
     monkeypatch.setattr(plan, "load_item", naive_load_item)
-    monkeypatch.setattr(preprocess, "load_item", naive_load_item)
+    monkeypatch.setattr(preprocess_passes, "load_item", naive_load_item)
     monkeypatch.setattr(geometry, "_SLAB_VOXELS", 1 << 60)
 
 

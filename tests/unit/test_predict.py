@@ -120,7 +120,8 @@ def test_predict_native_geometry_and_outputs(setup, tmp_path, caplog):
 def test_weighted_average_of_replicas(setup):
     """Two checkpoints with weights (w, 1-w) give exactly the weighted mean of each one's probabilities."""
     from hpc_dfs.data.geometry import prepare_image
-    from hpc_dfs.stages.predict import clinical_vector, infer_slices, load_replicas
+    from hpc_dfs.inference.replicas import clinical_vector, load_replicas
+    from hpc_dfs.inference.slices import infer_slices
     img = nib.load(str(setup["data"] / "case_00001" / "imaging.nii.gz"))
     paths = [str(p) for p in setup["ckpts"]]
     a, b = load_replicas(paths[:1], [], "cpu"), load_replicas(paths[1:], [], "cpu")
@@ -218,7 +219,7 @@ def test_image_only_models_and_single_file_input(setup, tmp_path):
 
 
 def test_nifti_bytes_are_deterministic(setup):
-    from hpc_dfs.stages.predict import nifti_gz_bytes
+    from hpc_dfs.inference.nifti import nifti_gz_bytes
     img = nib.load(str(setup["data"] / "case_00001" / "imaging.nii.gz"))
     lab = (np.asanyarray(img.dataobj) > 100).astype(np.uint8)
     b1, b2 = nifti_gz_bytes(lab, img), nifti_gz_bytes(lab, img)
@@ -231,17 +232,17 @@ def test_a_setup_error_on_one_rank_stops_every_rank(setup, tmp_path, monkeypatch
     """The ranks agree on setup: a rank whose own setup went well still raises when a peer's failed (no hang)."""
     from hpc_dfs import parallel
     from hpc_dfs.config.predict import PredictConfig
-    from hpc_dfs.stages import predict
-    paths = predict.PredictPaths([setup["ckpts"][0]], setup["data"], tmp_path / "o")
+    from hpc_dfs.inference import errors, setup as predict_setup
+    paths = predict_setup.PredictPaths([setup["ckpts"][0]], setup["data"], tmp_path / "o")
     peer = ("--input /node2/data: no such folder", 2)
     monkeypatch.setattr(parallel, "allgather_object", lambda obj, *a, **k: [obj, peer])
-    with pytest.raises(predict.PredictError, match="rank 1: --input /node2/data: no such folder") as err:
-        predict._setup_on_every_rank(PredictConfig(), paths)
+    with pytest.raises(errors.PredictError, match="rank 1: --input /node2/data: no such folder") as err:
+        predict_setup.setup_on_every_rank(PredictConfig(), paths)
     assert err.value.code == 2
     # this rank's own error wins over a peer's, with its own code
-    bad = predict.PredictPaths([tmp_path / "missing.pt"], setup["data"], tmp_path / "o")
+    bad = predict_setup.PredictPaths([tmp_path / "missing.pt"], setup["data"], tmp_path / "o")
     with pytest.raises(HpcDfsError, match="missing.pt: no such file"):
-        predict._setup_on_every_rank(PredictConfig(), bad)
+        predict_setup.setup_on_every_rank(PredictConfig(), bad)
 
 
 def test_errors_are_one_line_on_stderr(setup, tmp_path, capsys):

@@ -274,7 +274,7 @@ def test_no_clinical_records_is_a_clear_error(tmp_path):
 def test_decoding_twice_equals_the_cached_pass(tmp_path, monkeypatch):
     """cache_mb=0: every case is loaded and resampled again for writing; the shards are the same, byte for byte
     in every array and attribute."""
-    import hpc_dfs.stages.preprocess as stage
+    import hpc_dfs.data.preprocess_passes as stage
 
     loads = []
     real = stage.load_item

@@ -10,7 +10,7 @@ import numpy as np
 
 from hpc_dfs.parallel import backends
 from hpc_dfs.parallel.phases import PhaseClock, process_start
-from hpc_dfs.stages import preprocess as pre
+from hpc_dfs.data import preprocess_rank as pre
 
 
 class _FakeMPI:
@@ -111,7 +111,7 @@ def _plan(sizes: dict[str, int]) -> pre.PreprocessPlan:
 
 
 def _me(rank, world):
-    return pre._Rank(None, Path("."), rank, world, logging.getLogger("t"), False)
+    return pre.Rank(None, Path("."), rank, world, logging.getLogger("t"), False)
 
 
 def test_every_case_on_one_rank_and_the_lightest_rank_fits_the_clinical_pipeline():
@@ -119,7 +119,7 @@ def test_every_case_on_one_rank_and_the_lightest_rank_fits_the_clinical_pipeline
     shares, fit = [], set()
     for r in range(2):
         me = _me(r, 2)
-        shares.append(pre._partition(me, _plan(sizes)))
+        shares.append(pre.partition_cases(me, _plan(sizes)))
         fit.add(me.fit_rank)
     assert sorted(shares[0] + shares[1]) == sorted(sizes) and not set(shares[0]) & set(shares[1])
     assert shares == [["a", "d"], ["b", "c"]] and fit == {0}         # loads 130 and 140: rank 0 is lighter
@@ -128,10 +128,10 @@ def test_every_case_on_one_rank_and_the_lightest_rank_fits_the_clinical_pipeline
 def test_on_a_tie_the_last_rank_fits_and_alone_it_is_rank_0():
     for r in range(2):
         me = _me(r, 2)
-        pre._partition(me, _plan({"a": 10, "b": 10}))
+        pre.partition_cases(me, _plan({"a": 10, "b": 10}))
         assert me.fit_rank == 1
     me = _me(0, 1)
-    assert pre._partition(me, _plan({"a": 10, "b": 10})) == ["a", "b"] and me.fit_rank == 0
+    assert pre.partition_cases(me, _plan({"a": 10, "b": 10})) == ["a", "b"] and me.fit_rank == 0
 
 
 def test_a_plain_process_asking_for_ranks_only_starts_no_horovod(monkeypatch):
@@ -151,7 +151,7 @@ def test_a_plain_process_asking_for_ranks_only_starts_no_horovod(monkeypatch):
 
 
 def test_predict_shares_the_header_reads_and_partitions_as_before(monkeypatch, tmp_path):
-    from hpc_dfs.stages import predict as pr
+    from hpc_dfs.inference import cases as pr
 
     cases = [pr.CaseInput(f"case_{i:05d}", tmp_path / f"case_{i:05d}" / "imaging.nii.gz") for i in range(5)]
     sizes = {c.case_id: 100 - 7 * i for i, c in enumerate(cases)}

@@ -22,7 +22,7 @@ from hpc_dfs import parallel
 from hpc_dfs.cli import main as cli
 from hpc_dfs.data.reader import ShardError, ShardSet, SliceDataset
 from hpc_dfs.data.roi import context_indices
-from hpc_dfs.training import checkpoint as ckpt
+from hpc_dfs.contracts import checkpoint as ckpt
 
 #: stage-2 windows small enough for a unit test (the smoke run's settings)
 REFINE = ["--set", "refine.slice_size=32,32", "--set", "refine.spacing=3.0"]
@@ -269,7 +269,7 @@ def test_stage_both_trains_two_stages_and_resume_skips_them(run, shards, caplog)
 # ----------------------------------------------------------------------------- cascade predict
 def _biased(src: Path, dst: Path, logits: list[float]) -> Path:
     """A copy of a checkpoint whose output layer says ``logits`` everywhere (all background, all kidney)."""
-    from hpc_dfs.training import checkpoint  # through the schema: a hand-edited file would fail its digest
+    from hpc_dfs.contracts import checkpoint  # through the schema: a hand-edited file would fail its digest
     state = checkpoint.load(src)
     head = [k for k in state["model"] if k.endswith("head.2.bias")]
     assert len(head) == 1, head

@@ -111,7 +111,7 @@ def test_report_states_epochs_trained_case_counts_and_detection(chain, tmp_path)
 
 
 def test_warnings_name_missed_tumours_chance_auc_and_tolerances():
-    from hpc_dfs.stages import report as rp
+    import hpc_dfs.report as rp
     evaluation = {
         "cases": [{"case_id": "case_00103", "tumor_dice": 0.0, "kidney_dice": 0.9, "spacing_mm": [3.9, 3.1, 3.1],
                    "tumors": [{"ml": 9.4, "side": "left", "status": "wrong kidney"}]},

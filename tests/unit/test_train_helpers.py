@@ -15,7 +15,7 @@ import torch
 from hpc_dfs.config import ConfigError, add_arguments, from_args, load
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.errors import EXIT_PREEMPTED
-from hpc_dfs.training import checkpoint as ckpt
+from hpc_dfs.contracts import checkpoint as ckpt
 from hpc_dfs.training.optim import warmup_factor as _warmup_factor
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, score, summarise
 from hpc_dfs.training.plots import plot_curves

@@ -16,7 +16,7 @@ from hpc_dfs.cli import main as cli
 from hpc_dfs.config import load
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.models.dropout import SampleDropout, per_sample_dropout
-from hpc_dfs.training import checkpoint as ckpt
+from hpc_dfs.contracts import checkpoint as ckpt
 from hpc_dfs.training.plan import model_kwargs, prepare
 from hpc_dfs.training.state import TrainState
 from hpc_dfs.training.trainer import Trainer

@@ -45,7 +45,39 @@ from hpc_dfs.log import get_logger
 
 __all__ = ["Checkpoint", "REQUIRED_KEYS", "INFERENCE_KEYS", "TENSOR_KEYS", "DIGEST_KEY", "CheckpointError",
            "capture_rng", "restore_rng", "save", "load", "read_meta", "copy_atomic", "prune_epoch_checkpoints",
-           "epoch_path", "content_sha256"]
+           "epoch_path", "content_sha256", "CHECKPOINT_DIR", "LAST_NAME", "BEST_NAME", "checkpoint_dir",
+           "last_path", "best_path"]
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+
+
+def checkpoint_dir(run: str | Path) -> Path:
+    """``RUN/checkpoints``.
+
+    Args:
+        run: the run folder (one stage's: ``RUN`` or ``RUN/locate``, ``RUN/refine``).
+    """
+    return Path(run) / CHECKPOINT_DIR
+
+
+def last_path(run: str | Path) -> Path:
+    """``RUN/checkpoints/last.pt``: written after every epoch and on preemption; what ``--resume`` reads.
+
+    Args:
+        run: the run folder.
+    """
+    return checkpoint_dir(run) / LAST_NAME
+
+
+def best_path(run: str | Path) -> Path:
+    """``RUN/checkpoints/best.pt``: the best validation score so far.
+
+    Args:
+        run: the run folder.
+    """
+    return checkpoint_dir(run) / BEST_NAME
 
 
 class Checkpoint(TypedDict):

@@ -1,19 +1,23 @@
-"""The KiTS layout's names, in one place (``hpc_dfs/CONTRACTS.md`` sections 1 and 4).
+"""The KiTS layout's names and the ground-truth lookup, in one place (``hpc_dfs/CONTRACTS.md`` sections 1 and 4).
 
+    DATA/kits.json                             clinical records        CLINICAL_NAME
     DATA/case_XXXXX/imaging.nii.gz             CT                      IMAGE_NAME
     DATA/case_XXXXX/segmentation.nii.gz        ground truth            LABEL_NAME (KiTS21: LABEL_FILES[1])
     PRED/prediction_XXXXX.nii.gz               predicted class map     prediction_name(case_id), PRED_RE
 
 A case id is ``case_`` and five digits (:data:`CASE_RE`, whose group 1 is the digits); a prediction
-carries the same five digits. This module imports nothing heavy, so any stage may use it.
+carries the same five digits. :func:`find_label_file` is the one ground-truth lookup (preprocess, predict's
+overlays, evaluate and report). This module imports nothing heavy, so any stage may use it.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
-__all__ = ["CASE_RE", "IMAGE_NAME", "LABEL_NAME", "LABEL_FILES", "PRED_RE", "prediction_name", "near_miss",
-           "near_misses"]
+__all__ = ["CASE_RE", "IMAGE_NAME", "LABEL_NAME", "LABEL_FILES", "EVAL_LABEL_FILES", "KITS21_LABEL_NAME",
+           "CLINICAL_NAME", "KITS23_CLINICAL_NAME", "CLINICAL_FILES", "PRED_RE", "case_suffix", "prediction_name",
+           "find_label_file", "near_miss", "near_misses"]
 
 #: a case folder name; ``CASE_RE.match("case_00012").group(1) == "00012"``. ASCII digits only (``\d`` would take
 #: Arabic-Indic and other Unicode digits), and nothing after them (``$`` would take a trailing newline)
@@ -22,10 +26,29 @@ CASE_RE = re.compile(r"^case_([0-9]{5})\Z")
 _NEAR_CASE = re.compile(r"^\s*case[\s_-]*\d+\s*$", re.IGNORECASE)
 IMAGE_NAME = "imaging.nii.gz"
 LABEL_NAME = "segmentation.nii.gz"
+#: KiTS21's majority-vote ground truth
+KITS21_LABEL_NAME = "aggregated_MAJ_seg.nii.gz"
 #: ground-truth file names looked for in a case folder, in order (KiTS19/23, then KiTS21's majority vote)
-LABEL_FILES = (LABEL_NAME, "aggregated_MAJ_seg.nii.gz")
+LABEL_FILES = (LABEL_NAME, KITS21_LABEL_NAME)
+#: what ``evaluate`` also accepts as ground truth: an uncompressed segmentation after the two above
+EVAL_LABEL_FILES = LABEL_FILES + ("segmentation.nii",)
+#: the clinical records beside the cases (KiTS19 schema; ``synth`` writes it), and KiTS23's renamed file
+CLINICAL_NAME = "kits.json"
+KITS23_CLINICAL_NAME = "kits23.json"
+#: clinical files looked for in a data folder, in order (a CSV of the same fields last)
+CLINICAL_FILES = (CLINICAL_NAME, KITS23_CLINICAL_NAME, "clinical.csv")
 #: a prediction file name; group 1 is the case's five digits
 PRED_RE = re.compile(r"^prediction_([0-9]{5})\.nii(\.gz)?\Z")
+
+
+def case_suffix(case_id: str) -> str:
+    """``case_00012`` -> ``00012`` (KiTS naming); any other id is returned as it is.
+
+    Args:
+        case_id: the case folder name.
+    """
+    m = CASE_RE.match(case_id)
+    return m.group(1) if m else case_id
 
 
 def prediction_name(case_id: str) -> str:
@@ -34,8 +57,20 @@ def prediction_name(case_id: str) -> str:
     Args:
         case_id: the case folder name.
     """
-    m = CASE_RE.match(case_id)
-    return f"prediction_{m.group(1) if m else case_id}.nii.gz"
+    return f"prediction_{case_suffix(case_id)}.nii.gz"
+
+
+def find_label_file(case_dir: Path, names: tuple[str, ...] = LABEL_FILES) -> Optional[Path]:
+    """The case's ground-truth file: the first of ``names`` present in ``case_dir``, else None.
+
+    Args:
+        case_dir: ``DATA/case_XXXXX``.
+        names: the file names to try, in order (:data:`LABEL_FILES`; evaluate passes :data:`EVAL_LABEL_FILES`).
+    """
+    for name in names:
+        if (case_dir / name).exists():
+            return case_dir / name
+    return None
 
 
 def near_miss(name: str) -> str | None:

@@ -1,0 +1,79 @@
+"""A prediction folder against a ground-truth folder: pairs by KiTS naming, and the predictions' provenance."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpc_dfs.contracts.kits import EVAL_LABEL_FILES, find_label_file
+from hpc_dfs.contracts.prediction import SUMMARY_NAME, case_id_of, read_summary
+from hpc_dfs.errors import EXIT_DATA
+from hpc_dfs.metrics.cases import EvaluationError
+
+__all__ = ["match_predictions", "check_provenance"]
+
+
+def match_predictions(pred_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
+    """Pair ``prediction_XXXXX`` files with ``case_XXXXX`` ground truth.
+
+    Returns:
+        ``[(case_id, pred_path, gt_path or None)]`` sorted by case id, and the ground-truth case ids
+        that have no prediction.
+    """
+    if not pred_dir.is_dir():
+        raise EvaluationError(f"prediction directory {pred_dir} does not exist")
+    if not gt_dir.is_dir():
+        raise EvaluationError(f"ground-truth directory {gt_dir} does not exist")
+    pairs = []
+    for p in sorted(pred_dir.iterdir()):
+        cid = case_id_of(p.name)
+        if cid is not None and p.is_file():
+            pairs.append((cid, p, find_label_file(gt_dir / cid, EVAL_LABEL_FILES)))
+    if not pairs:
+        raise EvaluationError(f"{pred_dir} holds no prediction_XXXXX.nii.gz files")
+    predicted = {c for c, _, _ in pairs}
+    gt_cases = sorted(d.name for d in gt_dir.glob("case_*") if d.is_dir() and find_label_file(d, EVAL_LABEL_FILES))
+    return pairs, [c for c in gt_cases if c not in predicted]
+
+
+def _header_descrip(path: Path) -> str | None:
+    """The NIfTI header's ``descrip`` (predict writes its provenance there), or None when unreadable."""
+    import nibabel as nib
+    try:
+        return bytes(nib.load(str(path)).header["descrip"].item()).decode("ascii", "replace").rstrip("\x00")
+    except Exception:  # noqa: BLE001 - a damaged file is reported when the case is evaluated
+        return None
+
+
+def check_provenance(pred_dir: Path, pairs: list[tuple[str, Path, Path | None]]) -> None:
+    """Every prediction must come from the one run that ``pred_dir/summary.json`` describes.
+
+    A prediction is refused when its case is not an ``ok`` row of the summary (a stale file of another run, kept
+    beside a run where the case failed), or when its header's ``descrip`` (``hpc-dfs <checkpoints sha>
+    <input sha>``) differs from the row's. Folders without a summary, or summaries written before predict
+    recorded provenance, are not checked.
+
+    Raises:
+        EvaluationError: the summary cannot be read, or some predictions are not from its run; names them.
+    """
+    path = pred_dir / SUMMARY_NAME
+    try:
+        summary = read_summary(pred_dir)
+        if summary is None:
+            return
+        rows = {r.get("case_id"): r for r in summary.get("cases", []) if isinstance(r, dict)}
+    except (OSError, ValueError, AttributeError) as e:
+        raise EvaluationError(f"{path}: cannot be read ({e})", code=EXIT_DATA) from None
+    if not any("provenance" in r for r in rows.values()):
+        return
+    bad = []
+    for cid, pred, _ in pairs:
+        row = rows.get(cid)
+        if row is None or row.get("status") != "ok":
+            bad.append(f"{pred.name} ({cid} {'is not in it' if row is None else 'failed in it'})")
+            continue
+        want, got = (row.get("provenance") or {}).get("descrip"), _header_descrip(pred)
+        if want and got is not None and got != want:
+            bad.append(f"{pred.name} (its header says {got!r}, the summary {want!r})")
+    if bad:
+        raise EvaluationError(f"{len(bad)} prediction(s) in {pred_dir} are not from the run of {path.name} "
+                              f"(provenance: another checkpoint or input): {'; '.join(bad[:4])}; remove them or "
+                              "predict again", code=EXIT_DATA)
