@@ -127,7 +127,7 @@ def _run_verb(argv: list[str], verb: str | None) -> int:
         _error_line.error("hpc-dfs %s: error: %s", args.verb, e)
         return e.code
     except OSError as e:  # a place that cannot be written (read-only, a file where a folder must be): one line
-        if not (fsutil.is_disk_error(e) and e.filename):
+        if not (fsutil.is_unwritable(e) and e.filename):
             raise
         err = fsutil.DiskWriteError(e.filename, e)
         _error_line.error("hpc-dfs %s: error: %s", args.verb, err)

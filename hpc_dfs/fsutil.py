@@ -55,8 +55,13 @@ class DiskWriteError(HpcDfsError):
 
 
 def is_disk_error(err: BaseException) -> bool:
-    """True for an ``OSError`` that says the place cannot be written (:data:`DISK_ERRNOS`, :data:`ACCESS_ERRNOS`,
-    :data:`PATH_ERRNOS`): a :class:`DiskWriteError`, not a traceback."""
+    """True for an ``OSError`` whose errno is one of :data:`DISK_ERRNOS` (what :func:`atomic_path` converts)."""
+    return isinstance(err, OSError) and err.errno in DISK_ERRNOS
+
+
+def is_unwritable(err: BaseException) -> bool:
+    """True for an ``OSError`` that says a place cannot be written: :data:`DISK_ERRNOS`, :data:`ACCESS_ERRNOS` or
+    :data:`PATH_ERRNOS`. ``cli.main`` prints such an error as one :class:`DiskWriteError` line, not a traceback."""
     return isinstance(err, OSError) and err.errno in DISK_ERRNOS | ACCESS_ERRNOS | PATH_ERRNOS
 
 
@@ -303,7 +308,7 @@ def lock_folder(folder: str | os.PathLike, what: str) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        if is_disk_error(e):
+        if is_unwritable(e):
             raise DiskWriteError(folder, e) from None
         raise
     try:
@@ -329,7 +334,7 @@ def lock_folder(folder: str | os.PathLike, what: str) -> Path:
             atexit.register(unlock_folder, path)
             return path
     except OSError as e:
-        if is_disk_error(e):
+        if is_unwritable(e):
             raise DiskWriteError(path, e) from None
         raise
     raise LockedError(f"{folder}: could not take the lock {path} (other runs keep taking it)")

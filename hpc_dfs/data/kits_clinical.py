@@ -254,14 +254,15 @@ def duplicates(records: Iterable[dict]) -> dict[str, str]:
 
 
 def preop_frame(records: Iterable[dict], errors: str = "raise",
-                target: str | None = "malignant") -> pd.DataFrame | tuple[pd.DataFrame, dict]:
+                target: str | None = None) -> pd.DataFrame | tuple[pd.DataFrame, dict]:
     """Pre-operative features of all records: a DataFrame indexed by ``case_id`` with :data:`PREOP_COLUMNS`.
 
     Args:
         records: KiTS records (from :func:`load_kits_records`).
         errors: 'raise' (first malformed record raises :class:`ClinicalRecordError`) or 'collect' (malformed
             records are left out and ``(frame, {case_id: message})`` is returned).
-        target: a field whose value must read as a label (:func:`risk_label`) too, or None.
+        target: a field whose value must read as a label (:func:`risk_label`) too (``"malignant"``: preprocess's
+            risk label, clinical's target), or None: the features alone, no post-operative field read.
 
     Raises:
         ClinicalRecordError: (``errors="raise"``) a malformed value, a malformed ``target``, or a case listed twice.

@@ -106,7 +106,7 @@ def _read_clinical(plan: PreprocessPlan, setting: str) -> None:
         raise PreprocessError(str(e)) from None
     plan.clinical_file = path
     plan.records = {str(r["case_id"]): r for r in records}
-    plan.frame, bad = clin.preop_frame(records, errors="collect")
+    plan.frame, bad = clin.preop_frame(records, errors="collect", target="malignant")  # the shards' risk label
     for cid in plan.case_dirs:
         if cid not in plan.records:
             plan.errors[cid] = f"[{cid}] clinical record missing from {path.name}"

@@ -203,7 +203,8 @@ def preprocess_trial(name, cls, breaker, phrase, names=(BAD,), per_case=True, ex
 
 
 def _lost_if(problems: list[str]) -> list[str]:
-    return [LOST + p for p in problems]
+    """A good output that is missing or wrong is lost; an output of the bad case is silent acceptance."""
+    return [p if ("bad case" in p) else LOST + p for p in problems]
 
 
 def refused(name, cls, verb, names, phrase, args_fn, cli_line=True, rc=None):
