@@ -62,7 +62,7 @@ from hpc_dfs.config import add_arguments as add_config_arguments, from_args
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.contracts import checkpoint as ckpt
 from hpc_dfs.errors import HpcDfsError
-from hpc_dfs.fsutil import lock_folder
+from hpc_dfs.fsutil import lock_folder, unlock_folder
 from hpc_dfs.log import get_logger
 from hpc_dfs.training.plan import SetupError, checked, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
@@ -135,7 +135,15 @@ def train(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool = False) -
     """
     shards_dir, out = Path(shards_dir), Path(out)
     log = get_logger("hpc_dfs.train")
-    checked(log, "cannot train into --out", lambda: parallel.is_main() and lock_folder(out, "hpc-dfs train"))
+    lock = checked(log, "cannot train into --out", lambda: parallel.is_main() and lock_folder(out, "hpc-dfs train"))
+    try:   # --out is held by this run until it ends (CONTRACTS.md, "what a lock means")
+        return _train_stages(cfg, shards_dir, out, resume, log)
+    finally:
+        if lock:
+            unlock_folder(lock)
+
+
+def _train_stages(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool, log) -> int:
     if cfg.stage != "both":
         return _train_stage(cfg, shards_dir, out, resume)
     for stage in ("locate", "refine"):
