@@ -1,6 +1,6 @@
 """Model settings (:class:`ModelConfig`): the keyword arguments of ``hpc_dfs.models.build_model``.
 
-The fields are exactly ``build_model``'s parameters (checked in ``tests/unit/test_models.py``), so
+The fields are exactly ``build_model``'s parameters (checked in ``tests/unit/models/test_models.py``), so
 a trainer builds the network with ``build_model(**to_dict(cfg.model))`` and a checkpoint's
 ``model_config`` (the same dict) rebuilds it for prediction. Set them in the ``[model]`` table of a
 TOML config or with ``--set model.KEY=VALUE`` (e.g. ``--set model.fusion=late``).

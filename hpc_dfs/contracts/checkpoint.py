@@ -207,6 +207,12 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
 
 
 def epoch_path(ckpt_dir: str | Path, epoch: int) -> Path:
+    """``RUN/checkpoints/epoch_XXXX.pt``: the checkpoint kept for ``epoch``.
+
+    Args:
+        ckpt_dir: ``RUN/checkpoints``.
+        epoch: the completed epochs it holds.
+    """
     return Path(ckpt_dir) / f"epoch_{epoch:04d}.pt"
 
 

@@ -139,6 +139,16 @@ def evaluate_missing(gt_path: Path, cfg: EvaluateConfig | None = None) -> dict[s
 
 
 def raw_dice(raw_dir: Path, pred_path: Path, gt_path: Path) -> dict[str, float]:
+    """Dice of the prediction before post-processing (``raw_dir``), to report what post-processing changed.
+
+    Args:
+        raw_dir: the predictions before post-processing (``PRED/raw``).
+        pred_path: the post-processed prediction (its name is looked up in ``raw_dir``).
+        gt_path: the ground truth.
+
+    Raises:
+        EvaluationError: the raw prediction is missing, unreadable, off its label set or on another grid.
+    """
     raw_path = raw_dir / pred_path.name
     if not raw_path.exists():
         raise EvaluationError(f"raw prediction {raw_path} is missing (post-processed one exists)")
@@ -154,6 +164,11 @@ def raw_dice(raw_dir: Path, pred_path: Path, gt_path: Path) -> dict[str, float]:
 
 
 def mean_of(values) -> float | None:
+    """The mean of the values that are neither None nor NaN; None when there is none.
+
+    Args:
+        values: numbers, None or NaN.
+    """
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(vals)) if vals else None
 

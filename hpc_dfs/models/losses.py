@@ -22,7 +22,7 @@ optimizer's gradient averaging (the backward sum over ``N`` identical upstream g
 ``N x``, the ``1/N`` average cancels it). MONAI's DiceCELoss has no hook for this reduction.
 Without ``reduce_fn`` the result matches
 ``monai.losses.DiceCELoss(softmax=True, to_onehot_y=True, batch=True, include_background=False)``
-(checked in ``tests/unit/test_losses.py``).
+(checked in ``tests/unit/models/test_losses.py``).
 """
 from __future__ import annotations
 

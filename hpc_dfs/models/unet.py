@@ -5,7 +5,7 @@ The U-Net here is the paper's baseline (DFS paper, Table 5): 64 base channels, 4
 "up-convolutions" that halve the channels, concatenation with the encoder skip, and a final 1x1
 convolution. Convolutions are zero-padded ("same"), so the output has the input's size.
 
-Parameter count (trainable), checked in ``tests/unit/test_models.py``:
+Parameter count (trainable), checked in ``tests/unit/models/test_models.py``:
 
 - ``UNet(in_channels=3, out_channels=1)``: **31,031,745**, exactly the paper's Table 5 figure;
 - ``UNet(in_channels=1, out_channels=1)``: 31,030,593.

@@ -31,6 +31,14 @@ class ReportError(HpcDfsError, ValueError):
 
 
 def read_json(path: Path) -> Any:
+    """The JSON content of ``path``.
+
+    Args:
+        path: a JSON file written by a stage.
+
+    Raises:
+        ReportError: the file cannot be read as JSON (named).
+    """
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -46,7 +46,8 @@ Exit status: 0 done; 2 bad configuration or data (reported before any work);
 aborted on all ranks).
 
 Outputs (CONTRACTS.md section 3): ``RUN/checkpoints/{last,best,epoch_XXXX}.pt``, ``RUN/metrics.jsonl``,
-``RUN/curves.png``, ``RUN/config.toml``, and optionally ``RUN/tb/`` (TensorBoard) and a Horovod timeline.
+``RUN/run.json`` (what ran), ``RUN/curves.png``, ``RUN/config.toml``, and optionally ``RUN/tb/`` (TensorBoard)
+and a Horovod timeline.
 """
 from __future__ import annotations
 

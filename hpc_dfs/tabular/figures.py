@@ -25,6 +25,14 @@ def _save_fig(fig: Any, path: Path) -> None:
 
 
 def plot_confusion_roc(pred: pd.DataFrame, models: list[str], class_names: tuple[str, str], out: Path) -> None:
+    """``confusion_matrices.png`` and ``roc.png`` of the pooled out-of-fold predictions.
+
+    Args:
+        pred: the rows of ``predictions.csv``.
+        models: the models, in order.
+        class_names: (negative, positive) class names.
+        out: the output folder.
+    """
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
@@ -86,6 +94,21 @@ def rows_to_explain(ids_test: np.ndarray, cfg: ClinicalConfig, n_total: int, see
 
 def write_shap(shap_df: pd.DataFrame, display: pd.DataFrame, features: list[str], pred_gru: pd.DataFrame,
                 cfg: ClinicalConfig, source: Path, out: Path, log: Any) -> dict:
+    """The SHAP pictures and tables of the GRU (bar, beeswarm, one patient's waterfall); returns their summary.
+
+    Args:
+        shap_df: SHAP values, one row per explained patient.
+        display: the features of those patients as shown (before scaling).
+        features: the feature names.
+        pred_gru: the GRU's out-of-fold predictions.
+        cfg: the experiment's settings (``explain_id``).
+        source: the data file (named in errors).
+        out: the output folder.
+        log: the logger.
+
+    Raises:
+        ClinicalTableError: ``--explain-id`` is not an id of the data.
+    """
     import matplotlib.pyplot as plt
     import shap
 

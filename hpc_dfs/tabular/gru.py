@@ -104,6 +104,12 @@ def train_gru(X: np.ndarray, y: np.ndarray, cfg: ClinicalConfig, seed: int) -> t
 
 
 def gru_proba(models: list, X: np.ndarray) -> np.ndarray:
+    """P(positive) of ``X``: the mean of the ``models``' predicted probabilities.
+
+    Args:
+        models: trained Clinical-GRUs.
+        X: preprocessed features ``(n, F)``.
+    """
     import torch
 
     x = torch.as_tensor(X, dtype=torch.float32)

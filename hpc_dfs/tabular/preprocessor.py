@@ -65,6 +65,11 @@ def build_preprocessor(X: pd.DataFrame, levels: dict) -> Any:
 
 
 def feature_names(pipe: Any) -> list[str]:
+    """The names of the fitted pipeline's output columns, in order.
+
+    Args:
+        pipe: the fitted pipeline of :func:`build_preprocessor`.
+    """
     names = []
     for name, trans, cols in pipe.named_steps["encode"].transformers_:
         if name == "remainder":

@@ -63,6 +63,12 @@ def _fmt(v: Any, nd: int = 4) -> str:
 
 
 def metrics_md(summary: dict, meta: dict) -> str:
+    """``metrics.md``: the pooled and per-fold scores of every model as markdown tables.
+
+    Args:
+        summary: :func:`summarise`'s result per model.
+        meta: the experiment's metadata (data file, rows, classes, folds).
+    """
     lines = [f"# Clinical models: {meta['data']['file']}", "",
              f"{meta['data']['n_rows']} rows ({meta['data']['n_positive']} {meta['data']['positive_class']}, "
              f"{meta['data']['n_negative']} {meta['data']['negative_class']}), {meta['data']['n_features']} features, "

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.launch import hpc_dfs_cmd, launch
-from tests.unit.test_predict import make_checkpoint, make_setup
+from tests.unit.stages.test_predict import make_checkpoint, make_setup
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -83,6 +83,13 @@ def test_parallel_imports_no_stage_and_nothing_imports_cli():
     assert not bad, bad
 
 
+def test_contracts_import_only_errors_fsutil_and_log():
+    allowed = ("hpc_dfs.contracts", "hpc_dfs.errors", "hpc_dfs.fsutil", "hpc_dfs.log")
+    bad = [f"{_rel(p)}: {n}" for p, t in _modules() if "/contracts/" in _rel(p)
+           for n in _imports(t) if n.startswith("hpc_dfs.") and not n.startswith(allowed)]
+    assert not bad, bad
+
+
 def test_checkpoints_are_read_only_through_the_schema():
     bad = []
     for path, tree in _modules():

@@ -16,7 +16,7 @@ from hpc_dfs.data.fingerprint import CasePart
 from hpc_dfs.data.kits_io import CaseError, kits_affine
 from hpc_dfs.data import preprocess_passes
 from hpc_dfs.stages.preprocess import run_preprocess
-from tests.unit.test_kits_io import write_records, write_tiny_case
+from tests.unit.data.test_kits_io import write_records, write_tiny_case
 
 CFG = PreprocessConfig(slice_size=[32, 32], n_folds=2, fg_samples_per_case=200, clinical="none")
 

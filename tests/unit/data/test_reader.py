@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from hpc_dfs.stages.preprocess import run_preprocess
 from hpc_dfs.data.reader import GlobalBatchSampler, ShardError, ShardSet, SliceDataset, partition_balanced
-from tests.unit.test_preprocess import CFG, make_dataset
+from tests.unit.stages.test_preprocess import CFG, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_shard_from_another_preprocessing_run_is_refused(copy, tmp_path):
     """Hole 1, reader side: a shard whose params_sha256 is not the manifest's is refused, by name."""
     other = tmp_path / "other"
     make_dataset(tmp_path / "data", 5)
-    from tests.unit.test_preprocess import CFG
+    from tests.unit.stages.test_preprocess import CFG
     from dataclasses import replace
     assert run_preprocess(tmp_path / "data", other, replace(CFG, intensity="window")) == 0
     (copy / "shard-case_00003.h5").write_bytes((other / "shard-case_00003.h5").read_bytes())

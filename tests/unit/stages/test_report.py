@@ -9,7 +9,7 @@ import pytest
 
 from hpc_dfs.cli import main as cli
 from hpc_dfs.visualize import plot_png
-from tests.unit.test_predict import make_setup
+from tests.unit.stages.test_predict import make_setup
 
 pytestmark = pytest.mark.slow  # a real synth -> preprocess -> train -> predict -> evaluate chain (~10 s)
 

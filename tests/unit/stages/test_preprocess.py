@@ -23,7 +23,7 @@ from hpc_dfs.data.kits_io import kits_affine
 from hpc_dfs.data.shards import validate_shard
 from hpc_dfs.stages.preprocess import PreprocessError, run_preprocess
 from tests.launch import REPO, job_env
-from tests.unit.test_kits_io import write_records, write_tiny_case
+from tests.unit.data.test_kits_io import write_records, write_tiny_case
 
 PARAMS = {"slice_size": [32, 32], "target_spacing": [None, None, None], "orientation": ["I", "P", "L"],
           "intensity": {"scheme": "ct", "clip": [-100.0, 300.0], "mean": 50.0, "std": 100.0}}

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from hpc_dfs.cli import main as cli
-from tests.unit.test_report import chain  # noqa: F401  (the module-scoped fixture: a real tiny run)
+from tests.unit.stages.test_report import chain  # noqa: F401  (the module-scoped fixture: a real tiny run)
 
 pytestmark = pytest.mark.slow
 
