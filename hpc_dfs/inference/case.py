@@ -13,7 +13,7 @@ from hpc_dfs import fsutil
 from hpc_dfs.config.predict import PredictConfig
 from hpc_dfs.contracts import prediction as pred_contract
 from hpc_dfs.contracts.kits import find_label_file
-from hpc_dfs.inference.cases import CaseInput
+from hpc_dfs.inference.cases import DUPLICATE, CaseInput
 from hpc_dfs.inference.errors import InferenceError
 from hpc_dfs.inference.nifti import nifti_gz_bytes
 from hpc_dfs.inference.replicas import Replica, clinical_vector
@@ -127,6 +127,8 @@ def _clinical_inputs(case: CaseInput, reps: list[Replica], records: dict[str, di
     """Per replica the case's clinical vector (None for image-only models), and whether a record was used."""
     record = records.get(case.case_id)
     needed = any(r.needs_clinical for r in reps)
+    if needed and record is not None and DUPLICATE in record:   # which record is meant: not guessed
+        raise InferenceError(record[DUPLICATE])
     if needed and record is None:
         where = clinical_source if clinical_source else "no clinical file (kits.json) found"
         log.warning("%s: no clinical record (%s); running image-only with the imputed all-missing clinical vector",

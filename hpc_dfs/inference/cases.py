@@ -12,7 +12,10 @@ from hpc_dfs.contracts.kits import CASE_RE, IMAGE_NAME, case_suffix, near_misses
 from hpc_dfs.inference.errors import PredictError
 from hpc_dfs.log import get_logger
 
-__all__ = ["CaseInput", "discover_inputs", "voxel_count", "voxel_counts", "partition", "load_records"]
+__all__ = ["CaseInput", "discover_inputs", "voxel_count", "voxel_counts", "partition", "load_records", "DUPLICATE"]
+
+#: the key of the record that stands for a case listed twice in the clinical file (its message names the field)
+DUPLICATE = "_listed_twice"
 
 
 @dataclass
@@ -101,7 +104,7 @@ def load_records(clinical: Path | None, data_root: Path) -> tuple[dict[str, dict
         ConfigError: ``clinical`` is given but is not a file.
         PredictError: the records cannot be read.
     """
-    from hpc_dfs.data.kits_clinical import find_clinical_file, load_kits_records
+    from hpc_dfs.data.kits_clinical import duplicates, find_clinical_file, load_kits_records
     path = cfgmod.require_path(clinical, "file", "--clinical") if clinical else find_clinical_file(data_root)
     if path is None:
         return {}, None
@@ -109,4 +112,6 @@ def load_records(clinical: Path | None, data_root: Path) -> tuple[dict[str, dict
         records = load_kits_records(path)
     except (OSError, ValueError) as e:
         raise PredictError(f"clinical records {path}: {e}") from None
-    return {str(r["case_id"]): r for r in records}, path
+    by_case = {str(r["case_id"]): r for r in records}
+    by_case.update({cid: {"case_id": cid, DUPLICATE: msg} for cid, msg in duplicates(records).items()})
+    return by_case, path

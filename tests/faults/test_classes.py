@@ -425,6 +425,8 @@ TRIALS = [
             lambda w, t: _clinical_records(w, t, malignant_mistyped)),
     Trial("c3_preprocess_records_of_absent_cases_are_valid", 3, "preprocess", (),
           lambda w, t: _same_shards_as_world(w, t, extra_records), expect="ok"),
+    Trial("c3_predict_duplicate_records_disagree", 3, "predict", (BAD,),
+          lambda w, t: _predict(w, t, duplicate_record), "age_at_nephrectomy", one_line=False, cli_line=False),
     Trial("c3_predict_trailing_space_folder_is_reported", 3, "predict", (BAD + " ",),
           lambda w, t: _predict(w, t, rename_bad(BAD + " ")), "white space", expect="reported"),
     # 4. writers and their outputs
