@@ -317,6 +317,8 @@ def lock_folder(folder: str | os.PathLike, what: str) -> Path:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read_lock(path)
+                if holder is not None and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return path   # this process holds it already (a verb run twice in one process)
                 if holder is not None and _holder_alive(holder):
                     raise LockedError(
                         f"{folder} is in use by {holder.get('what', 'another run')} (pid {holder.get('pid')} on "

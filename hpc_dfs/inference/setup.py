@@ -69,6 +69,7 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
     records, clinical_source = load_records(paths.clinical, data_root)
     paths.out.mkdir(parents=True, exist_ok=True)
     if parallel.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
+        fsutil.lock_folder(paths.out, "hpc-dfs predict")   # a second predict into --out is refused, not mixed in
         n_stale = sum(fsutil.clean_stale_tmp(d) for d in (paths.out, paths.out / pred_contract.RAW_DIR) if d.is_dir())
         if n_stale:
             log.info("removed %d temporary file(s) left in %s by an interrupted run", n_stale, paths.out)

@@ -204,7 +204,7 @@ def preprocess_trial(name, cls, breaker, phrase, names=(BAD,), per_case=True, ex
 
 def _lost_if(problems: list[str]) -> list[str]:
     """A good output that is missing or wrong is lost; an output of the bad case is silent acceptance."""
-    return [p if ("bad case" in p) else LOST + p for p in problems]
+    return [p if ("bad case" in p or f"prediction_{BAD[-5:]}" in p) else LOST + p for p in problems]
 
 
 def refused(name, cls, verb, names, phrase, args_fn, cli_line=True, rc=None):

@@ -39,6 +39,7 @@ def test_a_folder_is_held_by_one_live_run(tmp_path):
     from hpc_dfs import fsutil
     lock = fsutil.lock_folder(tmp_path / "run", "test")
     assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert fsutil.lock_folder(tmp_path / "run", "test") == lock   # this process holds it already
     holder = subprocess.Popen(["sleep", "30"])
     try:   # another live process holds it
         lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "what": "hpc-dfs train"}))
