@@ -24,6 +24,7 @@ import atexit
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import NoReturn
@@ -93,23 +94,62 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one verb; the exit code is the stage's, or the ``code`` of the :class:`HpcDfsError` it raised."""
+    """Run one verb; the exit code is the stage's, or the ``code`` of the :class:`HpcDfsError` it raised.
+
+    Ctrl-C, or a SIGTERM (what ``mpirun`` sends the ranks on Ctrl-C) from the start on, is one line and exit
+    128 + the signal's number.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
+    old_term = _sigterm_interrupts()
+    try:
+        return _run_verb(argv, verb)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (mpirun passes Ctrl-C on to the ranks as SIGTERM)
+        why = str(e) if str(e) in ("SIGTERM", "SIGINT") else "SIGINT"
+        _error_line.error("hpc-dfs %s: error: interrupted by %s: stopped; every file written so far is complete "
+                          "(written atomically), so rerunning the same command continues", verb, why)
+        return 128 + int(getattr(signal, why))
+    finally:
+        _restore_sigterm(old_term)
+
+
+def _run_verb(argv: list[str], verb: str | None) -> int:
     parser = build_parser(verb if verb in VERBS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
+    from hpc_dfs import fsutil
     from hpc_dfs.errors import HpcDfsError
     try:
-        return int(args._main(args) or 0)
+        with fsutil.writing_as(args.verb):  # no verb replaces a file that another verb wrote
+            return int(args._main(args) or 0)
     except HpcDfsError as e:  # the one error base of every stage: one line naming the file or case, its code
         _error_line.error("hpc-dfs %s: error: %s", args.verb, e)
         return e.code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # a place that cannot be written (read-only, a file where a folder must be): one line
+        if not (fsutil.is_unwritable(e) and e.filename):
+            raise
+        err = fsutil.DiskWriteError(e.filename, e)
+        _error_line.error("hpc-dfs %s: error: %s", args.verb, err)
+        return err.code
+
+
+def _interrupt(signum: int, frame) -> None:  # noqa: ARG001 (signal handler signature)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _sigterm_interrupts():
+    """SIGTERM stops a verb as Ctrl-C does (a message and a clean stop, not a silent death); returns the old
+    handler. ``train`` installs its own handler while it trains (preemption: a checkpoint and exit 75)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _restore_sigterm(old) -> None:
+    if old is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, old)
 
 
 def run(argv: list[str] | None = None) -> NoReturn:

@@ -20,11 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from hpc_dfs.errors import EXIT_ENV, HpcDfsError
+from hpc_dfs.errors import EXIT_ENV, EXIT_USAGE, HpcDfsError
 
 TMP_PREFIX = ".tmp-"
 #: errno values that mean "the file system cannot take this write"; they become a DiskWriteError
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+#: a place that may not be written (permissions): also a DiskWriteError, exit 4 (environment)
+ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+#: a path that is the wrong kind of thing (a file where a folder must be, a folder where a file must be): exit 2
+PATH_ERRNOS = frozenset({errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class DiskWriteError(HpcDfsError):
@@ -39,14 +44,25 @@ class DiskWriteError(HpcDfsError):
 
     def __init__(self, path: str | os.PathLike, err: OSError) -> None:
         why = os.strerror(err.errno) if err.errno else str(err)
+        fix = ("free space and rerun" if err.errno in _SPACE else
+               "write somewhere else (--out), or make that place writable" if err.errno not in PATH_ERRNOS else
+               "a file and a folder are in each other's way: choose another --out")
         super().__init__(f"cannot write {path}: {why} (errno {errno.errorcode.get(err.errno, err.errno)}); "
-                         "nothing partial was left under that name: free space and rerun")
+                         f"nothing partial was left under that name: {fix}")
         self.path, self.errno = Path(path), err.errno
+        if err.errno in PATH_ERRNOS:
+            self.code = EXIT_USAGE
 
 
 def is_disk_error(err: BaseException) -> bool:
-    """True for an ``OSError`` whose errno is one of :data:`DISK_ERRNOS`."""
+    """True for an ``OSError`` whose errno is one of :data:`DISK_ERRNOS` (what :func:`atomic_path` converts)."""
     return isinstance(err, OSError) and err.errno in DISK_ERRNOS
+
+
+def is_unwritable(err: BaseException) -> bool:
+    """True for an ``OSError`` that says a place cannot be written: :data:`DISK_ERRNOS`, :data:`ACCESS_ERRNOS` or
+    :data:`PATH_ERRNOS`. ``cli.main`` prints such an error as one :class:`DiskWriteError` line, not a traceback."""
+    return isinstance(err, OSError) and err.errno in DISK_ERRNOS | ACCESS_ERRNOS | PATH_ERRNOS
 
 
 @contextlib.contextmanager
@@ -63,6 +79,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     sfx = suffix if suffix is not None else "".join(path.suffixes[-2:])  # keep .nii.gz etc. for libraries
+    check_owner(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,3 +197,166 @@ def clean_stale_tmp(directory: str | os.PathLike) -> int:
             p.unlink()
             n += 1
     return n
+
+
+# ----------------------------------------------------------------------------- who owns a file
+#: the lock file of a folder held by a run (:func:`lock_folder`)
+LOCK_NAME = ".hpc-dfs.lock"
+_writer: list[str] = []   # the verb running in this process (set by cli.main); empty for library calls
+
+
+class ForeignFileError(HpcDfsError):
+    """A verb was about to replace a file that another verb wrote; names the file and its owner (exit 2)."""
+
+    code = EXIT_USAGE
+
+
+@contextlib.contextmanager
+def writing_as(verb: str) -> Iterator[None]:
+    """Within the block, :func:`atomic_path` refuses to replace a file that a verb other than ``verb`` owns.
+
+    Args:
+        verb: the ``hpc-dfs`` verb running (``cli.main`` sets it around the verb).
+    """
+    _writer.append(verb)
+    try:
+        yield
+    finally:
+        _writer.pop()
+
+
+def check_owner(path: str | os.PathLike) -> None:
+    """Refuse to replace an existing file that another verb owns (only while a verb runs, see :func:`writing_as`).
+
+    Args:
+        path: the file about to be written.
+
+    Raises:
+        ForeignFileError: ``path`` exists and belongs to another verb; the message names both.
+    """
+    if not _writer or not os.path.lexists(path):
+        return
+    from hpc_dfs.contracts.owners import owner_of  # the contracts' names (they import this module)
+    owner, me = owner_of(path), _writer[-1]
+    if owner is not None and owner != me:
+        raise ForeignFileError(f"refusing to overwrite {path}: it is written by `hpc-dfs {owner}`, not by "
+                               f"`hpc-dfs {me}`; choose another --out")
+    if os.path.isdir(path):
+        raise ForeignFileError(f"cannot write {path}: it is a folder; choose another --out")
+
+
+# ----------------------------------------------------------------------------- a folder held by one run
+class LockedError(HpcDfsError):
+    """Another live run holds the folder (exit 2); names the folder, the holder and the lock file."""
+
+    code = EXIT_USAGE
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): tells a live holder from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool:
+    """True unless the holder is certainly gone (same host, and its pid is dead or now another process)."""
+    import socket
+    if holder.get("host") != socket.gethostname():
+        return True   # another node: its processes cannot be seen from here
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = _start_time(pid)
+    return started is None or holder.get("start") in (None, started)
+
+
+def lock_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Hold ``folder`` for this process (a lock file with pid and host), released when the process exits.
+
+    A second run into the same folder is refused while the first lives. A lock left by a killed run (same host,
+    its pid gone) is stale: it is taken over, with a warning. A lock from another host cannot be checked: the
+    error says which file to remove if that run is gone.
+
+    Args:
+        folder: the run folder (created).
+        what: the run, named in the lock and in another run's error (``"hpc-dfs train"``).
+
+    Returns:
+        The lock file.
+
+    Raises:
+        LockedError: a live run holds the folder.
+        DiskWriteError: the folder cannot be created or written.
+    """
+    import atexit
+    import logging
+    import socket
+    import time
+
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()), "what": what,
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_unwritable(e):
+            raise DiskWriteError(folder, e) from None
+        raise
+    try:
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is not None and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return path   # this process holds it already (a verb run twice in one process)
+                if holder is not None and _holder_alive(holder):
+                    raise LockedError(
+                        f"{folder} is in use by {holder.get('what', 'another run')} (pid {holder.get('pid')} on "
+                        f"{holder.get('host')}, since {holder.get('since')}): wait for it to end or choose another "
+                        f"--out; if that run is gone, remove {path}") from None
+                logging.getLogger("hpc_dfs.fsutil").warning("%s: taking over the stale lock of %s", folder,
+                                                            holder or "an unreadable lock file")
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(me) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            atexit.register(unlock_folder, path)
+            return path
+    except OSError as e:
+        if is_unwritable(e):
+            raise DiskWriteError(path, e) from None
+        raise
+    raise LockedError(f"{folder}: could not take the lock {path} (other runs keep taking it)")
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def unlock_folder(path: str | os.PathLike) -> None:
+    """Remove the lock file ``path`` if this process holds it (a no-op otherwise).
+
+    Args:
+        path: the lock file :func:`lock_folder` returned.
+    """
+    holder = _read_lock(Path(path))
+    if holder is not None and holder.get("pid") == os.getpid():
+        with contextlib.suppress(OSError):
+            Path(path).unlink()

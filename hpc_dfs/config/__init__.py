@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -32,7 +33,7 @@ from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "load", "from_dict", "to_dict", "add_arguments", "from_args", "parse_override",
+__all__ = ["ConfigError", "finite", "load", "from_dict", "to_dict", "add_arguments", "from_args", "parse_override",
            "require_path", "nest_flat"]
 
 
@@ -108,7 +109,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-            return float(value)
+            return finite(float(value), key)
         if tp is str:
             return str(value)
         if tp is Path:
@@ -118,6 +119,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"config key '{key}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+
+
+def finite(value: float, key: str) -> float:
+    """``value`` when it is a finite number: every float setting is read through here.
+
+    Args:
+        value: the number read.
+        key: the setting, named in the error.
+
+    Raises:
+        ConfigError: NaN or infinite (``--set loss.dice_weight=nan``, ``--lr inf``), naming the key.
+    """
+    if not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    return value
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:

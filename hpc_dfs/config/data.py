@@ -7,6 +7,7 @@ Defaults suit a GPU cluster (256x256 slices); tests pass small sizes explicitly,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -49,11 +50,12 @@ def _spacing_setting(key: str, value: str, words: tuple[str, ...]) -> None:
     if value in words:
         return
     try:
-        ok = float(value) > 0
+        ok = math.isfinite(float(value)) and float(value) > 0
     except ValueError:
         ok = False
     if not ok:
-        raise ConfigError(f"{key} must be {', '.join(repr(w) for w in words)} or a positive number, got '{value}'")
+        raise ConfigError(f"{key} must be {', '.join(repr(w) for w in words)} or a positive finite number, got "
+                          f"'{value}'")
 
 
 @dataclass
@@ -79,6 +81,11 @@ class RefineConfig:
         if self.margin_mm < 0 or len(self.min_box_mm) != 3 or min(self.min_box_mm) < 0 or self.max_boxes < 1:
             raise ConfigError("refine needs margin_mm >= 0, three min_box_mm >= 0 and max_boxes >= 1, got "
                               f"{self.margin_mm}, {self.min_box_mm}, {self.max_boxes}")
+
+
+#: the models' default number of poolings (``model.depth``) and the slice size it needs to exceed (2**depth)
+DEFAULT_DEPTH = 4
+MIN_SLICE = 2 ** DEFAULT_DEPTH
 
 
 @dataclass
@@ -124,8 +131,10 @@ class PreprocessConfig:
         "help": "stage-2 (refine) windows: refine.enabled, refine.spacing, refine.slice_size, ..."})
 
     def validate(self) -> None:
-        if len(self.slice_size) != 2 or min(self.slice_size) < 8:
-            raise ConfigError(f"slice_size must be two sizes >= 8, got {self.slice_size}")
+        if len(self.slice_size) != 2 or min(self.slice_size) <= MIN_SLICE:
+            raise ConfigError(f"slice_size must be two sizes > {MIN_SLICE}, got {self.slice_size}: the segmentation "
+                              f"models pool {DEFAULT_DEPTH} times (model.depth), so the deepest feature map of a "
+                              f"slice is its size / {MIN_SLICE}, rounded up, and needs at least 2x2 pixels")
         _spacing_setting("in_plane_spacing", self.in_plane_spacing, ("auto", "fit"))
         if self.z_spacing is not None and self.z_spacing <= 0:
             raise ConfigError(f"z_spacing must be positive, got {self.z_spacing}")

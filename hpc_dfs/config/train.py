@@ -41,6 +41,10 @@ __all__ = ["TrainConfig", "AugmentConfig", "ScheduleConfig", "DataConfig", "Opti
            "HorovodConfig", "CheckpointConfig"]
 
 
+#: the largest learning rate accepted (SGD on normalised CT rarely goes above 0.1; 1e12 is a typo, not a setting)
+MAX_LR = 10.0
+
+
 def _range(name: str, v: list[float], lo: float | None = None, hi: float | None = None) -> None:
     if len(v) != 2 or v[0] > v[1]:
         raise ConfigError(f"{name} must be two numbers [low, high] with low <= high, got {v}")
@@ -215,8 +219,8 @@ class OptimConfig:
     grad_clip: float = field(default=12.0, metadata=_h("clip the global gradient norm; 0 = off"))
 
     def validate(self) -> None:
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"optim.lr must be in (0, {MAX_LR:g}], got {self.lr:g} (a larger rate only diverges)")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 < self.plateau_factor < 1.0:

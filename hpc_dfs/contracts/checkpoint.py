@@ -254,7 +254,24 @@ def load(path: str | Path, map_location: Any = "cpu", require: Iterable[str] = R
     missing = [k for k in require if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks keys {missing}: not written by `hpc-dfs train`")
+    _check_finite_weights(state, path)
     return state
+
+
+def _check_finite_weights(state: dict, path: Path) -> None:
+    """A checkpoint whose weights hold NaN or inf reads as a model but predicts nothing: refuse it.
+
+    Raises:
+        CheckpointError: names the file and the first tensor with a non-finite value.
+    """
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        return
+    for name, t in weights.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_bad = int(t.numel() - int(torch.isfinite(t).sum()))
+            raise CheckpointError(f"checkpoint {path} holds non-finite weights ({n_bad} NaN/inf values in {name}): "
+                                  "the run that wrote it diverged; use an earlier checkpoint")
 
 
 def _verify_digest(state: dict, path: Path) -> None:

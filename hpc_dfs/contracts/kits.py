@@ -17,10 +17,13 @@ from typing import Optional
 
 __all__ = ["CASE_RE", "IMAGE_NAME", "LABEL_NAME", "LABEL_FILES", "EVAL_LABEL_FILES", "KITS21_LABEL_NAME",
            "CLINICAL_NAME", "KITS23_CLINICAL_NAME", "CLINICAL_FILES", "PRED_RE", "SUBMISSION_RE", "submission_name",
-           "case_suffix", "prediction_name", "find_label_file"]
+           "case_suffix", "prediction_name", "find_label_file", "near_miss", "near_misses"]
 
-#: a case folder name; ``CASE_RE.match("case_00012").group(1) == "00012"``
-CASE_RE = re.compile(r"^case_(\d{5})$")
+#: a case folder name; ``CASE_RE.match("case_00012").group(1) == "00012"``. ASCII digits only (``\d`` would take
+#: Arabic-Indic and other Unicode digits), and nothing after them (``$`` would take a trailing newline)
+CASE_RE = re.compile(r"^case_([0-9]{5})\Z")
+#: a name that is almost a case folder (a space, another case, other digits, other separators): reported
+_NEAR_CASE = re.compile(r"^\s*case[\s_-]*\d+\s*$", re.IGNORECASE)
 IMAGE_NAME = "imaging.nii.gz"
 LABEL_NAME = "segmentation.nii.gz"
 #: KiTS21's majority-vote ground truth
@@ -35,7 +38,7 @@ KITS23_CLINICAL_NAME = "kits23.json"
 #: clinical files looked for in a data folder, in order (a CSV of the same fields last)
 CLINICAL_FILES = (CLINICAL_NAME, KITS23_CLINICAL_NAME, "clinical.csv")
 #: a prediction file name; group 1 is the case's five digits
-PRED_RE = re.compile(r"^prediction_(\d{5})\.nii(\.gz)?$")
+PRED_RE = re.compile(r"^prediction_([0-9]{5})\.nii(\.gz)?\Z")
 
 
 def case_suffix(case_id: str) -> str:
@@ -81,3 +84,39 @@ def find_label_file(case_dir: Path, names: tuple[str, ...] = LABEL_FILES) -> Opt
         if (case_dir / name).exists():
             return case_dir / name
     return None
+
+
+def near_miss(name: str) -> str | None:
+    """Why ``name`` is almost, but not, a case folder name (then it is reported, not skipped silently), or None.
+
+    Args:
+        name: a folder name in a data folder.
+
+    Returns:
+        ``"'case_00001 ' is not a case id (case_ and 5 ASCII digits): it ends with a space"``, or None for a
+        case id or a name that is nothing like one.
+    """
+    if CASE_RE.match(name) or not _NEAR_CASE.match(name):
+        return None
+    if name != name.strip():
+        why = "it starts or ends with white space"
+    elif not name.startswith("case_"):
+        why = "it does not start with 'case_' exactly"
+    elif any(c.isdigit() and not c.isascii() for c in name):
+        why = "its digits are not ASCII digits 0-9"
+    else:
+        why = "it is not 'case_' and five digits"
+    return f"{name!r} is not a case id (case_ and 5 ASCII digits): {why}"
+
+
+def near_misses(data_dir: str | Path) -> list[tuple[str, str]]:
+    """``(folder name, why)`` of the folders of ``data_dir`` that are almost case folders (``'case_00001 '``, other
+    digits): a stage reports them as errors rather than skip them without a word.
+
+    Args:
+        data_dir: the KiTS-layout folder (need not exist).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        return []
+    return [(p.name, why) for p in sorted(data_dir.iterdir()) if p.is_dir() and (why := near_miss(p.name))]

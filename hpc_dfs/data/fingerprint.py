@@ -167,6 +167,10 @@ def intensity_params(fg: dict, cfg) -> dict:
         if "mean" not in fg:
             raise ValueError("intensity=ct needs foreground voxels, but no training case has any label > 0; "
                              "use --intensity window")
+        stats = [fg["percentile_lo"], fg["percentile_hi"], fg["mean"], fg["std"]]
+        if not np.all(np.isfinite(stats)):  # never written: every shard, good cases too, would be NaN
+            raise ValueError(f"the foreground intensity statistics are not finite (clip {stats[:2]}, mean {stats[2]}, "
+                             f"std {stats[3]}): a case holds non-finite or absurd intensities")
         return {"scheme": "ct", "clip": [fg["percentile_lo"], fg["percentile_hi"]], "mean": fg["mean"],
                 "std": max(fg["std"], 1e-6)}
     lo, hi = cfg.window

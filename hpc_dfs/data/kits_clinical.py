@@ -47,7 +47,7 @@ from hpc_dfs.contracts.kits import CLINICAL_FILES
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 
 __all__ = ["ClinicalRecordError", "NUMERIC", "CATEGORICAL", "BOOLEAN", "PREOP_COLUMNS", "TARGET_FIELDS",
-           "load_kits_records", "find_clinical_file", "flatten_record", "preop_features", "preop_frame",
+           "load_kits_records", "find_clinical_file", "flatten_record", "preop_features", "preop_frame", "duplicates",
            "risk_label", "risk_labels", "ClinicalPipeline"]
 
 #: numeric pre-operative fields (KiTS19 names; KiTS23 aliases in _ALIASES)
@@ -124,14 +124,21 @@ def load_kits_records(path: str | Path) -> list[dict]:
                     d = d.setdefault(p, {})
                 d[parts[-1]] = v
             records.append(rec)
-        return records
+        return _not_empty(records, path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) and "case_id" in r for r in data):
         raise ValueError(f"{path}: expected a JSON list of records with 'case_id' (the KiTS kits.json schema)")
-    return data
+    return _not_empty(data, path)
+
+
+def _not_empty(records: list[dict], path: Path) -> list[dict]:
+    """``records``, unless there are none: an empty records file is one error naming it, not one per case."""
+    if not records:
+        raise ValueError(f"{path} holds no clinical records (an empty list or table)")
+    return records
 
 
 def flatten_record(record: dict) -> dict:
@@ -225,23 +232,59 @@ def preop_features(record: dict) -> dict:
     return out
 
 
-def preop_frame(records: Iterable[dict], errors: str = "raise") -> pd.DataFrame | tuple[pd.DataFrame, dict]:
+def duplicates(records: Iterable[dict]) -> dict[str, str]:
+    """``{case_id: message}`` of the cases listed more than once, naming the first field on which they disagree.
+
+    Args:
+        records: KiTS records.
+    """
+    seen: dict[str, dict] = {}
+    bad: dict[str, str] = {}
+    for rec in records:
+        cid = str(rec.get("case_id"))
+        if cid not in seen:
+            seen[cid] = flatten_record(rec)
+            continue
+        a, b = seen[cid], flatten_record(rec)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        how = (f"disagreeing on {diff[0]} ({a.get(diff[0])!r} vs {b.get(diff[0])!r})" if diff else
+               "identically: keep one")
+        bad.setdefault(cid, f"[{cid}] has two clinical records, {how}")
+    return bad
+
+
+def preop_frame(records: Iterable[dict], errors: str = "raise",
+                target: str | None = None) -> pd.DataFrame | tuple[pd.DataFrame, dict]:
     """Pre-operative features of all records: a DataFrame indexed by ``case_id`` with :data:`PREOP_COLUMNS`.
 
     Args:
         records: KiTS records (from :func:`load_kits_records`).
         errors: 'raise' (first malformed record raises :class:`ClinicalRecordError`) or 'collect' (malformed
             records are left out and ``(frame, {case_id: message})`` is returned).
+        target: a field whose value must read as a label (:func:`risk_label`) too (``"malignant"``: preprocess's
+            risk label, clinical's target), or None: the features alone, no post-operative field read.
+
+    Raises:
+        ClinicalRecordError: (``errors="raise"``) a malformed value, a malformed ``target``, or a case listed twice.
     """
+    records = list(records)
+    twice = duplicates(records)
     rows, index, bad = [], [], {}
     for rec in records:
         try:
+            cid = str(rec["case_id"])
+            if cid in twice:
+                raise ClinicalRecordError(cid, twice[cid].split("] ", 1)[1])
             rows.append(preop_features(rec))
-            index.append(str(rec["case_id"]))
+            if target is not None:
+                risk_label(rec, target)
+            index.append(cid)
         except ClinicalRecordError as e:
             if errors == "raise":
                 raise
             bad[e.case_id] = str(e)
+            if len(rows) > len(index):
+                rows.pop()
     frame = pd.DataFrame(rows, index=pd.Index(index, name="case_id"), columns=PREOP_COLUMNS)
     for c in NUMERIC + BOOLEAN:
         frame[c] = frame[c].astype(float)
@@ -251,9 +294,14 @@ def preop_frame(records: Iterable[dict], errors: str = "raise") -> pd.DataFrame 
 
 
 def risk_label(record: dict, target: str = "malignant") -> Optional[int]:
-    """The case-level label (``malignant`` by default): 1, 0, or None when unknown."""
+    """The case-level label (``malignant`` by default): 1, 0, or None when unknown (absent or a missing-value word).
+
+    Raises:
+        ClinicalRecordError: a value that is neither a label nor missing (``"yes (clear cell)"``, 2, 0.5): it would
+            otherwise become an unknown label without a word. Names the case and the field.
+    """
     v = flatten_record(record).get(target)
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     if isinstance(v, (bool, np.bool_)):
         return int(v)
@@ -261,7 +309,10 @@ def risk_label(record: dict, target: str = "malignant") -> Optional[int]:
         return int(v)
     if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
         return int(v.strip().lower() in ("true", "1", "yes"))
-    return None
+    if isinstance(v, str) and v.strip().lower() in _MISSING:
+        return None
+    raise ClinicalRecordError(str(record.get("case_id", "?")), f"malformed clinical value {target}={v!r} "
+                                                              "(expected true/false, 1/0, or empty when unknown)")
 
 
 def risk_labels(records: Iterable[dict], target: str = "malignant") -> pd.Series:

@@ -33,12 +33,13 @@ import nibabel as nib
 import numpy as np
 
 from hpc_dfs.contracts.kits import (CASE_RE, IMAGE_NAME, KITS21_LABEL_NAME, KITS23_CLINICAL_NAME, LABEL_FILES,
-                                   find_label_file)
+                                   find_label_file, near_misses)
+from hpc_dfs.data.checks import GeometryProblem, IntensityProblem, check_intensities, checked_spacing
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 from hpc_dfs.fsutil import atomic_path
 
 __all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_FILES", "LABEL_MAPS", "CLASSES",
-           "list_cases", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
+           "list_cases", "near_misses", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
            "save_nifti_atomic", "kits_affine", "apply_label_map"]
 
 #: class names by index; a label map with 4 classes (``--set label_map=0:0,1:1,2:2,3:3``) names the fourth "cyst"
@@ -159,7 +160,15 @@ def read_header(path: Path, case_id: str) -> tuple[tuple[int, ...], tuple[float,
         raise CaseError(case_id, f"{path.name}: {_describe_read_error(e, path)}") from None
     if len(shape) != 3:  # as load_nifti: a 2-D (or 4-D) volume is this case's error, not the stage's IndexError
         raise CaseError(case_id, f"{path.name} has {len(shape)} dimensions {shape}, expected 3")
-    return shape, zooms, img.affine
+    return shape, _spacing(case_id, path, shape, img.affine, zooms), img.affine
+
+
+def _spacing(case_id: str, path: Path, shape, affine: np.ndarray, zooms) -> tuple[float, ...]:
+    """The checked spacing (:func:`hpc_dfs.data.checks.checked_spacing`); a problem is this case's error."""
+    try:
+        return checked_spacing(shape, affine, zooms)
+    except GeometryProblem as e:
+        raise CaseError(case_id, f"{path.name} {e}") from None
 
 
 _READ_CHUNK = 1 << 22  # bytes decompressed per read: the only transient copy of a .nii.gz volume
@@ -220,7 +229,7 @@ def load_nifti(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple]
         raise CaseError(case_id, f"{path.name}: {_describe_read_error(e, path)}") from None
     if arr.ndim != 3:
         raise CaseError(case_id, f"{path.name} has {arr.ndim} dimensions {arr.shape}, expected 3")
-    return arr, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
+    return arr, img.affine, _spacing(case_id, path, arr.shape, img.affine, img.header.get_zooms()[:3])
 
 
 _SLAB_VOXELS = 1 << 22  # voxels per slab of the label checks and lookups (bounds their temporaries)
@@ -297,7 +306,7 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
         case_dir: ``.../case_XXXXX``.
         label_map: raw label -> class; default KiTS19 (0, 1, 2).
         require_label: a missing ground truth is an error (else ``label`` is None).
-        check_finite: reject NaN/inf voxels.
+        check_finite: reject voxels that cannot be CT (complex, NaN/inf as float32, beyond +-1e5 HU).
 
     Raises:
         CaseError: any of the problems above; ``str(err)`` reads ``[case_id] problem``.
@@ -307,9 +316,11 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
     label_map = label_map or LABEL_MAPS["kits19"]
     img_path = case_dir / IMAGE_NAME
     image, affine, zooms = load_nifti(img_path, cid)
-    if check_finite and image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-        n_bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
-        raise CaseError(cid, f"{IMAGE_NAME} holds {n_bad} non-finite voxels (NaN/inf)")
+    if check_finite:  # before the case reaches any statistic: complex, non-finite as float32, not CT
+        try:
+            check_intensities(image)
+        except IntensityProblem as e:
+            raise CaseError(cid, f"{IMAGE_NAME} {e}") from None
     case = KitsCase(cid, image, affine, image_path=img_path, header_zooms=zooms)
     lab_path = find_label_file(case_dir)
     if lab_path is None:

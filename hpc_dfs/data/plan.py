@@ -21,7 +21,7 @@ import numpy as np
 from hpc_dfs.data.fingerprint import CasePart
 from hpc_dfs.data.geometry import make_geometry, prepare_label, resample_image
 from hpc_dfs.data.kits_io import (CLASSES, IMAGE_NAME, LABEL_MAPS, CaseError, KitsCase, detect_dataset,
-                                  find_label_file, list_cases, load_case, read_header)
+                                  find_label_file, list_cases, load_case, near_misses, read_header)
 from hpc_dfs.data.refine import refine_windows
 from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
@@ -84,6 +84,7 @@ def make_plan(data_dir: Path, cfg) -> PreprocessPlan:
     n_classes = max(label_map.values()) + 1
     classes = CLASSES[:n_classes] if n_classes <= len(CLASSES) else [f"class_{i}" for i in range(n_classes)]
     plan = PreprocessPlan(data_dir, dataset, label_map, classes, {cd.name: cd for cd in case_dirs}, {})
+    plan.errors.update({name: f"[{name!r}] {why}" for name, why in near_misses(data_dir)})  # said, not skipped
     _read_clinical(plan, cfg.clinical)
     _read_headers(plan)
     return plan
@@ -105,12 +106,16 @@ def _read_clinical(plan: PreprocessPlan, setting: str) -> None:
         raise PreprocessError(str(e)) from None
     plan.clinical_file = path
     plan.records = {str(r["case_id"]): r for r in records}
-    plan.frame, bad = clin.preop_frame(records, errors="collect")
+    plan.frame, bad = clin.preop_frame(records, errors="collect", target="malignant")  # the shards' risk label
     for cid in plan.case_dirs:
         if cid not in plan.records:
             plan.errors[cid] = f"[{cid}] clinical record missing from {path.name}"
         elif cid in bad:
             plan.errors[cid] = bad[cid]
+    if plan.case_dirs and all(cid in plan.errors for cid in plan.case_dirs):  # the file, not every case
+        first = plan.errors[next(iter(plan.case_dirs))]
+        raise PreprocessError(f"{path}: no usable clinical record for any of the {len(plan.case_dirs)} case(s) "
+                              f"(e.g. {first}); pass --clinical FILE, or --clinical none to preprocess CT only")
 
 
 def _read_headers(plan: PreprocessPlan) -> None:

@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Optional, Sequence
@@ -141,11 +142,29 @@ class ShardSet:
         from hpc_dfs.data.shards import validate_shard
 
         expected = self.params_sha256
+        _check_statistics(self.manifest, manifest_path(self.root))
         for cid in case_ids or self.case_ids:
             ok, why = validate_shard(self.shard_path(cid), cid, deep=deep, params_sha256=expected)
             if not ok:
                 raise ShardError(f"[{cid}] shard failed verification: {why} (rerun preprocess to rewrite it)")
         return self
+
+
+def _check_statistics(manifest: dict, path: Path) -> None:
+    """The manifest's intensity statistics (clip, mean, std) are finite and the std positive.
+
+    Raises:
+        ShardError: names the manifest and the value: every shard normalised with it is NaN.
+    """
+    intensity = (manifest.get("preprocessing") or {}).get("intensity") or {}
+    values = {"clip": intensity.get("clip"), "mean": intensity.get("mean"), "std": intensity.get("std")}
+    for key, v in values.items():
+        nums = v if isinstance(v, list) else [v]
+        if v is None or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in nums):
+            raise ShardError(f"{path}: preprocessing.intensity.{key} is {v!r}, not a finite number: every shard "
+                             "normalised with it is invalid; rerun preprocess")
+    if values["std"] <= 0:
+        raise ShardError(f"{path}: preprocessing.intensity.std is {values['std']!r}, not positive; rerun preprocess")
 
 
 # ----------------------------------------------------------------------------- dataset

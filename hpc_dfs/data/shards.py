@@ -303,9 +303,17 @@ class CaseShard:
         return image, label
 
     def verify_all(self) -> None:
-        """Read and verify every slice (what ``validate_shard(deep=True)`` does for image and label)."""
+        """Read and verify every slice (what ``validate_shard(deep=True)`` does for image and label).
+
+        Raises:
+            ShardError: a slice fails its checksum, or its image holds NaN/inf (a checksum only says the bytes
+                are the ones written: a non-finite slice was written so and trains to NaN).
+        """
         for s in range(len(self)):
-            self.read(s)
+            image, _ = self.read(s)
+            if not np.isfinite(image).all():
+                raise ShardError(f"{self._where}: slice {s}: the image holds non-finite values (NaN/inf): rerun "
+                                 "preprocess (a case with non-finite intensities is refused there)")
 
     def close(self) -> None:
         if self._mm is not None:

@@ -445,3 +445,37 @@ def render_from_labels(label_path: Path, record: Optional[dict], seed: int, styl
                                           nib.orientations.io_orientation(img.affine))
     ct = np.ascontiguousarray(nib.orientations.apply_orientation(ct_can, inv))
     return ct, raw, img.affine
+
+
+def check_out_folder(out: Path, case_ids: list[str]) -> None:
+    """Refuse an ``--out`` that holds a data set of its own: synth adds to (or completes) only its own cases.
+
+    A rerun with the same settings keeps its valid cases; but a folder with a case, or a ``kits.json`` record,
+    that this run would not write is someone else's data: writing there would mix phantoms into it and
+    replace its ``kits.json`` with records that do not belong to its images.
+
+    Args:
+        out: the ``--out`` folder (may not exist yet).
+        case_ids: the cases this run writes.
+
+    Raises:
+        ConfigError: the folder holds other cases or records; the message names the folder and one of them.
+    """
+    import json
+
+    from hpc_dfs.config import ConfigError
+    from hpc_dfs.contracts.kits import CASE_RE, CLINICAL_NAME
+
+    out, wanted = Path(out), set(case_ids)
+    if not out.is_dir():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.is_dir() and CASE_RE.match(p.name) and p.name not in wanted)
+    try:
+        listed = [str(r.get("case_id")) for r in json.loads((out / CLINICAL_NAME).read_text()) if isinstance(r, dict)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        listed = [] if not (out / CLINICAL_NAME).exists() else [f"(an unreadable {CLINICAL_NAME})"]
+    others += sorted(c for c in listed if c not in wanted and c not in others)
+    if others:
+        raise ConfigError(f"--out {out} already holds a data set ({len(others)} case(s) or record(s) this run "
+                          f"would not write, e.g. {others[0]}): synth writes into a new folder, or reruns into "
+                          "its own with the same settings; choose another --out")

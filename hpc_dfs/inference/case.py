@@ -13,7 +13,7 @@ from hpc_dfs import fsutil
 from hpc_dfs.config.predict import PredictConfig
 from hpc_dfs.contracts import prediction as pred_contract
 from hpc_dfs.contracts.kits import find_label_file
-from hpc_dfs.inference.cases import CaseInput
+from hpc_dfs.inference.cases import DUPLICATE, CaseInput
 from hpc_dfs.inference.errors import InferenceError
 from hpc_dfs.inference.nifti import nifti_gz_bytes
 from hpc_dfs.inference.replicas import Replica, clinical_vector
@@ -103,6 +103,7 @@ def _read_case(case: CaseInput) -> tuple[np.ndarray, np.ndarray, Any]:
     """The image array, its affine and its NIfTI image (whose header the outputs copy); raises InferenceError."""
     import nibabel as nib
 
+    from hpc_dfs.data.checks import IntensityProblem, check_intensities
     from hpc_dfs.data.kits_io import CaseError, load_nifti
     try:
         image, affine, _ = load_nifti(case.image_path, case.case_id)  # checks: present, decodable, 3-D
@@ -112,8 +113,10 @@ def _read_case(case: CaseInput) -> tuple[np.ndarray, np.ndarray, Any]:
             from None
     if min(image.shape) < 1:
         raise InferenceError(f"{case.image_path.name} has an empty axis, shape {image.shape}")
-    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-        raise InferenceError(f"{case.image_path.name} holds NaN or infinite voxels")
+    try:  # the check preprocess makes: complex, non-finite as float32, not CT
+        check_intensities(image)
+    except IntensityProblem as e:
+        raise InferenceError(f"{case.image_path.name} {e}") from None
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InferenceError(f"{case.image_path.name} has a degenerate affine; its orientation cannot be read")
     return image, affine, img
@@ -124,6 +127,8 @@ def _clinical_inputs(case: CaseInput, reps: list[Replica], records: dict[str, di
     """Per replica the case's clinical vector (None for image-only models), and whether a record was used."""
     record = records.get(case.case_id)
     needed = any(r.needs_clinical for r in reps)
+    if needed and record is not None and DUPLICATE in record:   # which record is meant: not guessed
+        raise InferenceError(record[DUPLICATE])
     if needed and record is None:
         where = clinical_source if clinical_source else "no clinical file (kits.json) found"
         log.warning("%s: no clinical record (%s); running image-only with the imputed all-missing clinical vector",

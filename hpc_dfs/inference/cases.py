@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from hpc_dfs import config as cfgmod, parallel
-from hpc_dfs.contracts.kits import CASE_RE, IMAGE_NAME, case_suffix
+from hpc_dfs.contracts.kits import CASE_RE, IMAGE_NAME, case_suffix, near_misses
 from hpc_dfs.inference.errors import PredictError
+from hpc_dfs.log import get_logger
 
-__all__ = ["CaseInput", "discover_inputs", "voxel_count", "voxel_counts", "partition", "load_records"]
+__all__ = ["CaseInput", "discover_inputs", "voxel_count", "voxel_counts", "partition", "load_records", "DUPLICATE"]
+
+#: the key of the record that stands for a case listed twice in the clinical file (its message names the field)
+DUPLICATE = "_listed_twice"
 
 
 @dataclass
@@ -46,6 +50,8 @@ def discover_inputs(path: str | Path) -> tuple[list[CaseInput], Path]:
     if (p / IMAGE_NAME).exists():
         return [CaseInput(p.name, p / IMAGE_NAME)], p.parent
     cases = [CaseInput(d.name, d / IMAGE_NAME) for d in sorted(p.iterdir()) if d.is_dir() and CASE_RE.match(d.name)]
+    for _name, why in near_misses(p) if parallel.rank() == 0 else []:
+        get_logger("hpc_dfs.predict").warning("--input %s: skipped %s", p, why)
     if not cases:
         raise PredictError(f"--input {p} holds no case_XXXXX/ folders and no {IMAGE_NAME}")
     return cases, p
@@ -98,7 +104,7 @@ def load_records(clinical: Path | None, data_root: Path) -> tuple[dict[str, dict
         ConfigError: ``clinical`` is given but is not a file.
         PredictError: the records cannot be read.
     """
-    from hpc_dfs.data.kits_clinical import find_clinical_file, load_kits_records
+    from hpc_dfs.data.kits_clinical import duplicates, find_clinical_file, load_kits_records
     path = cfgmod.require_path(clinical, "file", "--clinical") if clinical else find_clinical_file(data_root)
     if path is None:
         return {}, None
@@ -106,4 +112,6 @@ def load_records(clinical: Path | None, data_root: Path) -> tuple[dict[str, dict
         records = load_kits_records(path)
     except (OSError, ValueError) as e:
         raise PredictError(f"clinical records {path}: {e}") from None
-    return {str(r["case_id"]): r for r in records}, path
+    by_case = {str(r["case_id"]): r for r in records}
+    by_case.update({cid: {"case_id": cid, DUPLICATE: msg} for cid, msg in duplicates(records).items()})
+    return by_case, path

@@ -60,12 +60,16 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
         cfgmod.require_path(ckpt, "file", "--checkpoint")
     cases, data_root = discover_inputs(paths.input)
     reps = load_replicas([str(p) for p in paths.checkpoints], cfg.weights, device)
+    for r in (r for r in reps if r.info.get("stage") == "refine"):   # the mirror of load_refine_replicas' check
+        raise PredictError(f"--checkpoint {r.path} was trained with --stage refine (a stage-2 checkpoint): pass it "
+                           "as --refine-checkpoint, and a --stage locate one here")
     for ckpt in paths.refine_checkpoints:
         cfgmod.require_path(ckpt, "file", "--refine-checkpoint")
     refine = load_refine_replicas(paths.refine_checkpoints, cfg.refine_weights, reps, device)
     records, clinical_source = load_records(paths.clinical, data_root)
     paths.out.mkdir(parents=True, exist_ok=True)
     if parallel.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
+        fsutil.lock_folder(paths.out, "hpc-dfs predict")   # a second predict into --out is refused, not mixed in
         n_stale = sum(fsutil.clean_stale_tmp(d) for d in (paths.out, paths.out / pred_contract.RAW_DIR) if d.is_dir())
         if n_stale:
             log.info("removed %d temporary file(s) left in %s by an interrupted run", n_stale, paths.out)

@@ -103,6 +103,8 @@ def load_label(path: Path, error: type[HpcDfsError] = EvaluationError):
         HpcDfsError: (``error``) the file cannot be read, is not 3-D, or holds non-integer values; names the file.
     """
     import nibabel as nib
+
+    from hpc_dfs.data.checks import GeometryProblem, checked_spacing
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -113,7 +115,11 @@ def load_label(path: Path, error: type[HpcDfsError] = EvaluationError):
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
             raise error(f"{path}: label map holds non-integer values")
-    return data.astype(np.int16, copy=False), img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
+    try:  # the spacing every stage uses (hpc_dfs.data.checks): pixdim, once it agrees with the affine
+        spacing = checked_spacing(data.shape, img.affine, img.header.get_zooms()[:3])
+    except GeometryProblem as e:
+        raise error(f"{path}: {e}") from None
+    return data.astype(np.int16, copy=False), img.affine, spacing
 
 
 def evaluate_files(pred_path: Path, gt_path: Path, cfg: EvaluateConfig | None = None) -> dict[str, Any]:

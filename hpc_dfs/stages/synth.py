@@ -26,7 +26,7 @@ import numpy as np
 from hpc_dfs.config import ConfigError, require_path
 from hpc_dfs.contracts.kits import CLINICAL_NAME, IMAGE_NAME, KITS23_CLINICAL_NAME, LABEL_NAME
 from hpc_dfs.data.progress import add_progress_argument, progress_bar, wants_progress
-from hpc_dfs.data.synth import phantom_case, render_from_labels
+from hpc_dfs.data.synth import check_out_folder, phantom_case, render_from_labels
 from hpc_dfs.log import get_logger
 
 __all__ = ["run_synth", "add_arguments", "main"]
@@ -93,6 +93,7 @@ def run_synth(out: str | Path, cfg, progress: bool = False) -> int:
     log = get_logger("hpc_dfs.synth")
     out = Path(out)
     jobs, records = _label_jobs(cfg, log) if cfg.from_labels else (_phantom_jobs(cfg), {})
+    check_out_folder(out, [c for c, _ in jobs])  # never into another data set
     mine = jobs[rank::world]
     bar = progress_bar(progress and rank == 0, total=len(mine), desc="synth", unit="case")
     made: dict[str, dict] = {}

@@ -66,6 +66,7 @@ from hpc_dfs.config import add_arguments as add_config_arguments, from_args
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.contracts import checkpoint as ckpt
 from hpc_dfs.errors import HpcDfsError
+from hpc_dfs.fsutil import lock_folder, unlock_folder
 from hpc_dfs.log import get_logger
 from hpc_dfs.training.plan import SetupError, checked, engine_for, model_kwargs, prepare
 from hpc_dfs.training.trainer import Trainer
@@ -138,9 +139,18 @@ def train(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool = False) -
         SetupError: a bad setting, shard or checkpoint, on every rank (rank 0 logged it).
     """
     shards_dir, out = Path(shards_dir), Path(out)
+    log = get_logger("hpc_dfs.train")
+    lock = checked(log, "cannot train into --out", lambda: parallel.is_main() and lock_folder(out, "hpc-dfs train"))
+    try:   # --out is held by this run until it ends (CONTRACTS.md, "what a lock means")
+        return _train_stages(cfg, shards_dir, out, resume, log)
+    finally:
+        if lock:
+            unlock_folder(lock)
+
+
+def _train_stages(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool, log) -> int:
     if cfg.stage != "both":
         return _train_stage(cfg, shards_dir, out, resume)
-    log = get_logger("hpc_dfs.train")
     for stage in ("locate", "refine"):
         sub, sub_out = dataclasses.replace(cfg, stage=stage), out / stage
         if resume and _finished(sub_out, sub):

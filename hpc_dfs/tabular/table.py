@@ -71,7 +71,7 @@ def load_data(path: str | Path, target: str = "auto", folds: int = 2) -> Clinica
             _require_csv_column(path, tgt)
         try:
             records = load_kits_records(path)
-            X = preop_frame(records)
+            X = preop_frame(records, target=tgt)
             labels = risk_labels(records, target=tgt)
         except (ClinicalRecordError, ValueError, FileNotFoundError) as e:
             raise ClinicalTableError(f"{path}: {e}") from None

@@ -18,14 +18,14 @@ from hpc_dfs import parallel
 from hpc_dfs.config import ConfigError, to_dict
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.data.reader import ShardError, ShardSet
-from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
+from hpc_dfs.errors import EXIT_ENV, EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
 from hpc_dfs.contracts import checkpoint as ckpt, shards as shards_contract
 
 from hpc_dfs.models import SEGMENTATION_MODELS
 
 __all__ = ["TrainPlan", "SetupError", "SEGMENTATION_MODELS", "checked", "engine_for", "prepare", "model_kwargs",
-           "check_steps", "check_resume_fits"]
+           "check_steps", "check_resume_fits", "resume_changes", "RESUME_MAY_CHANGE"]
 
 
 
@@ -55,12 +55,14 @@ def checked(log, what: str, fn: Callable[[], Any]) -> Any:
     Raises:
         SetupError: on every rank when ``fn`` failed on any; rank 0 logged each distinct message once.
     """
-    result, err = None, None
+    result, err, code = None, None, EXIT_USAGE
     try:
         result = fn()
     except (HpcDfsError, ShardError, FileNotFoundError, ValueError, KeyError) as e:
         err = str(e) or repr(e)
-    errors = parallel.allgather_object(err)
+        code = e.code if isinstance(e, HpcDfsError) and e.code == EXIT_ENV else EXIT_USAGE  # a read-only --out: 4
+    gathered = parallel.allgather_object((err, code))
+    errors = [e for e, _ in gathered]
     if any(errors):
         if parallel.is_main():
             for msg in dict.fromkeys(e for e in errors if e):
@@ -68,7 +70,7 @@ def checked(log, what: str, fn: Callable[[], Any]) -> Any:
                 where = "" if len(ranks) == len(errors) else f" (rank{'s' if len(ranks) > 1 else ''} " \
                                                              f"{', '.join(map(str, ranks))})"
                 log.error("%s: %s%s", what, msg, where)
-        raise SetupError(f"{what} (reported above)")
+        raise SetupError(f"{what} (reported above)", code=max(c for e, c in gathered if e))
     return result
 
 
@@ -133,12 +135,57 @@ def _read_resume_state(cfg: TrainConfig, last: Path, manifest_path: Path, manife
             f"{last} was trained on shards with manifest sha256 {state['manifest_sha256'][:12]}..., but "
             f"{manifest_path} has {manifest_sha[:12]}...: the shards changed since; resume with the same "
             "shards or start a new run")
+    changed = resume_changes(state.get("config"), cfg)
+    if changed:
+        raise ConfigError(f"--resume: {changed[0]}{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''} "
+                          f"differs from the run in {last}; a resumed run keeps its settings (the optimizer state "
+                          "holds them): resume without the change, or start a new run with another --out")
     old_model, new_model = state["model_config"], model_kwargs(cfg, manifest)
     diff = sorted(k for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k))
     if diff:
         raise ckpt.CheckpointError(f"{last} holds a model with different settings ({', '.join(diff)}): "
                                    "resume with the same model settings")
     return state
+
+
+#: settings a resumed run may change: how long and how often, workers, logging, threads, Horovod's transport
+RESUME_MAY_CHANGE = ("schedule.epochs", "schedule.max_steps", "schedule.val_every", "data.num_workers",
+                     "data.val_batch_size", "data.batch_size", "data.global_batch_size", "threads", "log_every",
+                     "tensorboard", "horovod.", "checkpoint.", "amp", "deterministic", "model.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(stored: dict | None, cfg: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from a checkpoint's stored ``config`` and may not change on resume.
+
+    A resumed run restores the optimizer's and scheduler's state, which hold the learning rate, the optimizer's
+    kind and its buffers: a changed ``optim.lr`` would be logged but not used, and ``--optimizer sgd`` on an Adam
+    run cannot load at all. So those, the loss, the data sampling, augmentation and seed may not change.
+    (``model.*`` is compared by :func:`_read_resume_state` against ``model_config``.)
+
+    Args:
+        stored: the checkpoint's ``config`` (either layout), or None for a checkpoint without one.
+        cfg: this run's settings.
+
+    Returns:
+        ``["optim.lr 0.01 (the run's: 0.002)", ...]``; empty when nothing that matters changed.
+    """
+    if not isinstance(stored, dict):
+        return []
+    try:
+        old = _flat(to_dict(TrainConfig.from_stored(stored)))
+    except ConfigError:
+        return []   # a config of a version this one cannot read: the model settings are still checked
+    new = _flat(to_dict(cfg))
+    return [f"{k} {new.get(k)!r} (the run's: {old.get(k)!r})" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not any(k == m or (m.endswith(".") and k.startswith(m))
+                                                    for m in RESUME_MAY_CHANGE)]
 
 
 def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> TrainPlan:
@@ -180,6 +227,7 @@ def model_kwargs(cfg: TrainConfig, manifest: dict) -> dict:
         raise ConfigError(f"model.in_channels = {kw['in_channels']} contradicts data.context = {cfg.context} "
                           "(the 2.5D slices are the channels; leave model.in_channels at 1)")
     kw["in_channels"] = cfg.context
+    _check_slice_fits(cfg, manifest, int(kw.get("depth", 4)))
     n_features = int((manifest.get("clinical") or {}).get("n_features") or 0)
     if kw["n_clinical"] and kw["n_clinical"] != n_features:
         raise ConfigError(f"model.n_clinical = {kw['n_clinical']} but the shards have {n_features} clinical features "
@@ -189,6 +237,19 @@ def model_kwargs(cfg: TrainConfig, manifest: dict) -> dict:
         raise ConfigError("the shards have no clinical features (manifest clinical.n_features = 0); "
                           "use --set model.fusion=image or preprocess with clinical records")
     return kw
+
+
+def _check_slice_fits(cfg: TrainConfig, manifest: dict, depth: int) -> None:
+    """The shards' slices must leave the model's deepest feature map at least 2x2 pixels.
+
+    Raises:
+        ConfigError: names the slice size, ``model.depth`` and what would fit.
+    """
+    pre = manifest["preprocessing"]
+    size = (pre.get("refine") or {}).get("slice_size") if cfg.stage == "refine" else pre.get("slice_size")
+    if size and min(int(v) for v in size) <= 2 ** depth:
+        raise ConfigError(f"the shards' slices are {size[0]}x{size[1]}, but model.depth = {depth} pools them to "
+                          f"1x1: preprocess with --slice-size larger than {2 ** depth} or lower model.depth")
 
 
 def check_steps(steps: int, natural: int, n_slices: int, gb: int) -> None:

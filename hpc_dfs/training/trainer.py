@@ -28,6 +28,7 @@ from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_bala
 from hpc_dfs.log import get_logger
 from hpc_dfs.models.dropout import per_sample_dropout
 from hpc_dfs.contracts import checkpoint as ckpt, run as run_contract
+from hpc_dfs.training import guards
 from hpc_dfs.training.metrics import CaseAccumulator, MetricsLog, clean, epoch_line, score, summarise
 from hpc_dfs.training.optim import build_optimizer, build_scheduler, scaled_lrs, step_scheduler, warmup_factor
 from hpc_dfs.training.plan import TrainPlan, check_resume_fits, check_steps, checked
@@ -81,12 +82,13 @@ class Trainer:
         try:
             for epoch in range(st.epoch, cfg.schedule.epochs):
                 stop = self.train_epoch(epoch, preempt)
-                if stop == "preempted":
-                    break
+                if stop == "preempted" and st.step < (epoch + 1) * self.steps_per_epoch:
+                    break   # mid-epoch; a signal in the last step still finishes the epoch (validation, scheduler)
                 if self._validate_now(epoch, stop):
                     st.metrics = self.validate(epoch)
                 self.end_epoch(epoch)
-                if stop == "max_steps":
+                if stop in ("max_steps", "preempted"):   # (a signal in the last epoch's last step: done)
+                    stop = None if st.epoch >= cfg.schedule.epochs and stop == "preempted" else stop
                     break
             if stop == "preempted":
                 st.epoch = st.step // self.steps_per_epoch
@@ -111,6 +113,7 @@ class Trainer:
         stop = None
         for step_in_epoch in range(done, self.steps_per_epoch):
             out = self.train_step([next(batches) for _ in range(self.k)])
+            guards.check_loss(out["loss"], self.state.step, epoch)
             stats.loss_sum += out["loss"]
             stats.n_steps += 1
             self._log_step(bar, epoch, step_in_epoch, out)
@@ -203,7 +206,7 @@ class Trainer:
         self.model.train()
         metrics = summarise(gathered)
         metrics["val_loss"] = float(np.mean([r["loss"] for r in gathered])) if gathered else float("nan")
-        return metrics
+        return guards.check_metrics(metrics, epoch)   # a non-finite validation loss stops the run
 
     def save_checkpoint(self, state: TrainState, tag_epoch: bool) -> None:
         """Every rank's RNG state to rank 0, which writes ``last.pt`` (and ``epoch_XXXX.pt`` when ``tag_epoch``)."""
@@ -260,8 +263,8 @@ class Trainer:
             opt.synchronize()
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        if clip > 0:                         # on the averaged gradients: the same on every rank
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # on the averaged gradients (the same on every rank); fp16: the scaler skips a non-finite step by design
+        guards.clip_and_check(self.model.parameters(), clip, self.state.step + 1, check=self.scaler is None)
         with opt.skip_synchronize():
             if self.scaler is not None:
                 self.scaler.step(opt)

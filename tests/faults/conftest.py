@@ -90,8 +90,14 @@ def world(tmp_path_factory) -> World:
 def _figure() -> dict:
     t = H.TALLY
     bad, kills, full, corr = t["bad_input"], t["kill"], t["disk_full"], t["corruption"]
+    verdicts = [_verdict(r) for r in bad]
     return {
         "bad_inputs": len(bad), "bad_inputs_clear": sum(r["clear"] for r in bad),
+        **{f"bad_inputs_{v}": verdicts.count(v) for v in VERDICTS},
+        "by_class": {str(c): {v: sum(1 for r, w in zip(bad, verdicts) if r.get("issue_class") == c and w == v)
+                              for v in VERDICTS}
+                     for c in sorted({r["issue_class"] for r in bad if "issue_class" in r})},
+        "not_clear": {v: [r["kind"] for r, w in zip(bad, verdicts) if w == v] for v in VERDICTS[2:]},
         "kills": sum(r["killed"] for r in kills), "kill_trials": len(kills),
         "corrupt_but_valid": sum(r["corrupt_but_valid"] for r in kills),
         "lost": sum(r["lost"] for r in kills),
@@ -105,8 +111,20 @@ def _figure() -> dict:
     }
 
 
+#: a bad input's verdict (tests/faults/test_classes.py): one clear error (or a valid input handled as such), or not
+VERDICTS = ("clear", "valid", "confusing", "silent", "lost")
+
+
+def _verdict(r: dict) -> str:
+    """A record's verdict; the kinds of test_bad_inputs.py are clear, or silent (exit 0), or else confusing."""
+    if "verdict" in r:
+        return r["verdict"]
+    return "clear" if r["clear"] else ("silent" if r.get("rc") == 0 else "confusing")
+
+
 def figure_line(f: dict) -> str:
-    return (f"faults: {f['bad_inputs']} bad inputs, {f['bad_inputs_clear']} clear; {f['kills']} kills, "
+    verdicts = ", ".join(f"{f.get('bad_inputs_' + v, 0)} {v}" for v in VERDICTS)
+    return (f"faults: {f['bad_inputs']} bad inputs, {verdicts}; {f['kills']} kills, "
             f"{f['corrupt_but_valid']} corrupt-but-valid, {f['lost']} lost; {f['disk_full']} disk-full, "
             f"{f['disk_full_clean']} clean; {f['corruptions']} corruptions, {f['corruptions_named']} named")
 
@@ -122,6 +140,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for what in ("unclear", "disk_full_problems", "corruptions_unnamed"):
         if f[what]:
             terminalreporter.write_line(f"  {what}: {', '.join(f[what])}")
+    for v, kinds in f["not_clear"].items():
+        if kinds:
+            terminalreporter.write_line(f"  {v}: {', '.join(kinds)}")
     for r in f["kill_problems"]:
         terminalreporter.write_line(f"  kill trial {r['trial']} (seed {r['seed']}): {r.get('why', '')}")
     kids, me = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
