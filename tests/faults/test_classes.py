@@ -1,4 +1,4 @@
-"""The six classes of failure of issue 21, each with trials of its own, through the real CLI on the battery's tiny
+"""Six classes of failure, each with trials of its own, through the real CLI on the battery's tiny
 data set: (1) non-finite or absurd intensities and settings, (2) degenerate or contradictory geometry, (3) layout
 and records that are almost right, (4) writers and their outputs, (5) signals and resume, (6) settings that
 cannot work.

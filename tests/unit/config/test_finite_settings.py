@@ -1,4 +1,4 @@
-"""Every float setting refuses NaN and inf; settings that cannot work are refused (issue 21, classes 1, 6)."""
+"""Every float setting refuses NaN and inf; settings that cannot work are refused."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Case ids are ASCII; near misses are named; disagreeing or mistyped records are errors (issue 21, class 3)."""
+"""Case ids are ASCII; near misses are named; disagreeing or mistyped records are errors."""
 from __future__ import annotations
 
 import pytest

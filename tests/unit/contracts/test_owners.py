@@ -1,4 +1,4 @@
-"""Who owns which file, the run lock, and places that cannot be written (issue 21, class 4)."""
+"""Who owns which file, the run lock, and places that cannot be written."""
 from __future__ import annotations
 
 import json

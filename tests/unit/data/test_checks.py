@@ -1,4 +1,4 @@
-"""hpc_dfs.data.checks: one spacing for every stage, and intensities that cannot be CT (issue 21, classes 1, 2)."""
+"""hpc_dfs.data.checks: one spacing for every stage, and intensities that cannot be CT."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Non-finite numbers stop training and are refused in checkpoints; --resume keeps its settings (issue 21)."""
+"""Non-finite numbers stop training and are refused in checkpoints; --resume keeps its settings."""
 from __future__ import annotations
 
 import pytest
