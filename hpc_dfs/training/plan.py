@@ -148,10 +148,11 @@ def _read_resume_state(cfg: TrainConfig, last: Path, manifest_path: Path, manife
     return state
 
 
-#: settings a resumed run may change: how long and how often, workers, logging, threads, Horovod's transport
+#: settings a resumed run may change: how long and how often, workers, logging, threads, the gradient engine
+#: (Horovod or torch.distributed: the same arithmetic, so a checkpoint resumes under either) and its transport
 RESUME_MAY_CHANGE = ("schedule.epochs", "schedule.max_steps", "schedule.val_every", "data.num_workers",
                      "data.val_batch_size", "data.batch_size", "data.global_batch_size", "threads", "log_every",
-                     "tensorboard", "horovod.", "checkpoint.", "amp", "deterministic", "model.")
+                     "tensorboard", "engine", "horovod.", "checkpoint.", "amp", "deterministic", "model.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -44,3 +44,6 @@ def test_resume_refuses_settings_the_optimizer_state_would_override():
     changed = resume_changes(stored, load(TrainConfig, overrides=["optim.lr=0.01", "optim.optimizer='sgd'"]))
     assert [c.split()[0] for c in changed] == ["optim.lr", "optim.optimizer"]
     assert resume_changes(None, load(TrainConfig)) == []
+    # the engine may change: Horovod and torch.distributed do the same arithmetic (a checkpoint resumes under either)
+    horovod = to_dict(load(TrainConfig, overrides=["optim.lr=0.002", "engine='horovod'"]))
+    assert resume_changes(horovod, load(TrainConfig, overrides=["optim.lr=0.002", "engine='torch'"])) == []
