@@ -255,9 +255,33 @@ def kill_tree(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    # a rank that mpirun started just after the snapshot above is orphaned by the kill, not killed by it: the job was
+    # started in a session of its own (start_new_session), so every process left in that session is part of it
     t_end = time.monotonic() + 10
-    while any(Path(f"/proc/{p}").exists() and _alive(p) for p in tree[1:]) and time.monotonic() < t_end:
+    while time.monotonic() < t_end:
+        rest = [p for p in _session(pid) if _alive(p)] + [p for p in tree[1:] if Path(f"/proc/{p}").exists()
+                                                           and _alive(p)]
+        if not rest:
+            break
+        for p in rest:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         time.sleep(0.01)
+
+
+def _session(sid: int) -> list[int]:
+    """The processes of session ``sid`` (field 6 of /proc/PID/stat)."""
+    out = []
+    for e in os.scandir("/proc"):
+        if e.name.isdigit():
+            try:
+                if int(Path(e.path, "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                    out.append(int(e.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
 
 
 def _alive(pid: int) -> bool:
