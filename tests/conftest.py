@@ -5,12 +5,16 @@ import pytest
 from tests.launch import KITS19, UCI_CKD
 
 
+def missing_shared(msg: str) -> None:
+    """Data from ../shared is absent: skip on a developer's machine, fail under CI (which must provide it)."""
+    if os.environ.get("CI"):
+        pytest.fail(msg + ": CI must provide ../shared")
+    pytest.skip(msg)
+
+
 def _need(path, what):
     if not path.exists():
-        msg = f"{what} ({path}) is not beside this checkout"
-        if os.environ.get("CI"):
-            pytest.fail(msg + ": CI must provide ../shared")
-        pytest.skip(msg)
+        missing_shared(f"{what} ({path}) is not beside this checkout")
     return path
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from hpc_dfs.data.synth import render_from_labels
 from hpc_dfs.data.synth_looks import MIN_CONTRAST, RandomLook
+from tests.conftest import missing_shared
 
 LABEL = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "kits23" / "labels" / "case_00402" / \
     "segmentation.nii.gz"
@@ -23,7 +24,7 @@ def cropped_label(tmp_path_factory) -> Path:
     import nibabel as nib
 
     if not LABEL.is_file():
-        pytest.skip(f"real KiTS23 labels not available ({LABEL} is absent; see ../shared/data/kits23/SOURCE.md)")
+        missing_shared(f"real KiTS23 labels not available ({LABEL} is absent; see ../shared/data/kits23/SOURCE.md)")
     img = nib.load(str(LABEL))
     lab = np.asarray(img.dataobj)
     assert (lab == 3).sum() > 1000  # the case has cysts
@@ -85,7 +86,7 @@ def test_kits23_layout_is_recognised_by_preprocess(cropped_label, tmp_path):
 
     kits23_json = LABEL.parents[2] / "kits23.json"
     if not kits23_json.is_file():
-        pytest.skip(f"{kits23_json} is absent")
+        missing_shared(f"{kits23_json} is absent")
     data = tmp_path / "data"
     cfg = SynthConfig(cases="case_00402", seed=0, from_labels=str(cropped_label.parents[1]), kits_json=str(kits23_json))
     assert run_synth(data, cfg) == 0

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from hpc_dfs.metrics import kits23
+from tests.conftest import missing_shared
 
 LABELS_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "kits23" / "labels"
 #: two cases with cysts (5 mm slices) and one without (2 mm slices)
@@ -87,7 +88,7 @@ def _load_cropped(case_id: str) -> tuple[np.ndarray, tuple]:
 
     path = LABELS_DIR / case_id / "segmentation.nii.gz"
     if not path.is_file():
-        pytest.skip(f"real KiTS23 labels not available ({path} is absent; see ../shared/data/kits23/SOURCE.md)")
+        missing_shared(f"real KiTS23 labels not available ({path} is absent; see ../shared/data/kits23/SOURCE.md)")
     img = nib.load(str(path))
     lab = np.asarray(img.dataobj).astype(np.int16)
     zz, yy, xx = np.nonzero(lab >= 2)  # a box around the masses, with some kidney around them

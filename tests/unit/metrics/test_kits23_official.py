@@ -26,6 +26,7 @@ import pytest
 
 from hpc_dfs.metrics import kits23
 from tests.unit.metrics.test_kits23 import LABELS_DIR, _perturbations
+from tests.conftest import missing_shared
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,7 @@ def _write_cases(root: Path) -> list[tuple[Path, Path, str]]:
 
     cases = sorted(LABELS_DIR.glob("case_*/segmentation.nii.gz"))[:N_CASES]
     if len(cases) < N_CASES:
-        pytest.skip(f"real KiTS23 labels not available in {LABELS_DIR} (see ../shared/data/kits23/SOURCE.md)")
+        missing_shared(f"real KiTS23 labels not available in {LABELS_DIR} (see ../shared/data/kits23/SOURCE.md)")
     work = []
     for i, path in enumerate(cases):
         img = nib.load(str(path))

@@ -23,6 +23,7 @@ from hpc_dfs.data.nnunet import NnunetExportError, plan_export, write_export
 from hpc_dfs.stages.export_nnunet import run as export
 from hpc_dfs.stages.preprocess import run_preprocess
 from hpc_dfs.stages.synth import run_synth
+from tests.conftest import missing_shared
 
 REPO = Path(__file__).resolve().parents[3]
 KITS23_LABELS = REPO / ".." / "shared" / "data" / "kits23" / "labels"
@@ -44,7 +45,7 @@ def kits23_like(root: Path, cases=("case_00402", "case_00403")) -> Path:
     for cid in cases:
         src = KITS23_LABELS / cid / "segmentation.nii.gz"
         if not src.is_file():
-            pytest.skip(f"real KiTS23 labels not available ({src} is absent; see ../shared/data/kits23/SOURCE.md)")
+            missing_shared(f"real KiTS23 labels not available ({src} is absent; see ../shared/data/kits23/SOURCE.md)")
         img = nib.load(str(src))
         lab = np.asarray(img.dataobj)
         zc = np.flatnonzero((lab == 3).any(axis=(1, 2)))
