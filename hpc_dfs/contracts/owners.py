@@ -25,7 +25,7 @@ def owners() -> dict[str, tuple[str, ...]]:
         "synth": (kits.IMAGE_NAME, *kits.LABEL_FILES, kits.CLINICAL_NAME, kits.KITS23_CLINICAL_NAME),
         "preprocess": (shards.MANIFEST_NAME, shards.CLINICAL_PIPELINE_NAME, shards.shard_name("*")),
         "train": ("*" + Path(checkpoint.LAST_NAME).suffix, run.METRICS_NAME, run.RUN_INFO_NAME, run.CONFIG_NAME,
-                  run.CURVES_NAME, LOCK_NAME),
+                  run.CURVES_NAME, run.CV_NAME, run.FOLD_INFO_NAME, LOCK_NAME),
         "predict": (prediction.SUMMARY_NAME, prediction.RISK_NAME, *(p.name for p in per_case.values())),
         "evaluate": (evaluation.EVAL_NAME,),
     }

@@ -8,6 +8,15 @@
     RUN/checkpoints/      :mod:`hpc_dfs.contracts.checkpoint`
     RUN/locate/, RUN/refine/  the two stages of ``train --stage both``, each laid out as above (:func:`stage_dirs`)
 
+Cross-validation (``train --folds all|K,K``): fold K is a run of its own in ``RUN/fold_K/`` (:func:`fold_dir`), laid
+out as above (with ``--stage both``: ``RUN/fold_K/locate/``, ``RUN/fold_K/refine/``), plus
+
+    RUN/fold_K/fold.json  FOLD_INFO_NAME: :class:`FoldInfo` (the fold, its validation cases, finished or not)
+    RUN/cv.json           CV_NAME: :class:`CvSummary` (every fold's runs and best validation metrics, and their mean),
+                          rebuilt from the fold folders by :func:`cv_summary` whenever a fold finishes
+
+Readers take the folds from the fold folders (:func:`fold_checkpoints`), never from ``cv.json`` alone.
+
 The best epoch is recorded in ``last.pt``'s ``metrics.best_epoch`` (:func:`best_epoch`); the epochs trained are the
 complete epochs of ``metrics.jsonl`` (:func:`epochs_trained`).
 """
@@ -23,7 +32,11 @@ from hpc_dfs.fsutil import write_json, write_text
 
 __all__ = ["METRICS_NAME", "RUN_INFO_NAME", "CONFIG_NAME", "CURVES_NAME", "STAGES", "RunFolderError", "MetricsRow",
            "RunInfo", "metrics_path", "read_metrics", "write_run_info", "read_run_info", "write_config_toml",
-           "stage_dirs", "epochs_trained", "best_epoch", "git_commit", "package_version"]
+           "stage_dirs", "epochs_trained", "best_epoch", "git_commit", "package_version",
+           # cross-validation
+           "CV_NAME", "FOLD_INFO_NAME", "FOLD_PREFIX", "FoldInfo", "CvFold", "CvSummary", "FoldCheckpoints", "fold_dir",
+           "fold_dirs", "fold_stage_dirs", "is_cv_run", "write_fold_info", "read_fold_info", "cv_summary",
+           "write_cv_summary", "read_cv_summary", "fold_checkpoints"]
 
 METRICS_NAME = "metrics.jsonl"
 RUN_INFO_NAME = "run.json"
@@ -31,6 +44,10 @@ CONFIG_NAME = "config.toml"
 CURVES_NAME = "curves.png"
 #: the sub-folders of a ``train --stage both`` run, in the order they are trained
 STAGES = ("locate", "refine")
+CV_NAME = "cv.json"
+FOLD_INFO_NAME = "fold.json"
+#: fold K of a cross-validation run trains into RUN/fold_K
+FOLD_PREFIX = "fold_"
 
 
 class RunFolderError(HpcDfsError):
@@ -215,3 +232,261 @@ def package_version(name: str) -> Optional[str]:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+# ----------------------------------------------------------------------------- cross-validation (train --folds)
+
+
+class FoldInfo(TypedDict):
+    """``RUN/fold_K/fold.json``: one fold of a cross-validation run, written by rank 0 when the fold starts and again
+    (``finished`` true) when every stage of it has trained its epochs."""
+
+    fold: int
+    n_folds: int
+    stage: str                 # locate, refine or both (then RUN/fold_K/locate and RUN/fold_K/refine)
+    val_cases: list[str]       # the manifest's cases of this fold: validated on here, predicted by it in --oof
+    n_train_cases: int
+    manifest_sha256: str
+    shards: str
+    epochs: int                # asked for
+    finished: bool
+
+
+class CvFold(TypedDict):
+    """One fold of ``cv.json``: its folder (relative to RUN) and, per stage, epochs, best epoch and best metrics."""
+
+    fold: int
+    run: str
+    finished: bool
+    n_val_cases: int
+    stages: dict[str, dict]    # {stage: {run, epochs, best_epoch, best: {metric: value}}}
+
+
+class CvSummary(TypedDict):
+    """``RUN/cv.json``: the folds of a cross-validation run and, per stage, the mean of the folds' best metrics."""
+
+    schema_version: int
+    n_folds: int
+    stage: str
+    folds: list[CvFold]
+    missing_folds: list[int]   # folds of the manifest without a finished fold folder
+    mean: dict[str, dict]      # {stage: {metric: mean over the finished folds}}
+
+
+class FoldCheckpoints(TypedDict):
+    """What an ensemble or an out-of-fold prediction takes of one finished fold: its best checkpoints."""
+
+    fold: int
+    locate: Optional[Path]     # stage 1 (None for a fold trained with --stage refine alone)
+    refine: Optional[Path]     # the cascade's stage 2 (None for a fold trained with --stage locate)
+    val_cases: list[str]
+
+
+def fold_dir(run: str | Path, fold: int) -> Path:
+    """``RUN/fold_K``: where ``train --folds`` trains fold ``K``.
+
+    Args:
+        run: the folder given to ``train --out``.
+        fold: the manifest fold held out.
+    """
+    return Path(run) / f"{FOLD_PREFIX}{int(fold)}"
+
+
+def fold_dirs(run: str | Path) -> dict[int, Path]:
+    """The ``RUN/fold_K`` folders present, by K (empty for a run of one fold).
+
+    Args:
+        run: the folder given to ``train --out``.
+    """
+    out = {}
+    root = Path(run)
+    if root.is_dir():
+        for d in root.iterdir():
+            k = d.name[len(FOLD_PREFIX):]
+            if d.name.startswith(FOLD_PREFIX) and k.isdigit() and d.is_dir():
+                out[int(k)] = d
+    return dict(sorted(out.items()))
+
+
+def is_cv_run(run: str | Path) -> bool:
+    """Whether ``run`` is a cross-validation run (it holds ``fold_K/`` folders).
+
+    Args:
+        run: a folder.
+    """
+    return bool(fold_dirs(run))
+
+
+def fold_stage_dirs(fold_run: str | Path, stage: str) -> dict[str, Path]:
+    """The run folder of each stage a fold trains: ``{stage: RUN/fold_K}``, or :func:`stage_dirs` for ``both``.
+
+    Args:
+        fold_run: ``RUN/fold_K``.
+        stage: locate, refine or both.
+    """
+    return stage_dirs(fold_run) if stage == "both" else {stage: Path(fold_run)}
+
+
+def write_fold_info(fold_run: str | Path, info: FoldInfo) -> Path:
+    """Write ``RUN/fold_K/fold.json`` atomically; returns its path.
+
+    Args:
+        fold_run: ``RUN/fold_K``.
+        info: the fold.
+
+    Raises:
+        hpc_dfs.fsutil.DiskWriteError: the file cannot be written.
+    """
+    path = Path(fold_run) / FOLD_INFO_NAME
+    write_json(path, info)
+    return path
+
+
+def read_fold_info(fold_run: str | Path) -> Optional[FoldInfo]:
+    """``RUN/fold_K/fold.json``, or None when the fold folder has none (not started by ``train --folds``).
+
+    Args:
+        fold_run: ``RUN/fold_K``.
+
+    Raises:
+        RunFolderError: the file is there but is not a JSON object with ``fold``, ``n_folds`` and ``val_cases``.
+    """
+    path = Path(fold_run) / FOLD_INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(info, dict) or any(k not in info for k in ("fold", "n_folds", "val_cases")):
+        raise RunFolderError(f"{path} is not a fold record of `hpc-dfs train --folds` (fold, n_folds, val_cases)")
+    return info
+
+
+def _stage_record(run: Path, stage_run: Path) -> dict:
+    """Epochs trained, best epoch and the best epoch's validation metrics of one stage's run folder."""
+    from hpc_dfs.contracts import checkpoint
+    rec: dict = {"run": stage_run.relative_to(run).as_posix(), "epochs": None, "best_epoch": None, "best": {}}
+    last, best = checkpoint.last_path(stage_run), checkpoint.best_path(stage_run)
+    if last.is_file():
+        meta = checkpoint.read_meta(last)
+        rec["epochs"] = meta.get("epoch")
+        rec["best_epoch"] = (meta.get("metrics") or {}).get("best_epoch")
+    if best.is_file():
+        metrics = checkpoint.read_meta(best).get("metrics") or {}
+        rec["best"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k not in ("best_epoch",)}
+    return rec
+
+
+def cv_summary(run: str | Path) -> CvSummary:
+    """The ``cv.json`` of a cross-validation run, built from its fold folders (``fold.json`` and checkpoints).
+
+    Args:
+        run: the folder given to ``train --out``.
+
+    Raises:
+        RunFolderError: a ``fold.json`` cannot be read, or the folds disagree on the number of folds.
+        hpc_dfs.contracts.checkpoint.CheckpointError: a fold's checkpoint cannot be read (named).
+    """
+    run = Path(run)
+    folds, n_folds, stage = [], set(), None
+    for k, d in fold_dirs(run).items():
+        info = read_fold_info(d)
+        if info is None:
+            continue
+        n_folds.add(int(info["n_folds"]))
+        stage = info.get("stage", "locate")
+        stages = {s: _stage_record(run, sd) for s, sd in fold_stage_dirs(d, stage).items()}
+        folds.append({"fold": k, "run": d.name, "finished": bool(info.get("finished")),
+                      "n_val_cases": len(info["val_cases"]), "stages": stages})
+    if len(n_folds) > 1:
+        raise RunFolderError(f"the folds of {run} were trained on shards with different numbers of folds "
+                             f"({sorted(n_folds)}): one cross-validation run holds the folds of one manifest")
+    n = n_folds.pop() if n_folds else 0
+    done = [f for f in folds if f["finished"]]
+    mean: dict[str, dict] = {}
+    for f in done:
+        for s, rec in f["stages"].items():
+            for m, v in rec["best"].items():
+                mean.setdefault(s, {}).setdefault(m, []).append(float(v))
+    mean = {s: {m: sum(v) / len(v) for m, v in ms.items() if len(v) == len(done)} for s, ms in mean.items()}
+    return {"schema_version": 1, "n_folds": n, "stage": stage or "locate", "folds": folds,
+            "missing_folds": sorted(set(range(n)) - {f["fold"] for f in done}), "mean": mean}
+
+
+def write_cv_summary(run: str | Path, summary: CvSummary) -> Path:
+    """Write ``RUN/cv.json`` atomically; returns its path.
+
+    Args:
+        run: the folder given to ``train --out``.
+        summary: :func:`cv_summary` of it.
+
+    Raises:
+        hpc_dfs.fsutil.DiskWriteError: the file cannot be written.
+    """
+    path = Path(run) / CV_NAME
+    write_json(path, summary)
+    return path
+
+
+def read_cv_summary(run: str | Path) -> Optional[CvSummary]:
+    """``RUN/cv.json``, or None when ``run`` has none (not a cross-validation run).
+
+    Args:
+        run: the folder given to ``train --out``.
+
+    Raises:
+        RunFolderError: the file is there but is not JSON.
+    """
+    path = Path(run) / CV_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path} cannot be read as JSON: {e}") from None
+
+
+def fold_checkpoints(run: str | Path) -> list[FoldCheckpoints]:
+    """Every fold's best checkpoints (both stages' for a cascade), once every fold of the manifest has finished.
+
+    Args:
+        run: a cross-validation run (``train --folds``: ``RUN/fold_K/``).
+
+    Raises:
+        RunFolderError: ``run`` holds no fold folder, or (one error naming them all) folds are missing, unfinished,
+            lack their ``best.pt`` or disagree on the number of folds.
+    """
+    from hpc_dfs.contracts import checkpoint
+    run = Path(run)
+    dirs = fold_dirs(run)
+    if not dirs:
+        raise RunFolderError(f"{run} holds no {FOLD_PREFIX}K/ folders: not a cross-validation run "
+                             "(`hpc-dfs train --folds all`)")
+    out, problems, n_folds = [], [], set()
+    for k, d in dirs.items():
+        info = read_fold_info(d)
+        if info is None:
+            problems.append(f"{d.name} has no {FOLD_INFO_NAME} (not started by `hpc-dfs train --folds`)")
+            continue
+        n_folds.add(int(info["n_folds"]))
+        stages = fold_stage_dirs(d, info.get("stage", "locate"))
+        best = {s: checkpoint.best_path(sd) for s, sd in stages.items()}
+        lacking = [str(p.relative_to(run)) for p in best.values() if not p.is_file()]
+        if not info.get("finished") or lacking:
+            problems.append(f"{d.name} is not finished ({'no ' + ', '.join(lacking) if lacking else 'still training'}"
+                            f"; resume it: `hpc-dfs train --folds {k} --resume`)")
+            continue
+        out.append({"fold": k, "locate": best.get("locate"), "refine": best.get("refine"),
+                    "val_cases": list(info["val_cases"])})
+    if len(n_folds) > 1:
+        problems.append(f"the folds disagree on the number of folds ({sorted(n_folds)})")
+    elif n_folds:
+        missing = sorted(set(range(n_folds.pop())) - set(dirs))
+        if missing:
+            problems.append(f"fold(s) {', '.join(map(str, missing))} missing (train them: `hpc-dfs train --folds "
+                            f"{','.join(map(str, missing))}`)")
+    if problems:
+        raise RunFolderError(f"cross-validation run {run}: {'; '.join(problems)}")
+    return out

@@ -20,7 +20,7 @@ CONTRACT_NAMES = {
     "kits": ("imaging.nii.gz", "segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz", "kits.json", "kits23.json"),
     "shards": ("manifest.json", "clinical_pipeline.json"),
     "checkpoint": ("last.pt", "best.pt"),
-    "run": ("metrics.jsonl", "run.json", "config.toml", "curves.png"),
+    "run": ("metrics.jsonl", "run.json", "config.toml", "curves.png", "cv.json", "fold.json"),
     "prediction": ("summary.json", "risk.csv"),
     "evaluation": ("eval.json",),
 }
