@@ -8,9 +8,10 @@ from typing import Any
 from hpc_dfs import config as cfgmod, fsutil, parallel
 from hpc_dfs.config.predict import PredictConfig
 from hpc_dfs.contracts import prediction as pred_contract
-from hpc_dfs.errors import HpcDfsError
+from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.inference.cases import CaseInput, discover_inputs, load_records
 from hpc_dfs.inference.errors import PredictError
+from hpc_dfs.inference.folds import OofModels, expand_cv_runs, load_oof, oof_cases
 from hpc_dfs.inference.replicas import Replica, load_refine_replicas, load_replicas
 from hpc_dfs.log import get_logger
 
@@ -28,6 +29,7 @@ class PredictPaths:
     out: Path
     clinical: Path | None = None
     refine_checkpoints: list[Path] = field(default_factory=list)
+    oof: Path | None = None       # --oof: a cross-validation run, each fold predicting its own validation cases
 
 
 @dataclass
@@ -40,6 +42,14 @@ class Setup:
     records: dict[str, dict]
     clinical_source: Path | None
     refine: list[Replica] = field(default_factory=list)
+    oof: OofModels | None = None
+
+    def models_for(self, case_id: str) -> tuple[list[Replica], list[Replica], int | None]:
+        """The replicas that predict ``case_id`` (its fold's under ``--oof``), and that fold (else None)."""
+        if self.oof is None:
+            return self.reps, self.refine, None
+        fold = self.oof.case_fold[case_id]
+        return (*self.oof.by_fold[fold], fold)
 
 
 def _device(choice: str):
@@ -56,6 +66,15 @@ def _device(choice: str):
 def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
     """Check the paths, load the checkpoints and records, create ``--out`` (raises HpcDfsError)."""
     device = _device(cfg.device)
+    if paths.oof is not None:
+        return _setup_oof(cfg, paths, device)
+    paths.checkpoints, paths.refine_checkpoints = expand_cv_runs(paths.checkpoints, paths.refine_checkpoints,
+                                                                 parallel.rank() == 0)
+    for given, n, flag in ((cfg.weights, len(paths.checkpoints), "checkpoint"),
+                           (cfg.refine_weights, len(paths.refine_checkpoints), "refine-checkpoint")):
+        if given and len(given) != n:
+            raise PredictError(f"got {len(given)} weights for {n} --{flag} (cross-validation runs count one per "
+                               "fold); give one weight per checkpoint or none", code=EXIT_USAGE)
     for ckpt in paths.checkpoints:
         cfgmod.require_path(ckpt, "file", "--checkpoint")
     cases, data_root = discover_inputs(paths.input)
@@ -67,13 +86,31 @@ def _setup(cfg: PredictConfig, paths: PredictPaths) -> Setup:
         cfgmod.require_path(ckpt, "file", "--refine-checkpoint")
     refine = load_refine_replicas(paths.refine_checkpoints, cfg.refine_weights, reps, device)
     records, clinical_source = load_records(paths.clinical, data_root)
+    _take_out(paths)
+    return Setup(device, cases, reps, records, clinical_source, refine)
+
+
+def _setup_oof(cfg: PredictConfig, paths: PredictPaths, device) -> Setup:
+    """``--oof RUN``: every fold's model, and the input's cases that are some fold's validation cases."""
+    cfgmod.require_path(paths.oof, "dir", "--oof")
+    oof = load_oof(paths.oof, device)
+    cases, data_root = discover_inputs(paths.input)
+    cases = oof_cases(cases, oof, parallel.rank() == 0)
+    records, clinical_source = load_records(paths.clinical, data_root)
+    _take_out(paths)
+    reps = [r for fold_reps, _ in oof.by_fold.values() for r in fold_reps]
+    refine = [r for _, fold_refine in oof.by_fold.values() for r in fold_refine]
+    return Setup(device, cases, reps, records, clinical_source, refine, oof=oof)
+
+
+def _take_out(paths: PredictPaths) -> None:
+    """Create ``--out``; rank 0 locks it and removes the temporary files of an interrupted run."""
     paths.out.mkdir(parents=True, exist_ok=True)
     if parallel.rank() == 0:  # before any rank writes: the ranks agree on the setup (a collective) right after this
         fsutil.lock_folder(paths.out, "hpc-dfs predict")   # a second predict into --out is refused, not mixed in
         n_stale = sum(fsutil.clean_stale_tmp(d) for d in (paths.out, paths.out / pred_contract.RAW_DIR) if d.is_dir())
         if n_stale:
             log.info("removed %d temporary file(s) left in %s by an interrupted run", n_stale, paths.out)
-    return Setup(device, cases, reps, records, clinical_source, refine)
 
 
 def setup_on_every_rank(cfg: PredictConfig, paths: PredictPaths) -> Setup:

@@ -3,6 +3,14 @@
     hpc-dfs predict --checkpoint runs/r1/checkpoints/best.pt --input data/kits --out runs/r1/pred
     mpirun -np 4 hpc-dfs predict --checkpoint f0/best.pt --checkpoint f1/best.pt --weights 0.6,0.4 \\
         --input data/kits --out pred --tta --save-raw
+    hpc-dfs predict --checkpoint runs/cv --input data/test --out pred    # every fold of `train --folds all`
+    hpc-dfs predict --oof runs/cv --input data/kits --out oof             # each case by its own fold's model
+
+``--checkpoint RUN`` with a cross-validation run (``RUN/fold_K/``, ``hpc-dfs train --folds``) takes every fold's
+``best.pt`` as a replica (a cascade's folds bring their stage-2 ``best.pt`` as refine replicas); a missing or
+unfinished fold stops the run with one error. ``--oof RUN`` predicts each fold's validation cases (the manifest's
+assignment, recorded in ``RUN/fold_K/fold.json``) with that fold's model alone, into one folder: the pooled
+out-of-fold set, which ``evaluate`` scores as a whole and per fold (each case's ``fold`` is in ``summary.json``).
 
 ``--input`` is a KiTS case folder (``case_XXXXX/imaging.nii.gz``), a folder of such cases, or one
 ``imaging.nii.gz``. Clinical records come from ``kits.json`` beside the cases or from ``--clinical``.
@@ -87,6 +95,7 @@ def _write_summary(rows: list[dict], setup: Setup, cfg: PredictConfig, paths: Pr
         "classes": reps[0].classes, "preprocessing": reps[0].preprocessing,
         "clinical_source": str(setup.clinical_source) if setup.clinical_source else None,
         "input": str(paths.input), "out": str(paths.out),
+        **({"oof": setup.oof.record()} if setup.oof else {}),
         "config": cfgmod.to_dict(cfg), "n_cases": len(rows), "n_ok": len(rows) - len(failed),
         "n_failed": len(failed), "wall_seconds": round(seconds, 3), "cases": rows,
     }
@@ -113,9 +122,10 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
         if disk_full is not None:
             rows.append({**row, "error": f"not attempted: {disk_full}", "disk_full": True, "rank": parallel.rank()})
             continue
+        reps, refine, fold = setup.models_for(case.case_id)
         try:
-            row = predict_case(case, setup.reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device,
-                               refine=setup.refine)
+            row = predict_case(case, reps, cfg, setup.records, setup.clinical_source, out_dir, setup.device,
+                               refine=refine)
             log.info("[%d/%d] %s done in %.2f s%s", i + 1, len(cases), case.case_id, row["seconds"]["total"],
                      "" if row["risk_prob"] is None else f", risk {row['risk_prob']:.3f}")
         except fsutil.DiskWriteError as e:
@@ -131,6 +141,8 @@ def _predict_all(cases: list[CaseInput], setup: Setup, cfg: PredictConfig, out_d
         if row["status"] != "ok":
             _move_aside_quietly(case, out_dir)
         row["rank"] = parallel.rank()
+        if fold is not None:   # --oof: the fold whose model predicted the case
+            row["fold"] = fold
         rows.append(row)
     return rows
 
@@ -171,7 +183,7 @@ def run(cfg: PredictConfig, paths: PredictPaths) -> int:
     reps = setup.reps
     if rank == 0:
         log.info("%d cases on %d rank(s), %d checkpoint(s) [%s], TTA %s, post-processing %s, %d thread(s)/rank, %s",
-                 len(setup.cases), world, len(reps), ", ".join(f"{r.path.name}:{r.weight:.3g}" for r in reps),
+                 len(setup.cases), world, len(reps), ", ".join(f"{r.path}:{r.weight:.3g}" for r in reps),
                  "on" if cfg.tta else "off", "on" if cfg.postprocess.enabled else "off", threads, setup.device)
         if any(r.needs_clinical for r in reps):
             log.info("clinical records: %s", setup.clinical_source or "none found (all cases run image-only)")
@@ -208,6 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-weights", dest="cfg__refine_weights", default=None, metavar="W1,W2,...",
                         type=lambda s: [float(v) for v in s.split(",") if v.strip()],
                         help="one weight per --refine-checkpoint (default equal)")
+    parser.add_argument("--oof", type=Path, default=None, metavar="RUN",
+                        help="out-of-fold: a cross-validation run (`train --folds`); each fold's validation cases are "
+                             "predicted by that fold's model (instead of --checkpoint)")
     parser.add_argument("--input", type=Path, default=None, metavar="PATH",
                         help="a case folder, a folder of case_XXXXX/ folders, or one imaging.nii.gz")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (created)")
@@ -231,13 +246,18 @@ def main(args: argparse.Namespace) -> int:
     cfg = cfgmod.from_args(PredictConfig, args)
     if not args.input or not args.out:
         raise cfgmod.ConfigError("--input and --out are required")
-    if not args.checkpoints:
-        raise PredictError("give at least one --checkpoint")
-    if cfg.weights and len(cfg.weights) != len(args.checkpoints):
+    if args.oof is not None and (args.checkpoints or args.refine_checkpoints or cfg.weights):
+        raise cfgmod.ConfigError("--oof takes every fold's model from its run: give no --checkpoint, "
+                                 "--refine-checkpoint or --weights with it")
+    if not args.checkpoints and args.oof is None:
+        raise PredictError("give at least one --checkpoint (or --oof RUN)")
+    # a cross-validation run folder counts one checkpoint per fold: its weights are checked once expanded (setup)
+    folders = any(p.is_dir() for p in args.checkpoints + args.refine_checkpoints)
+    if not folders and cfg.weights and len(cfg.weights) != len(args.checkpoints):
         raise cfgmod.ConfigError(f"got {len(cfg.weights)} --weights for {len(args.checkpoints)} --checkpoint; give "
                                  f"one weight per checkpoint or none")
-    if cfg.refine_weights and len(cfg.refine_weights) != len(args.refine_checkpoints):
+    if not folders and cfg.refine_weights and len(cfg.refine_weights) != len(args.refine_checkpoints):
         raise cfgmod.ConfigError(f"got {len(cfg.refine_weights)} --refine-weights for "
                                  f"{len(args.refine_checkpoints)} --refine-checkpoint")
     return run(cfg, PredictPaths(list(args.checkpoints), args.input, args.out, args.clinical,
-                                 list(args.refine_checkpoints)))
+                                 list(args.refine_checkpoints), oof=args.oof))
