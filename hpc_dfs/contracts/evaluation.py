@@ -42,6 +42,7 @@ class Evaluation(TypedDict, total=False):
     intervals: dict[str, Any]
     regions: str            # "kits23" for the official KiTS23 evaluation (absent: KiTS19 regions)
     columns: list[str]      # kits23: the columns of the official evaluation.csv
+    oof: dict[str, Any]     # predict --oof: {run, per_fold: {K: mean}, fold_mean, fold_sd}; cases carry their fold
 
 
 
@@ -158,6 +159,24 @@ def _md_intervals(result: dict) -> list[str]:
     return lines
 
 
+def _md_folds(result: dict) -> list[str]:
+    """Per fold and pooled, for an out-of-fold prediction (``predict --oof``)."""
+    oof = result.get("oof")
+    if not oof:
+        return []
+    keys = ("kidney_dice", "tumor_dice", "kits_score")
+    lines = ["", "## Cross-validation: per fold and pooled", "",
+             f"Each case predicted by the model of its own fold (`{oof.get('run')}`); pooled = every case as one set.",
+             "", "| fold | cases | kidney Dice | tumour Dice | KiTS19 score |", "|---|---|---|---|---|"]
+    for k, m in oof["per_fold"].items():
+        lines.append(f"| {k} | {m['n_cases']} | " + " | ".join(_fmt(m.get(x)) for x in keys) + " |")
+    lines.append("| mean of folds (SD) | | " + " | ".join(
+        f"{_fmt(oof['fold_mean'].get(x))} ({_fmt(oof['fold_sd'].get(x))})" for x in keys) + " |")
+    lines.append(f"| **pooled** | **{result['mean']['n_cases']}** | "
+                 + " | ".join(f"**{_fmt(result['mean'].get(x))}**" for x in keys) + " |")
+    return lines
+
+
 def to_markdown(result: dict) -> str:
     """The evaluation as markdown: metrics, tumour detection, post-processing, errors and definitions."""
     m = result["mean"]
@@ -166,7 +185,7 @@ def to_markdown(result: dict) -> str:
              f"{m['n_cases']} cases evaluated"
              + (f", {len(result['missing_predictions'])} without a prediction" if result.get("missing_predictions")
                 else "") + ".", ""]
-    lines += _md_metrics(result) + _md_intervals(result) + _md_detection(result)
+    lines += _md_metrics(result) + _md_folds(result) + _md_intervals(result) + _md_detection(result)
     pp = result.get("postprocessing")
     if pp:
         lines += ["", "## Effect of post-processing (mean Dice)", "", "| | kidney Dice | tumour Dice | KiTS19 score |",

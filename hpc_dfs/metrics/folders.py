@@ -1,4 +1,5 @@
-"""A prediction folder against a ground-truth folder: pairs by KiTS naming, and the predictions' provenance."""
+"""A prediction folder against a ground-truth folder: pairs by KiTS naming, the predictions' provenance, and the
+folds of an out-of-fold prediction (``predict --oof``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +7,9 @@ from pathlib import Path
 from hpc_dfs.contracts.kits import EVAL_LABEL_FILES, find_label_file
 from hpc_dfs.contracts.prediction import SUMMARY_NAME, case_id_of, read_summary
 from hpc_dfs.errors import EXIT_DATA
-from hpc_dfs.metrics.cases import EvaluationError
+from hpc_dfs.metrics.cases import EvaluationError, summarise
 
-__all__ = ["match_predictions", "check_provenance"]
+__all__ = ["match_predictions", "check_provenance", "fold_figures", "FOLD_KEYS"]
 
 
 def match_predictions(pred_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
@@ -77,3 +78,49 @@ def check_provenance(pred_dir: Path, pairs: list[tuple[str, Path, Path | None]])
         raise EvaluationError(f"{len(bad)} prediction(s) in {pred_dir} are not from the run of {path.name} "
                               f"(provenance: another checkpoint or input): {'; '.join(bad[:4])}; remove them or "
                               "predict again", code=EXIT_DATA)
+
+
+#: the per-fold figures of an out-of-fold evaluation (means over each fold's cases)
+FOLD_KEYS = ("kidney_dice", "tumor_dice", "kits_score", "mean_iou", "kidney_surface_dice", "tumor_surface_dice")
+
+
+def fold_figures(pred_dir: Path, cases: list[dict], missing_rows: list[dict]) -> dict | None:
+    """Per-fold figures of an out-of-fold prediction (``predict --oof``: each summary row names its ``fold``).
+
+    Each case row (and missing-prediction row) gets its ``fold``; the figures are :func:`summarise` over each fold's
+    cases, and the mean and standard deviation of the folds' means (nnU-Net reports the pooled mean, the
+    evaluation's ``mean``, beside them).
+
+    Args:
+        pred_dir: the prediction folder.
+        cases: the evaluated case rows (changed in place: ``fold`` added).
+        missing_rows: rows of ground-truth cases without a prediction (``fold`` added where the summary knows it).
+
+    Returns:
+        ``{run, per_fold: {K: mean}, fold_mean, fold_sd}``, or None when the predictions are not out-of-fold.
+
+    Raises:
+        EvaluationError: ``summary.json`` cannot be read.
+    """
+    try:
+        summary = read_summary(pred_dir)
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"{pred_dir / SUMMARY_NAME}: cannot be read ({e})", code=EXIT_DATA) from None
+    if not summary or "oof" not in summary:
+        return None
+    folds = {r["case_id"]: r["fold"] for r in summary.get("cases", []) if isinstance(r, dict) and "fold" in r}
+    for k, f in summary["oof"].get("folds", {}).items():   # the fold of a validation case that failed or is absent
+        for cid in f.get("cases", []):
+            folds.setdefault(cid, int(k))
+    for c in cases + missing_rows:
+        if c["case_id"] in folds:
+            c["fold"] = folds[c["case_id"]]
+    per_fold = {str(k): summarise([c for c in cases if c.get("fold") == k]) for k in sorted(set(folds.values()))}
+    out = {"run": summary["oof"].get("run"), "per_fold": per_fold, "fold_mean": {}, "fold_sd": {}}
+    for key in FOLD_KEYS:
+        vals = [m[key] for m in per_fold.values() if m.get(key) is not None]
+        if vals:
+            mu = sum(vals) / len(vals)
+            out["fold_mean"][key] = mu
+            out["fold_sd"][key] = (sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return out

@@ -70,6 +70,10 @@ makes a missing prediction an error (exit code 3) instead.
 every prediction must be an ``ok`` case of that run, with the ``descrip`` of its NIfTI header equal to the
 summary's (the checkpoint and input sha256): a stale file of another run is an error naming it (exit code 3).
 
+**Out-of-fold.** A folder written by ``predict --oof`` (each fold's validation cases by its own model) is scored as
+one pooled set (``mean``: nnU-Net's pooled validation), and per fold: ``oof.per_fold``, and the mean and SD of the
+folds' means (``oof.fold_mean``, ``oof.fold_sd``); each case row names its ``fold``.
+
 **Labels.** A prediction may hold only 0 (background), 1 (kidney) and 2 (tumour); any other value is
 an error naming the case (ground truth may also hold KiTS21's 3, cyst, counted as kidney).
 
@@ -97,7 +101,7 @@ from hpc_dfs.errors import EXIT_DATA, EXIT_PARTIAL
 from hpc_dfs.log import get_logger
 from hpc_dfs.metrics.cases import (EvaluationError, evaluate_files, evaluate_missing, mean_of, raw_dice, summarise,
                                    summarise_all)
-from hpc_dfs.metrics.folders import check_provenance, match_predictions
+from hpc_dfs.metrics.folders import check_provenance, fold_figures, match_predictions
 from hpc_dfs.metrics import kits23
 from hpc_dfs.metrics.intervals import case_intervals
 
@@ -204,6 +208,9 @@ def evaluate_dirs(pred_dir: Path, gt_dir: Path, cfg: EvaluateConfig | None = Non
         "mean_all": summarise_all(cases, missing_rows), "errors": errors, "missing_predictions": missing,
         "intervals": case_intervals(cases),
     }
+    oof = fold_figures(pred_dir, cases, missing_rows)   # predict --oof: the pooled set's folds, each case's fold
+    if oof is not None:
+        result["oof"] = oof
     if raw_dir is not None and cases:
         raw = {k: mean_of(c[f"{k}_raw"] for c in cases) for k in ("kidney_dice", "tumor_dice", "kits_score")}
         post = {k: result["mean"][k] for k in ("kidney_dice", "tumor_dice", "kits_score")}
