@@ -24,6 +24,14 @@
 #   --engine E            horovod | torch [horovod]: the gradient engine of every job (HPC_DFS_ENGINE); torch
 #                         needs no Horovod and no MPI (torch.distributed, rendezvous from SLURM's variables)
 #   --epochs E            training epochs [from the config]
+#   --cv K                cross-validation over K folds (preprocess --n-folds K; with --skip-preprocess the
+#                         manifest's n_folds must be K): fold k trains into RUN/fold_k; predict then takes the
+#                         ensemble of the K folds (--checkpoint RUN) and, when the data has ground truth, also
+#                         predicts every case with its own fold's model into RUN/oof and evaluates that pooled
+#                         out-of-fold set per fold (RUN/oof/eval.json)
+#   --cv-mode M           array | sequential [array]: array submits train as a job array (--array=0-(K-1)), one
+#                         task per fold, and predict waits for the whole array (afterok); sequential trains
+#                         every fold in one job (hpc-dfs train --folds all)
 #   --stage S             locate | refine | both [from the config: locate]. both trains the cascade
 #                         (RUN/locate, then RUN/refine) and predicts with both stages
 #   --preprocess-config F / --train-config F / --predict-config F    TOML per stage
@@ -33,7 +41,8 @@
 #   --sbatch-args S       extra sbatch options for all three jobs (e.g. "--mail-type=FAIL")
 #   --skip-preprocess     reuse existing SHARDS     --dry-run   print the sbatch commands only
 #
-# Prints one line per job and, last, "JOBS <preprocess id> <train id> <predict id>".
+# Prints one line per job and, last, "JOBS <preprocess id> <train id> <predict id>" (with --cv-mode array the
+# train id is the array's job id).
 # If a job fails, SLURM cancels its dependants (--kill-on-invalid-dep=yes).
 set -euo pipefail
 
@@ -43,6 +52,7 @@ die() { echo "[pipeline] ERROR: $*" >&2; exit 2; }
 
 KNOWN=" DATA WORK SHARDS RUN PRED INPUT LOG_DIR NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK PARTITION ACCOUNT QOS
  PREPROCESS_NODES PREPROCESS_TASKS_PER_NODE PREPROCESS_PARTITION TIME_PREPROCESS TIME_TRAIN TIME_PREDICT EPOCHS STAGE ENGINE
+ CV CV_MODE
  PREPROCESS_CONFIG TRAIN_CONFIG PREDICT_CONFIG PREPROCESS_ARGS TRAIN_ARGS PREDICT_ARGS EVAL_ARGS VENV CONDA_ENV MODULES
  SBATCH_ARGS "
 set_opt() {  # set_opt --some-option VALUE  ->  SOME_OPTION=VALUE, for known options only
@@ -93,6 +103,24 @@ done
 [ -n "${VENV:-}" ] && VENV=$(abspath "$VENV")
 ENGINE=${ENGINE:-${HPC_DFS_ENGINE:-horovod}}
 case "$ENGINE" in horovod|torch) ;; *) die "--engine must be horovod or torch, got '$ENGINE'" ;; esac
+CV=${CV:-}
+CV_MODE=${CV_MODE:-array}
+unset FOLDS
+if [ -n "$CV" ]; then
+  [[ $CV =~ ^[0-9]+$ ]] && [ "$CV" -ge 2 ] || die "--cv must be a number of folds >= 2, got '$CV'"
+  case "$CV_MODE" in
+    array) FOLDS=array ;;
+    sequential) FOLDS=all ;;
+    *) die "--cv-mode must be array or sequential, got '$CV_MODE'" ;;
+  esac
+  if [ "$SKIP_PREPROCESS" = 1 ]; then
+    have=$(grep -o '"n_folds": *[0-9]*' "$SHARDS/manifest.json" 2>/dev/null | grep -o '[0-9]*$' || true)
+    [ "$have" = "$CV" ] || die "--cv $CV but $SHARDS/manifest.json has n_folds=${have:-?}: preprocess with --cv $CV"
+  else
+    PREPROCESS_ARGS="${PREPROCESS_ARGS:-} --n-folds $CV"
+  fi
+  export FOLDS
+fi
 mkdir -p "$LOG_DIR"
 
 # What the jobs read (sbatch exports the submitting environment by default).
@@ -132,8 +160,15 @@ if [ "$SKIP_PREPROCESS" != 1 ]; then
 else
   [ -f "$SHARDS/manifest.json" ] || die "--skip-preprocess but $SHARDS/manifest.json does not exist"
 fi
-train_id=$(submit train "${compute[@]}" "${dep[@]}" --time="${TIME_TRAIN:-24:00:00}")
-echo "train job $train_id: $SHARDS -> $RUN (after $pre_id)"
+array=()
+[ "${FOLDS:-}" = array ] && array=(--array="0-$((CV - 1))")
+train_id=$(submit train "${compute[@]}" "${dep[@]}" "${array[@]}" --time="${TIME_TRAIN:-24:00:00}")
+if [ -n "$CV" ]; then
+  echo "train job $train_id: $SHARDS -> $RUN/fold_0..$((CV - 1)) ($CV folds, $([ "$FOLDS" = array ] \
+    && echo "array of $CV tasks, one per fold" || echo "one after the other in one job"); after $pre_id)"
+else
+  echo "train job $train_id: $SHARDS -> $RUN (after $pre_id)"
+fi
 pred_id=$(submit predict "${compute[@]}" --dependency="afterok:$train_id" --time="${TIME_PREDICT:-04:00:00}")
 echo "predict job $pred_id: $INPUT -> $PRED (after $train_id)"
 ids=$train_id,$pred_id; [ "$pre_id" = none ] || ids=$pre_id,$ids

@@ -173,3 +173,53 @@ def test_preemption_checkpoint_requeue_resume(slurm, tmp_path, engine):
     assert ckpt["epoch"] == epochs and ckpt["world_size"] == 2 and ckpt["config"]["engine"] == engine
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+
+
+def _array_tasks(slurm, array_id: str) -> dict[int, tuple[str, str]]:
+    """``{task: (JobState, JobId)}`` of a job array, from ``scontrol show job`` (one line per task)."""
+    out = slurm.run("scontrol", "show", "job", "-o", array_id, check=False).stdout
+    tasks = {}
+    for line in out.splitlines():
+        fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        if fields.get("ArrayTaskId", "").isdigit():
+            tasks[int(fields["ArrayTaskId"])] = (fields.get("JobState"), fields.get("JobId"))
+    return tasks
+
+
+def test_pipeline_cross_validation_job_array(slurm, tmp_path):
+    """CV=2: train is a job array, one task per fold (RUN/fold_k); predict waits for the whole array (afterok), then
+    takes the ensemble of the folds and predicts and evaluates the pooled out-of-fold set. The torch engine, one rank
+    per task: the point is the array, not the ranks."""
+    data = _synth(tmp_path)
+    work = tmp_path / "work"
+    env = dict(CPU_JOB, TASKS_PER_NODE="1", DATA=str(data), WORK=str(work), EPOCHS="1", CV="2", ENGINE="torch",
+               PREPROCESS_ARGS="--slice-size 32,32", PREFLIGHT="0",
+               TRAIN_ARGS=TINY_TRAIN + " --batch-size 2 --steps-per-epoch 2", PREDICT_ARGS="--no-overlays",
+               TIME_PREPROCESS="00:15:00", TIME_TRAIN="00:15:00", TIME_PREDICT="00:15:00")
+    res = slurm.run("slurm/pipeline.sh", env=env)
+    jobs = re.search(r"^JOBS (\d+) (\d+) (\d+)$", res.stdout, re.M)
+    assert jobs, res.stdout + res.stderr
+    pre, train, pred = jobs.groups()
+    assert "array of 2 tasks, one per fold" in res.stdout
+    assert slurm.job_field(pred, "Dependency").startswith(f"afterok:{train}"), slurm.job_field(pred, "Dependency")
+    states = slurm.wait([pre, pred], timeout=900, logs=work / "logs")
+    assert states == {pre: "COMPLETED", pred: "COMPLETED"}, slurm.dump_logs(work / "logs")
+    tasks = _array_tasks(slurm, train)
+    assert sorted(tasks) == [0, 1] and all(s == "COMPLETED" for s, _ in tasks.values()), tasks
+
+    run = work / "run"
+    manifest = json.loads((work / "shards" / "manifest.json").read_text())
+    fold_of = {c["case_id"]: c["fold"] for c in manifest["cases"]}
+    assert manifest["n_folds"] == 2
+    for k, (_, job) in tasks.items():   # task k trained fold k, in its own job
+        ckpt = torch.load(run / f"fold_{k}" / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+        assert ckpt["epoch"] == 1 and ckpt["config"]["schedule"]["val_fold"] == k
+        assert f"FOLDS={k}" in (work / "logs" / f"hpcdfs-train-{job}.out").read_text()
+    cv = json.loads((run / "cv.json").read_text())
+    assert cv["missing_folds"] == [] and [f["fold"] for f in cv["folds"]] == [0, 1]   # rebuilt by the last task
+    summary = json.loads((run / "predictions" / "summary.json").read_text())
+    assert [c["path"] for c in summary["checkpoints"]] == [str(run / f"fold_{k}/checkpoints/best.pt") for k in (0, 1)]
+    oof = json.loads((run / "oof" / "summary.json").read_text())
+    assert {c["case_id"]: c["fold"] for c in oof["cases"]} == fold_of
+    ev = json.loads((run / "oof" / "eval.json").read_text())
+    assert ev["mean"]["n_cases"] == N_CASES and sorted(ev["oof"]["per_fold"]) == ["0", "1"]
