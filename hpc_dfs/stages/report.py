@@ -2,6 +2,7 @@
 
     hpc-dfs report runs/r1                                   # -> runs/r1/report.html
     hpc-dfs report runs/cascade                              # a `train --stage both` folder: both stages
+    hpc-dfs report runs/cv --eval runs/cv/oof/eval.json      # a `train --folds` run: per fold and pooled
     hpc-dfs report runs/r1 --pred runs/r1/pred --eval runs/r1/eval.json --clinical clin/ --shards shards/ --out r1.html
 
 It reads only the files the stages wrote (CONTRACTS.md), never their code:
@@ -38,6 +39,10 @@ The page is built by :mod:`hpc_dfs.report`; this module is the command.
 A cascade folder (``train --stage both``: ``RUN/locate`` and ``RUN/refine``, no ``RUN/checkpoints``)
 is reported as one run: stage 2's configuration and facts, each stage's curves and validation metrics
 (stage 1 first), each stage's training warnings, and the cascade's predictions and evaluation.
+
+A cross-validation folder (``train --folds``: ``RUN/fold_K``) gets a cross-validation section: every fold's best
+validation metrics (per stage) with their mean and SD, and the pooled out-of-fold evaluation per fold and pooled
+(``--eval`` when it is one, else ``RUN/oof/eval.json``); the settings, data and curves shown are the first fold's.
 
 Defaults: ``--pred RUN/pred``, ``--eval PRED/../eval.json`` or ``RUN/eval.json``, ``--out RUN/report.html``,
 ``--shards`` the folder the run was trained on. A missing source leaves its section with one line
