@@ -103,14 +103,20 @@ def _write_fold_info(fold_run: Path, cfg: TrainConfig, fold: int, manifest: dict
         "shards": str(Path(shards_dir).resolve()), "epochs": cfg.schedule.epochs, "finished": finished})
 
 
+def _finished_folds(out: Path) -> list[int]:
+    """The folds whose ``fold.json`` says finished (cheap: no checkpoint is read)."""
+    return [k for k, d in run_contract.fold_dirs(out).items() if (run_contract.read_fold_info(d) or {}).get("finished")]
+
+
 def _write_cv_summary(out: Path) -> None:
-    """Rank 0: ``RUN/cv.json`` from the fold folders; rebuilt until it reads the same twice, so that a fold that
-    finished meanwhile (another SLURM array task) is not left out."""
+    """Rank 0: ``RUN/cv.json`` from the fold folders; rebuilt while the finished folds change under it, so that a
+    fold that another SLURM array task finished meanwhile is not left out."""
     summary = None
     for _ in range(3):
+        before = _finished_folds(out)
         summary = run_contract.cv_summary(out)
         run_contract.write_cv_summary(out, summary)
-        if run_contract.cv_summary(out) == summary:
+        if _finished_folds(out) == before:
             break
     done = [f["fold"] for f in summary["folds"] if f["finished"]]
     log.info("cross-validation %s: %d of %d folds finished (%s)%s", out / run_contract.CV_NAME, len(done),
