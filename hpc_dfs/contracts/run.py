@@ -456,7 +456,7 @@ def fold_checkpoints(run: str | Path) -> list[FoldCheckpoints]:
 
     Raises:
         RunFolderError: ``run`` holds no fold folder, or (one error naming them all) folds are missing, unfinished,
-            lack their ``best.pt`` or disagree on the number of folds.
+            lack their ``best.pt``, or disagree on the number of folds or the shards they trained on.
     """
     from hpc_dfs.contracts import checkpoint
     run = Path(run)
@@ -464,13 +464,14 @@ def fold_checkpoints(run: str | Path) -> list[FoldCheckpoints]:
     if not dirs:
         raise RunFolderError(f"{run} holds no {FOLD_PREFIX}K/ folders: not a cross-validation run "
                              "(`hpc-dfs train --folds all`)")
-    out, problems, n_folds = [], [], set()
+    out, problems, n_folds, manifests = [], [], set(), set()
     for k, d in dirs.items():
         info = read_fold_info(d)
         if info is None:
             problems.append(f"{d.name} has no {FOLD_INFO_NAME} (not started by `hpc-dfs train --folds`)")
             continue
         n_folds.add(int(info["n_folds"]))
+        manifests.add(info.get("manifest_sha256"))
         stages = fold_stage_dirs(d, info.get("stage", "locate"))
         best = {s: checkpoint.best_path(sd) for s, sd in stages.items()}
         lacking = [str(p.relative_to(run)) for p in best.values() if not p.is_file()]
@@ -480,6 +481,8 @@ def fold_checkpoints(run: str | Path) -> list[FoldCheckpoints]:
             continue
         out.append({"fold": k, "locate": best.get("locate"), "refine": best.get("refine"),
                     "val_cases": list(info["val_cases"])})
+    if len(manifests) > 1:
+        problems.append("the folds were trained on different shards (their fold.json manifest_sha256 differ)")
     if len(n_folds) > 1:
         problems.append(f"the folds disagree on the number of folds ({sorted(n_folds)})")
     elif n_folds:

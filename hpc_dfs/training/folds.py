@@ -141,6 +141,8 @@ def train_folds(cfg: TrainConfig, shards_dir: Path, out: Path, spec: str, resume
         CheckpointError, RunFolderError, DiskWriteError: a fold's records cannot be read or written (named).
     """
     folds, manifest, sha = checked(log, "bad --folds", lambda: _fold_plan(Path(shards_dir), spec))
+    if parallel.is_main() and cfg.schedule.val_fold:
+        log.warning("schedule.val_fold=%d is not used: --folds holds out each fold in turn", cfg.schedule.val_fold)
     if parallel.is_main():
         log.info("cross-validation: folds %s of %d into %s", ", ".join(map(str, folds)), int(manifest["n_folds"]),
                  ", ".join(str(run_contract.fold_dir(out, k)) for k in folds))

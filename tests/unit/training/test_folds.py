@@ -97,7 +97,7 @@ def test_an_unfinished_fold_is_named(run, tmp_path):
     shutil.copytree(run, copy)
     info_path = run_contract.fold_dir(copy, 2) / run_contract.FOLD_INFO_NAME
     info = json.loads(info_path.read_text())
-    info_path.write_text(json.dumps({**info, "finished": False}))
+    info_path.write_text(json.dumps({**info, "finished": False, "manifest_sha256": "another"}))
     ckpt.best_path(run_contract.fold_dir(copy, 0)).unlink()
     with pytest.raises(run_contract.RunFolderError) as e:
         run_contract.fold_checkpoints(copy)
@@ -105,6 +105,7 @@ def test_an_unfinished_fold_is_named(run, tmp_path):
     assert ("fold_0 is not finished (no fold_0/checkpoints/best.pt; resume it: `hpc-dfs train --folds 0 --resume`)"
             in msg)
     assert "fold_2 is not finished (still training" in msg and "fold(s) 1 missing" in msg
+    assert "the folds were trained on different shards" in msg
 
 
 def test_folds_need_a_manifest_with_several_folds(tmp_path, caplog):
