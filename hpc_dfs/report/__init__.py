@@ -6,6 +6,7 @@
 - :mod:`hpc_dfs.report.charts`            curves, ROC, calibration, case overlays
 - :mod:`hpc_dfs.report.sections_run`      run facts, configuration, data, curves, validation
 - :mod:`hpc_dfs.report.sections_results`  evaluation, overlays, prediction, clinical model
+- :mod:`hpc_dfs.report.sections_cv`       a cross-validation run: per-fold figures, the pooled out-of-fold set
 - :mod:`hpc_dfs.report.html`              the style sheet, cells, tables and the page around the sections
 - :mod:`hpc_dfs.report.page`              :func:`~hpc_dfs.report.page.build_report`: the whole page
 """
