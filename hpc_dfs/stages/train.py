@@ -67,7 +67,7 @@ import torch
 from hpc_dfs import parallel
 from hpc_dfs.config import add_arguments as add_config_arguments, from_args
 from hpc_dfs.config.train import TrainConfig
-from hpc_dfs.contracts import checkpoint as ckpt
+from hpc_dfs.contracts import checkpoint as ckpt, run as run_contract
 from hpc_dfs.errors import HpcDfsError
 from hpc_dfs.fsutil import lock_folder, unlock_folder
 from hpc_dfs.log import get_logger
@@ -120,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.folds is not None:
             return train_folds(cfg, args.shards, args.out, args.folds, args.resume or args.auto_resume, train)
-        resume = args.resume or (args.auto_resume and ckpt.last_path(args.out).is_file())
+        first = run_contract.stage_dirs(args.out)["locate"] if cfg.stage == "both" else args.out   # both: locate
+        resume = args.resume or (args.auto_resume and ckpt.last_path(first).is_file())
         return train(cfg, args.shards, args.out, resume=resume)
     except SetupError as e:   # every rank agreed, and rank 0 logged each problem
         return e.code

@@ -255,15 +255,17 @@ def test_stage_both_trains_two_stages_and_resume_skips_them(run, shards, caplog)
     assert loc["epoch"] == ref["epoch"] == 1 and loc["step"] == ref["step"] == 2
     before = {s: (run / s / "checkpoints" / "last.pt").read_bytes() for s in ("locate", "refine")}
     metrics = {s: (run / s / "metrics.jsonl").read_text() for s in ("locate", "refine")}
-    with caplog.at_level(logging.INFO):
-        assert cli(["train", "--shards", str(shards), "--out", str(run), "--stage", "both", "--epochs", "1",
-                    "--steps-per-epoch", "2", "--resume", *TRAIN]) == 0
-    skipped = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
-    assert len(skipped) == 2 and "stage locate" in skipped[0] and "stage refine" in skipped[1], skipped
-    assert "epoch 1/" not in caplog.text
-    for s in ("locate", "refine"):
-        assert (run / s / "checkpoints" / "last.pt").read_bytes() == before[s], s
-        assert (run / s / "metrics.jsonl").read_text() == metrics[s], s
+    for flag in ("--resume", "--auto-resume"):   # --auto-resume finds RUN/locate's last.pt
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert cli(["train", "--shards", str(shards), "--out", str(run), "--stage", "both", "--epochs", "1",
+                        "--steps-per-epoch", "2", flag, *TRAIN]) == 0
+        skipped = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
+        assert len(skipped) == 2 and "stage locate" in skipped[0] and "stage refine" in skipped[1], skipped
+        assert "epoch 1/" not in caplog.text
+        for s in ("locate", "refine"):
+            assert (run / s / "checkpoints" / "last.pt").read_bytes() == before[s], s
+            assert (run / s / "metrics.jsonl").read_text() == metrics[s], s
 
 
 # ----------------------------------------------------------------------------- cascade predict
