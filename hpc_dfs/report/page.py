@@ -62,9 +62,11 @@ def build_report(run: Path, pred: Path | None = None, eval_path: Path | None = N
         model = ((ctx["last"] or ctx["best"] or {}).get("model_config") or {}).get("name") or "no model"
         title = (f"Kidney-tumour segmentation: {model}, {cv['summary']['n_folds']}-fold cross-validation "
                  f"({run_label(run)}; configuration, data and curves of {folds.name})")
-    stage1 = [] if ctx1 is None else [f"stage 1 (locate): {w}" for w in training_warnings(ctx1)]
+    where = f"{folds.name}, " if folds else ""   # a cross-validation run: the training warnings are the first fold's
+    stage1 = [] if ctx1 is None else [f"{where}stage 1 (locate): {w}" for w in training_warnings(ctx1)]
+    trained = [f"{where.rstrip(', ')}: {w}" if where else w for w in training_warnings(ctx)]
     warnings = (cv_warnings(cv) + detection_warnings(ctx["evaluation"]) + evaluation_warnings(ctx["evaluation"])
-                + stage1 + training_warnings(ctx) + clinical_warnings(ctx["clin_stats"], ctx["clin_positive"]))
+                + stage1 + trained + clinical_warnings(ctx["clin_stats"], ctx["clin_positive"]))
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"<h1>{esc(title)}</h1>",
             f"<p class='note'>Generated {created} by hpc-dfs {__version__} from <code>{esc(run)}</code>.</p>",
