@@ -1,35 +1,48 @@
-"""Segmentation quality on real KiTS19 anatomy: single stage vs cascade, +- domain randomisation, fusion ablation.
+"""Segmentation quality on real KiTS19 anatomy: hpc-dfs beside nnU-Net v2 at equal wall-clock budgets, and the ablation.
 
-    .venv/bin/python bench/bench_quality.py [--quick] [--work DIR] [--eval-data DIR --out OUT]
-    hpc-dfs bench quality                 # the same, through the CLI (``make quality``)
+    hpc-dfs bench quality                        # make quality: both sections, bench/results/quality.json
+    hpc-dfs bench quality --quick                # the smoke run of the tests (4 + 2 cases, one small budget)
+    .venv/bin/python bench/bench_quality.py [--sections curve,ablation] [--base-seconds S] [--budgets 1,3,9]
+                                            [--unseen-budgets 1,3,9] [--eval-data DIR --out OUT] [--table]
 
-CT is rendered by ``hpc-dfs synth --from-labels`` around the real KiTS19 label maps in
-``../shared/data/kits19/labels`` (the CT of KiTS19 cannot be had here), for a fixed list of training cases
-and a disjoint fixed list of validation cases. Every row is trained within the stated CPU budget on 2 ranks
-(``mpirun -np 2``), predicted and scored with ``hpc-dfs evaluate`` (3-D KiTS19 Dice):
+CT is rendered by ``hpc-dfs synth --from-labels`` around real KiTS19 label maps (``../shared/data/kits19``;
+the CT of KiTS19 cannot be had here): 12 fixed training cases and 20 disjoint validation cases, each scored
+by ``hpc-dfs evaluate`` (3-D KiTS19 Dice, tumour detection) with its 95 % bootstrap interval over cases
 
 - on the validation cases rendered by ``synth``'s default painter ("our renderer"), and
 - on the same cases rendered in the held-out ``streak`` style, which no row trains on ("unseen renderer").
 
-Rows: single stage (``--stage locate`` alone) and cascade (``locate`` + ``refine``), each without and with
-domain randomisation (training CT rendered in ``synth``'s ``random`` style *and* the SynthSeg-style
-augmentation, ``augmentation.domain_random_prob``); for the cascade, the fusion ablation on the same cases and
-budget: image-only, FiLM, late, and FiLM trained with the clinical records shuffled across cases (a control
-that must not beat FiLM if fusion is real); the FiLM cascade trained for the same number of steps on 4x the
-training cases (48: does the data or the budget limit it?); with stage 2's 2.5D context at k = 1 and 5 slices
-(the default, 3, is the "cascade, FiLM" row); and with the randomisation as augmentation only, on the
-default-style training CT.
+Sections (``--sections``):
 
+- ``curve``: **hpc-dfs beside nnU-Net v2**, each given the same wall-clock training budget on the same 2
+  cores, at ``--budgets`` (1x, 3x, 9x) of ``--base-seconds`` (60 s): the hpc-dfs cascade (locate + refine,
+  FiLM, 2 ranks under ``mpirun``; half the budget per stage) and nnU-Net (``bench/nnunet_peer.py``: the
+  real ``nnunetv2`` 2.8.1 in its own environment, our training cases and our fold 0 through
+  ``hpc-dfs export-nnunet --shards``, a CPU-fitted 2d plan, nnU-Net's trainer stopped at the budget,
+  ``nnUNetv2_predict``). The learning curve goes to ``quality_curve.png``.
+- ``ablation``: the rest of the design at 3x the base budget (``ABLATION_X``): single stage, the fusion
+  ablation (image only, late, FiLM with the clinical records shuffled as a control), domain randomisation,
+  4x the training cases, 2.5D context 1 and 5, randomisation as augmentation only.
+
+**How hpc-dfs keeps to a budget.** Each training configuration is first run for 2 short epochs (a
+calibration, not counted), which gives its seconds per step and per validation. A budgeted run then keeps
+the rows' recipe (10 epochs, validation every 5, batch 8 per rank, lr 0.002) and sets the steps per epoch
+so that 10 epochs and 2 validations fill the stage's half of the budget. ``train_s`` is the time measured
+(the epochs' span in ``metrics.jsonl``), not the plan. nnU-Net's ``train_s`` is its trainer's own measure
+(``budget.json``). Neither counts process start-up, data loading before the first step, or prediction.
+
+Every row of ``quality.json`` carries ``system`` (``hpc-dfs`` or ``nnunet``), ``budget_x``, ``budget_s``,
+``train_s``, ``n_val_cases`` and, for ``kidney_dice``, ``tumor_dice`` and ``tumor_detection_rate``,
+``{mean, ci95: [lo, hi], n}`` on our renderer; ``detection_by_size`` (< 10, 10-50, > 50 ml); and ``unseen``
+with the same figures on the unseen renderer (None where ``--unseen-budgets`` left it out).
 ``--eval-data DIR --out OUT`` also predicts every case of a KiTS-layout folder (images with labels) with the
-cascade row that scored best on the validation renders (mean kidney and tumour Dice over both), writes
-``OUT/eval_data/prediction_XXXXX.nii.gz`` and puts
-``eval_data: {n_cases, kidney_dice, tumor_dice}`` into ``OUT/quality.json``.
-
-Writes ``bench/results/quality.json`` (or ``OUT/quality.json``). A second run reuses finished steps in ``--work``.
+hpc-dfs cascade row that scored best on the validation renders, and with nnU-Net at the largest budget, and
+puts ``eval_data`` into ``OUT/quality.json``. A second run reuses the finished steps in ``--work``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -39,6 +52,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_report  # noqa: E402  (bench/ is not a package)
+from nnunet_peer import CPU_PLAN, NnUNetPeer  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LABELS = REPO.parent / "shared" / "data" / "kits19"
@@ -46,9 +63,10 @@ LABELS = REPO.parent / "shared" / "data" / "kits19"
 #: fixed, disjoint case lists (KiTS19 training cases with at most 110 slices, so that a CPU run fits)
 TRAIN = ["case_00004", "case_00007", "case_00009", "case_00010", "case_00011", "case_00012", "case_00013",
          "case_00015", "case_00017", "case_00020", "case_00021", "case_00023"]
-VAL = ["case_00034", "case_00035", "case_00037", "case_00039", "case_00041"]
-#: four times the training cases (the first 48 such cases outside VAL; TRAIN are its first 12), trained for the
-#: same number of steps as the other rows: does the budget or the data limit the tumour Dice?
+VAL = ["case_00034", "case_00035", "case_00037", "case_00039", "case_00041", "case_00106", "case_00107",
+       "case_00108", "case_00109", "case_00110", "case_00113", "case_00117", "case_00119", "case_00121",
+       "case_00122", "case_00126", "case_00127", "case_00129", "case_00130", "case_00134"]
+#: four times the training cases (the first 48 such cases outside VAL; TRAIN are its first 12)
 TRAIN_X4 = ["case_00004", "case_00007", "case_00009", "case_00010", "case_00011", "case_00012", "case_00013",
             "case_00015", "case_00017", "case_00020", "case_00021", "case_00023", "case_00024", "case_00025",
             "case_00028", "case_00030", "case_00038", "case_00044", "case_00045", "case_00048", "case_00050",
@@ -56,20 +74,22 @@ TRAIN_X4 = ["case_00004", "case_00007", "case_00009", "case_00010", "case_00011"
             "case_00062", "case_00064", "case_00065", "case_00069", "case_00070", "case_00074", "case_00075",
             "case_00076", "case_00077", "case_00080", "case_00083", "case_00085", "case_00087", "case_00088",
             "case_00089", "case_00090", "case_00092", "case_00094", "case_00097", "case_00099"]
-#: steps per epoch of the TRAIN rows (39 locate, 40 refine at 12 cases), given to the TRAIN_X4 row
-X4_STEPS = "--steps-per-epoch 40"
 
-#: the CPU budget: what every row is trained with (stated in the JSON and the README table)
-BUDGET = {
-    "locate": "--epochs 10 --batch-size 8 --lr 0.002",
-    "refine": "--epochs 10 --batch-size 8 --lr 0.002",
+#: what every hpc-dfs row trains with, but for the steps per epoch (set by the budget)
+RECIPE = {
+    "train": "--epochs 10 --batch-size 8 --lr 0.002 --set schedule.val_every=5",
     "model": "--set model.base_channels=8 --set model.norm=instance --num-workers 0 --seed 0",
     "slice_size": "96,96",
     "preprocess_refine": "--set refine.spacing=1.6 --set refine.slice_size=80,80 --set refine.margin_mm=12",
 }
-#: the smoke run: its 8 "x4" cases give fewer batches per epoch than the full run's 40 steps
-QUICK = {"train": TRAIN[:4], "val": VAL[:2], "train_x4": TRAIN_X4[:8], "epochs": 2, "x4_steps": "--steps-per-epoch 8"}
+EPOCHS, VALIDATIONS = 10, 2
+CALIBRATION = {"epochs": 2, "steps": 10}
+BASE_SECONDS, BUDGETS, ABLATION_X = 60.0, (1, 3, 9), 3
+#: the smoke run: the fewest slices (38-64 training, 34 and 43 validation), so that nnU-Net's 2d inference is short
+QUICK = {"train": ["case_00004", "case_00007", "case_00010", "case_00021"], "val": ["case_00110", "case_00113"], "train_x4": TRAIN_X4[:8], "base_s": 10.0, "budgets": (1,),
+         "calibration": {"epochs": 2, "steps": 2}, "nnunet_iters": 2}
 DR_AUG = "--set augmentation.domain_random_prob=0.5"
+FILM = "--set model.fusion=film"
 
 
 def _env() -> dict:
@@ -100,201 +120,275 @@ def _once(marker: Path, args: list[str], np_: int = 1, log: Path | None = None) 
     return 0.0 if marker.exists() else _run(args, np_, log)
 
 
-def render(work: Path, cases: dict) -> dict[str, Path]:
-    """The five renders: training (default, random style; 4x the cases) and validation (default, held-out streak)."""
-    out = {}
-    for name, ids, style in (("train", cases["train"], "default"), ("train_dr", cases["train"], "random"),
-                             ("train_x4", cases["train_x4"], "default"),
-                             ("val", cases["val"], "default"), ("val_unseen", cases["val"], "streak")):
-        d = work / name
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- data
+class Data:
+    """The renders and shards a run needs, made on first use (and kept in ``work`` for the next run)."""
+
+    STYLES = {"train": ("train", "default"), "train_dr": ("train", "random"), "train_x4": ("train_x4", "default"),
+              "val": ("val", "default"), "val_unseen": ("val", "streak")}
+
+    def __init__(self, work: Path, cases: dict):
+        self.work, self.cases = work, cases
+
+    def render(self, name: str) -> Path:
+        ids, style = self.STYLES[name]
+        d = self.work / name
         _once(d / "kits.json", ["synth", "--out", str(d), "--from-labels", str(LABELS / "labels"), "--kits-json",
-                                str(LABELS / "kits.json"), "--cases", ",".join(ids), "--set", f"style={style}"], 2)
-        out[name] = d
-    return out
+                                str(LABELS / "kits.json"), "--cases", ",".join(self.cases[ids]),
+                                "--set", f"style={style}"], 2)
+        return d
+
+    def shards(self, name: str) -> Path:
+        name = "train" if name == "train_aug" else name      # the same shards; only the augmentation differs
+        d = self.work / f"shards_{name}"
+        _once(d / "manifest.json", ["preprocess", "--data", str(self.render(name)), "--out", str(d), "--slice-size",
+                                    RECIPE["slice_size"], *RECIPE["preprocess_refine"].split()], 2)
+        return d
 
 
-def preprocess(work: Path, data: dict[str, Path]) -> dict[str, Path]:
-    out = {}
-    for name in ("train", "train_dr", "train_x4"):
-        d = work / f"shards_{name}"
-        _once(d / "manifest.json", ["preprocess", "--data", str(data[name]), "--out", str(d), "--slice-size",
-                                    BUDGET["slice_size"], *BUDGET["preprocess_refine"].split()], 2)
-        out[name] = d
-    out["train_aug"] = out["train"]   # the same shards; only the augmentation differs
-    return out
+# ------------------------------------------------------------------------------------ hpc-dfs, budgeted
+def _epoch_times(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _train_seconds(run: Path) -> float:
-    """Training wall time of a run: the median epoch (between consecutive epoch ends) times the epochs.
-
-    The median, not the span, so that a run stopped and resumed later (its pause between two epoch ends)
-    is not counted as training time.
-    """
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def train_seconds(run: Path) -> float:
+    """A run's training time: the span of its epoch ends plus one median epoch (the first epoch's own length)."""
+    rows = _epoch_times(run)
     if len(rows) < 2:
         return 0.0
     gaps = sorted(b["time"] - a["time"] for a, b in zip(rows, rows[1:]))
-    return gaps[len(gaps) // 2] * len(rows)
+    return rows[-1]["time"] - rows[0]["time"] + gaps[len(gaps) // 2]
 
 
-def _finished(last: Path, epochs: int) -> bool:
+def _train_run(run: Path, shards: Path, stage: str, args: list[str], epochs: int) -> None:
     from hpc_dfs.contracts import checkpoint
-    return last.exists() and int(checkpoint.read_meta(last).get("epoch", 0)) >= epochs
-
-
-def _train(work: Path, shards: Path, name: str, stage: str, extra: str, epochs: int | None) -> tuple[Path, float]:
-    """Train one stage into ``work/runs/name`` (resumed when an earlier run was stopped part-way)."""
-    run = work / "runs" / name
-    args = BUDGET[stage].split() + BUDGET["model"].split() + extra.split()
-    if epochs is not None:
-        args[args.index("--epochs") + 1] = str(epochs)
     last = run / "checkpoints" / "last.pt"
-    if not _finished(last, int(args[args.index("--epochs") + 1])):
-        _run(["train", "--shards", str(shards), "--out", str(run), "--stage", stage, *args,
-              *(["--resume"] if last.exists() else [])], 2, run / "train.log")
-    return run / "checkpoints" / "best.pt", _train_seconds(run)
+    if last.exists() and int(checkpoint.read_meta(last).get("epoch", 0)) >= epochs:
+        return
+    _run(["train", "--shards", str(shards), "--out", str(run), "--stage", stage, *args,
+          *(["--resume"] if last.exists() else [])], 2, run / "train.log")
 
 
-ROWS = [  # name, stage(s), training data, refine-stage extra settings (the ablation first, then the DR rows)
+def calibrate(work: Path, shards: Path, stage: str, extra: str, cal: dict) -> dict:
+    """Seconds per training step and per validation of one configuration, from a short run of its own."""
+    key = f"{stage}_{hashlib.sha256(f'{shards}|{extra}'.encode()).hexdigest()[:10]}"
+    run = work / "calibration" / key
+    args = (RECIPE["train"].split() + RECIPE["model"].split() + extra.split()
+            + ["--steps-per-epoch", str(cal["steps"]), "--set", "schedule.val_every=1"])
+    args[args.index("--epochs") + 1] = str(cal["epochs"])
+    _train_run(run, shards, stage, args, cal["epochs"])
+    rows = _epoch_times(run)
+    step_s = rows[-1]["step_s"]
+    val_s = max(0.0, rows[-1]["time"] - rows[-2]["time"] - cal["steps"] * step_s)
+    return {"step_s": step_s, "val_s": val_s, "run": str(run)}
+
+
+def budget_steps(stage_s: float, cal: dict) -> int:
+    """Steps per epoch that fill ``stage_s`` seconds with :data:`EPOCHS` epochs and :data:`VALIDATIONS` validations."""
+    return max(1, int((stage_s - VALIDATIONS * cal["val_s"]) / (EPOCHS * cal["step_s"])))
+
+
+def train_budgeted(ctx: dict, name: str, stage: str, data_key: str, extra: str, budget_s: float) -> tuple[Path, dict]:
+    """Train one stage of an hpc-dfs row within ``budget_s`` seconds; returns its best checkpoint and facts."""
+    shards = ctx["data"].shards(data_key)
+    cal = calibrate(ctx["work"], shards, stage, extra, ctx["calibration"])
+    steps = budget_steps(budget_s, cal)
+    run = ctx["work"] / "runs" / name
+    args = RECIPE["train"].split() + RECIPE["model"].split() + extra.split() + ["--steps-per-epoch", str(steps)]
+    _train_run(run, shards, stage, args, EPOCHS)
+    return run / "checkpoints" / "best.pt", {"stage": stage, "steps_per_epoch": steps, "calibration": cal,
+                                             "train_s": round(train_seconds(run), 1), "budget_s": budget_s}
+
+
+# -------------------------------------------------------------------------------------------- scoring
+def _figures(ev: Path) -> dict:
+    m = json.loads(ev.read_text())
+    iv = m.get("intervals") or {}
+    return {"n_val_cases": len(m["cases"]), "kidney_dice": iv.get("kidney_dice"), "tumor_dice": iv.get("tumor_dice"),
+            "tumor_detection_rate": iv.get("tumor_detection_rate"), "detection_by_size": iv.get("detection_by_size"),
+            "missing_predictions": m.get("missing_predictions", [])}
+
+
+def evaluate(pred: Path, gt: Path, ev: Path) -> dict:
+    _once(ev, ["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(ev), "--no-surface-metrics"])
+    return _figures(ev)
+
+
+def score_hpc(ctx: dict, tag: str, ckpts: list[str], data_key: str) -> dict:
+    gt = ctx["data"].render(data_key)
+    pred = ctx["work"] / "pred" / tag / data_key
+    _once(pred / "summary.json", ["predict", *ckpts, "--input", str(gt), "--out", str(pred)], 2)
+    return evaluate(pred, gt, pred.parent / f"eval_{data_key}.json")
+
+
+def score_nnunet(ctx: dict, tag: str, data_key: str) -> dict:
+    gt = ctx["data"].render(data_key)
+    pred = ctx["peer"].predict(tag, gt, ctx["work"] / "pred" / f"nnunet_{tag}" / data_key)
+    return evaluate(pred, gt, pred.parent / f"eval_{data_key}.json")
+
+
+def _row(section: str, system: str, name: str, budget_x: float, ctx: dict, train_s: float, ours: dict,
+         unseen: dict | None, **extra) -> dict:
+    return {"section": section, "system": system, "row": name, "budget_x": budget_x,
+            "budget_s": round(budget_x * ctx["base_s"], 1), "train_s": train_s, **ours, "unseen": unseen, **extra}
+
+
+# ----------------------------------------------------------------------------------------------- rows
+def hpc_row(ctx: dict, section: str, name: str, kind: str, data_key: str, extra: str, budget_x: float) -> dict:
+    """Train (both stages of a cascade, half the budget each) and score one hpc-dfs row."""
+    aug = DR_AUG if data_key in ("train_dr", "train_aug") else ""
+    budget = budget_x * ctx["base_s"]
+    tag = f"{name}_x{budget_x:g}".replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
+    stage_s = budget if kind == "locate" else budget / 2
+    suffix = "" if data_key == "train" else f"_{data_key}"
+    locate, f1 = train_budgeted(ctx, f"locate{suffix}_x{budget_x:g}_{'single' if kind == 'locate' else 'cascade'}",
+                                "locate", data_key, aug, stage_s)
+    ckpts, stages = ["--checkpoint", str(locate)], [f1]
+    if kind == "cascade":
+        refine, f2 = train_budgeted(ctx, f"refine_{tag}", "refine", data_key, f"{aug} {extra}", stage_s)
+        ckpts += ["--refine-checkpoint", str(refine)]
+        stages.append(f2)
+    unseen = score_hpc(ctx, tag, ckpts, "val_unseen") if budget_x in ctx["unseen_budgets"] else None
+    return _row(section, "hpc-dfs", name, budget_x, ctx, round(sum(s["train_s"] for s in stages), 1),
+                score_hpc(ctx, tag, ckpts, "val"), unseen, stages=kind, training_data=data_key,
+                n_train_cases=len(ctx["cases"]["train_x4" if data_key == "train_x4" else "train"]),
+                settings=" ".join(x for x in (extra, aug) if x), stage_runs=stages, checkpoints=ckpts[1::2])
+
+
+def nnunet_row(ctx: dict, budget_x: float) -> dict:
+    tag = f"x{budget_x:g}"
+    info = ctx["peer"].train(budget_x * ctx["base_s"], tag, ctx["nnunet_iters"])
+    unseen = score_nnunet(ctx, tag, "val_unseen") if budget_x in ctx["unseen_budgets"] else None
+    return _row("curve", "nnunet", "nnU-Net v2 2d (CPU-fitted plan)", budget_x, ctx, info["train_s"],
+                score_nnunet(ctx, tag, "val"), unseen, stages="single (2d)", training_data="train",
+                n_train_cases=len(ctx["cases"]["train"]), settings=json.dumps(CPU_PLAN), nnunet=info,
+                model_dir=str(ctx["peer"].model_dir(tag)))
+
+
+CASCADE = ("hpc-dfs cascade, FiLM", "cascade", "train", FILM)
+ABLATION = [  # name, stage(s), training data, refine-stage settings
     ("single stage", "locate", "train", ""),
-    ("cascade, FiLM", "cascade", "train", "--set model.fusion=film"),
     ("cascade, image only", "cascade", "train", "--set model.fusion=image"),
     ("cascade, late fusion", "cascade", "train", "--set model.fusion=late"),
-    ("cascade, FiLM, clinical shuffled (control)", "cascade", "train", "--set model.fusion=film "
-                                                                       "--set data.shuffle_clinical=true"),
+    ("cascade, FiLM, clinical shuffled (control)", "cascade", "train", f"{FILM} --set data.shuffle_clinical=true"),
     ("single stage, domain randomised", "locate", "train_dr", ""),
-    ("cascade, FiLM, domain randomised", "cascade", "train_dr", "--set model.fusion=film"),
-    # the same steps over 4x the training cases (both stages): data or budget?
-    ("cascade, FiLM, 48 training cases", "cascade", "train_x4", "--set model.fusion=film"),
-    # stage 2's 2.5D context k (slices per input; the default is 3): the measurement behind that default
-    ("cascade, FiLM, context 1", "cascade", "train", "--set model.fusion=film --set data.context=1"),
-    ("cascade, FiLM, context 5", "cascade", "train", "--set model.fusion=film --set data.context=5"),
-    # the randomisation as augmentation only, on default-style training CT (half the samples keep their look)
-    ("cascade, FiLM, randomised augmentation only", "cascade", "train_aug", "--set model.fusion=film"),
+    ("cascade, FiLM, domain randomised", "cascade", "train_dr", FILM),
+    ("cascade, FiLM, 48 training cases", "cascade", "train_x4", FILM),
+    ("cascade, FiLM, context 1", "cascade", "train", f"{FILM} --set data.context=1"),
+    ("cascade, FiLM, context 5", "cascade", "train", f"{FILM} --set data.context=5"),
+    ("cascade, FiLM, randomised augmentation only", "cascade", "train_aug", FILM),
 ]
-#: per training set: what is randomised, and (suffix of its stage-1 run, settings added to both stages)
-RANDOMISATION = {"train": "none", "train_x4": "none", "train_dr": "random-style training CT + augmentation",
-                 "train_aug": "augmentation only (default-style training CT)"}
-DATA_SETTINGS = {"train": ("", ""), "train_dr": ("_dr", DR_AUG), "train_x4": ("_x4", X4_STEPS),
-                 "train_aug": ("_aug", DR_AUG)}
 
 
-def _score(work: Path, tag: str, ckpts: list[str], data: Path) -> dict:
-    pred = work / "pred" / tag / data.name
-    _once(pred / "summary.json", ["predict", *ckpts, "--input", str(data), "--out", str(pred)], 2)
-    ev = pred.parent / f"eval_{data.name}.json"
-    _once(ev, ["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(ev), "--no-surface-metrics"])
-    m = json.loads(ev.read_text())
-    mean = m.get("mean_all") or m["mean"]
-    return {"n_cases": len(m["cases"]), "kidney_dice": mean.get("kidney_dice"), "tumor_dice": mean.get("tumor_dice"),
-            "tumors_hit": sum(c.get("n_tumors_hit", 0) for c in m["cases"]),
-            "tumors_gt": sum(c.get("n_tumors_gt", 0) for c in m["cases"])}
+def _save(result: dict, out_dir: Path) -> None:
+    """``quality.json`` (atomically, after every row: an interrupted run keeps what it finished) and its report."""
+    _write_json(out_dir / "quality.json", result)
+    quality_report.write(result, out_dir)
 
 
-def _selection_score(row: dict) -> float:
-    """Mean kidney and tumour Dice over both validation renders: how ``--eval-data`` picks its cascade row."""
-    vals = [row[k][m] for k in ("ours", "unseen") for m in ("kidney_dice", "tumor_dice")]
-    return sum(v or 0.0 for v in vals) / len(vals)
+def run_sections(ctx: dict, result: dict, sections: list[str], max_rows: int | None) -> None:
+    rows, done = result["rows"], {(r["row"], r["budget_x"]) for r in result["rows"]}
+
+    def add(make, key):
+        if key not in done:
+            rows.append({**make(), "load_avg_after": [round(x, 2) for x in os.getloadavg()]})
+            done.add(key)
+            r = rows[-1]
+            print(f"[quality] {r['system']} {r['row']} x{r['budget_x']:g}: train {r['train_s']} s, kidney "
+                  f"{(r['kidney_dice'] or {}).get('mean')}, tumour {(r['tumor_dice'] or {}).get('mean')}", flush=True)
+            _save(result, ctx["out"])
+    if "curve" in sections:
+        ctx["peer"].prepare(ctx["data"].render("train"), ctx["data"].shards("train"))
+        for b in ctx["budgets"]:
+            add(lambda b=b: hpc_row(ctx, "curve", *CASCADE, b), (CASCADE[0], b))
+            add(lambda b=b: nnunet_row(ctx, b), ("nnU-Net v2 2d (CPU-fitted plan)", b))
+    if "ablation" in sections:
+        chosen = ABLATION[:max_rows] if max_rows else ABLATION
+        result["ablation_rows_not_run"] = [r[0] for r in ABLATION[len(chosen):]]
+        add(lambda: hpc_row(ctx, "ablation", *CASCADE, ABLATION_X), (CASCADE[0], ABLATION_X))
+        for name, kind, key, extra in chosen:
+            add(lambda r=(name, kind, key, extra): hpc_row(ctx, "ablation", *r, ABLATION_X), (name, ABLATION_X))
 
 
-def _write(result: dict, out_dir: Path) -> None:
-    """``quality.json`` atomically (after every row, so an interrupted run leaves the rows it finished)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".tmp-quality.json"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out_dir / "quality.json")
+def eval_data(ctx: dict, result: dict, data: Path) -> None:
+    """Predict and score a KiTS-layout folder with the best hpc-dfs cascade row and nnU-Net's largest budget."""
+    cascades = [r for r in result["rows"] if r["system"] == "hpc-dfs" and r["stages"] == "cascade"]
+    best = max(cascades, key=quality_report.selection_score)
+    ckpts = ["--checkpoint", best["checkpoints"][0], "--refine-checkpoint", best["checkpoints"][1]]
+    pred = ctx["out"] / "eval_data"
+    _run(["predict", *ckpts, "--input", str(data), "--out", str(pred)], 2)
+    out = {"path": str(data), "hpc-dfs": {"row": best["row"], "budget_x": best["budget_x"],
+                                         **evaluate(pred, data, ctx["out"] / "eval_data.json")},
+           "selection": "the hpc-dfs cascade row with the highest mean of kidney and tumour Dice over both "
+                        "validation renders (ours and unseen, where scored)"}
+    peers = [r for r in result["rows"] if r["system"] == "nnunet"]
+    if peers:
+        top = max(peers, key=lambda r: r["budget_x"])
+        npred = ctx["peer"].predict(f"x{top['budget_x']:g}", data, ctx["out"] / "eval_data_nnunet")
+        out["nnunet"] = {"budget_x": top["budget_x"], **evaluate(npred, data, ctx["out"] / "eval_data_nnunet.json")}
+    result["eval_data"] = out
 
 
-def rows(work: Path, data: dict, shards: dict, epochs: int | None, result: dict, out_dir: Path,
-         max_rows: int | None = None) -> list[dict]:
-    """Train and score every row (stage-1 models are shared by the rows that use them), saving as it goes."""
-    out = result.setdefault("rows", [])
-    chosen = ROWS[:max_rows] if max_rows else ROWS
-    result["rows_not_run"] = [r[0] for r in ROWS[len(chosen):]]
-    for name, kind, key, extra in chosen:
-        suffix, aug = DATA_SETTINGS[key]
-        dr = key in ("train_dr", "train_aug")
-        locate, t1 = _train(work, shards[key], f"locate{suffix}", "locate", aug, epochs)
-        ckpts, t2 = ["--checkpoint", str(locate)], 0.0
-        if kind == "cascade":
-            tag = name.replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
-            refine, t2 = _train(work, shards[key], f"refine_{tag}", "refine", f"{aug} {extra}", epochs)
-            ckpts += ["--refine-checkpoint", str(refine)]
-        tag = name.replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
-        row = {"row": name, "stages": kind, "domain_randomised": dr, "randomisation": RANDOMISATION[key],
-               "n_train_cases": len(result["cases"][key]),
-               "settings": " ".join(x for x in (extra or "--set model.fusion=film", aug) if x),
-               "train_seconds": round(t1 + t2, 1), "checkpoints": ckpts[1::2],
-               "ours": _score(work, tag, ckpts, data["val"]), "unseen": _score(work, tag, ckpts, data["val_unseen"])}
-        print(f"[quality] {name}: ours {row['ours']}, unseen {row['unseen']}", flush=True)
-        out.append(row)
-        _write(result, out_dir)
-    return out
-
-
-def markdown(result: dict) -> str:
-    """The README table of a ``quality.json`` (so the table and the JSON cannot disagree)."""
-    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| row | training cases | ours: kidney Dice | ours: tumour Dice | ours: tumours hit | "
-             "unseen renderer: kidney | unseen: tumour | unseen: tumours hit | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        o, u = r["ours"], r["unseen"]
-        lines.append(f"| {r['row']} | {r.get('n_train_cases', len(result['train_cases']))} | "
-                     f"{f(o['kidney_dice'])} | {f(o['tumor_dice'])} | "
-                     f"{o['tumors_hit']}/{o['tumors_gt']} | {f(u['kidney_dice'])} | {f(u['tumor_dice'])} | "
-                     f"{u['tumors_hit']}/{u['tumors_gt']} | {r['train_seconds']:.0f} |")
-    return "\n".join(lines)
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"{len(QUICK['train'])} training cases, "
-                                                         f"{QUICK['epochs']} epochs: a smoke run, not a result")
+    ap.add_argument("--quick", action="store_true", help="4 training and 2 validation cases, budget 1x of 10 s, "
+                                                         "the curve only: a smoke run, not a result")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work_quality", help="working folder (reused)")
-    ap.add_argument("--eval-data", type=Path, default=None, help="also predict and score this KiTS-layout folder")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where quality.json goes")
-    ap.add_argument("--table", action="store_true", help="print the markdown table of OUT/quality.json and exit")
-    ap.add_argument("--max-rows", type=int, default=None, metavar="K",
-                    help="run only the first K rows (the ablation comes first; the domain-randomised rows last)")
+    ap.add_argument("--sections", default=None, help="curve,ablation (default both; --quick: curve)")
+    ap.add_argument("--base-seconds", type=float, default=None, help=f"the 1x budget (default {BASE_SECONDS:g} s)")
+    ap.add_argument("--budgets", default=None, help="budget multiples of the curve (default 1,3,9)")
+    ap.add_argument("--unseen-budgets", default=None,
+                    help="the budgets also scored on the unseen renderer (default: every budget)")
+    ap.add_argument("--eval-data", type=Path, default=None, help="also predict and score this KiTS-layout folder")
+    ap.add_argument("--max-rows", type=int, default=None, metavar="K", help="only the first K ablation rows")
+    ap.add_argument("--table", action="store_true", help="print the markdown tables of OUT/quality.json and exit")
     a = ap.parse_args()
     if a.table:
-        print(markdown(json.loads((a.out / "quality.json").read_text())))
+        print(quality_report.markdown(json.loads((a.out / "quality.json").read_text())))
         return
     if not (LABELS / "labels").is_dir():
         raise SystemExit(f"[quality] needs the real KiTS19 label maps in {LABELS / 'labels'}")
-    cases = ({"train": QUICK["train"], "val": QUICK["val"], "train_x4": QUICK["train_x4"]} if a.quick
-             else {"train": TRAIN, "val": VAL, "train_x4": TRAIN_X4})
-    cases["train_dr"] = cases["train_aug"] = cases["train"]
-    work = a.work / ("quick" if a.quick else "full")
+    q = a.quick
+    cases = {"train": QUICK["train"] if q else TRAIN, "val": QUICK["val"] if q else VAL,
+             "train_x4": QUICK["train_x4"] if q else TRAIN_X4}
+    budgets = _floats(a.budgets) if a.budgets else (QUICK["budgets"] if q else BUDGETS)
+    sections = (a.sections or ("curve" if q else "curve,ablation")).split(",")
+    work = a.work / ("quick" if q else "full")
+    ctx = {"work": work, "out": a.out, "cases": cases, "data": Data(work, cases), "budgets": budgets,
+           "base_s": a.base_seconds or (QUICK["base_s"] if q else BASE_SECONDS),
+           "unseen_budgets": _floats(a.unseen_budgets) if a.unseen_budgets else budgets,
+           "calibration": QUICK["calibration"] if q else CALIBRATION, "peer": NnUNetPeer(work / "nnunet"),
+           "nnunet_iters": QUICK["nnunet_iters"] if q else CPU_PLAN["iterations_per_epoch"]}
     t0 = time.perf_counter()
-    data = render(work, cases)
-    shards = preprocess(work, data)
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, no GPU",
-              "quick": a.quick, "train_cases": cases["train"], "val_cases": cases["val"],
-              "x4_settings": QUICK["x4_steps"] if a.quick else X4_STEPS, "budget": BUDGET, "cases": cases,
-              "domain_randomisation": f"training CT in synth style 'random' + {DR_AUG}",
-              "unseen_renderer": "synth style 'streak' (never trained on)", "complete": False, "rows": []}
-    if a.quick:
-        DATA_SETTINGS["train_x4"] = ("_x4", QUICK["x4_steps"])
-    rows(work, data, shards, QUICK["epochs"] if a.quick else None, result, a.out, a.max_rows)
+    old = a.out / "quality.json"
+    prior = json.loads(old.read_text()) if old.exists() else {}
+    same = prior.get("quick") == q and prior.get("base_s") == ctx["base_s"] and prior.get("schema") == 2
+    result = {"schema": 2, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+              "no GPU", "quick": q, "base_s": ctx["base_s"], "budgets": list(budgets),
+              "unseen_budgets": list(ctx["unseen_budgets"]), "ablation_x": ABLATION_X, "cases": cases,
+              "recipe": RECIPE, "epochs": EPOCHS, "validations": VALIDATIONS, "calibration": ctx["calibration"],
+              "nnunet_plan": CPU_PLAN, "domain_randomisation": f"training CT in synth style 'random' + {DR_AUG}",
+              "unseen_renderer": "synth style 'streak' (never trained on)",
+              "rows": prior.get("rows", []) if same else [], "load_avg_start": os.getloadavg()}
+    run_sections(ctx, result, sections, a.max_rows)
     if a.eval_data is not None:
-        best = max((r for r in result["rows"] if r["stages"] == "cascade"), key=_selection_score)
-        result["eval_data_row"] = best["row"]
-        result["eval_data_selection"] = ("the cascade row with the highest mean of kidney and tumour Dice over both "
-                                         "validation renders (ours and unseen)")
-        ckpts = ["--checkpoint", best["checkpoints"][0], "--refine-checkpoint", best["checkpoints"][1]]
-        pred = a.out / "eval_data"
-        _run(["predict", *ckpts, "--input", str(a.eval_data), "--out", str(pred)], 2)
-        _run(["evaluate", "--pred", str(pred), "--gt", str(a.eval_data), "--out", str(a.out / "eval_data.json"),
-              "--no-surface-metrics"])
-        m = json.loads((a.out / "eval_data.json").read_text())
-        mean = m.get("mean_all") or m["mean"]
-        result["eval_data"] = {"n_cases": len(m["cases"]), "kidney_dice": mean.get("kidney_dice"),
-                               "tumor_dice": mean.get("tumor_dice"), "path": str(a.eval_data)}
-    result["wall_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)  # finished steps are reused
-    result["complete"] = not result["rows_not_run"]
-    _write(result, a.out)
+        eval_data(ctx, result, a.eval_data)
+    result["wall_seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
+    result["load_avg_end"] = os.getloadavg()
+    _save(result, a.out)
     print(f"[quality] wrote {a.out / 'quality.json'} in {result['wall_seconds_this_invocation']} s", flush=True)
 
 

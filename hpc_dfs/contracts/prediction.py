@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, TypedDict
 
-from hpc_dfs.contracts.kits import PRED_RE, case_suffix, prediction_name
+from hpc_dfs.contracts.kits import PRED_RE, SUBMISSION_RE, case_suffix, prediction_name
 from hpc_dfs.fsutil import write_json, write_text
 
 __all__ = ["SUMMARY_NAME", "RISK_NAME", "RAW_DIR", "STALE_DIR", "PRED_RE", "prediction_name", "case_files",
@@ -157,6 +157,13 @@ def read_summary(pred_dir: Path) -> Optional[Summary]:
 
 
 def case_id_of(pred_name: str) -> str | None:
-    """``prediction_00012.nii.gz`` -> ``case_00012`` (None for names that do not follow KiTS naming)."""
-    m = PRED_RE.match(pred_name)
+    """The case of a prediction file name, or None for names that follow neither KiTS naming.
+
+    ``prediction_00012.nii.gz`` (``hpc-dfs predict``) and ``case_00012.nii.gz`` (the KiTS challenge's
+    submission naming, which nnU-Net's predictions of a KiTS dataset carry) are both ``case_00012``.
+
+    Args:
+        pred_name: a file name in a prediction folder.
+    """
+    m = PRED_RE.match(pred_name) or SUBMISSION_RE.match(pred_name)
     return f"case_{m.group(1)}" if m else None

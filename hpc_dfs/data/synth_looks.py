@@ -119,6 +119,24 @@ def _add_noise(hu: np.ndarray, noise_rng: np.random.Generator, sd: float) -> np.
     return hu
 
 
+#: tumour HU by histologic subtype: (base, enhancement), the tumour's mean = base + enhancement * the phase's "tumor"
+TUMOUR_HU = {"clear_cell_rcc": (40, 130), "papillary": (35, 35), "chromophobe": (40, 80),
+             "clear_cell_papillary_rcc": (40, 90), "oncocytoma": (40, 100), "angiomyolipoma": (20, 40)}
+TUMOUR_HU_OTHER = (40, 90)
+
+
+def tumour_contrast_hu(phase: str, subtype: str) -> float:
+    """The default look's mean tumour minus kidney-parenchyma HU (mean of cortex and medulla), before noise.
+
+    Args:
+        phase: a key of :data:`PHASES`.
+        subtype: a histologic subtype (:data:`TUMOUR_HU`; others get :data:`TUMOUR_HU_OTHER`).
+    """
+    ph = PHASES[phase]
+    base, enhancement = TUMOUR_HU.get(subtype, TUMOUR_HU_OTHER)
+    return base + enhancement * ph["tumor"] - (30 + (ph["cortex"] + ph["medulla"]) / 2)
+
+
 # ----------------------------------------------------------------------------- default
 class DefaultLook:
     """The project's CT model (see module doc); every draw in the order of the renderer before styles."""
@@ -134,11 +152,8 @@ class DefaultLook:
         self.record = record or {}
         self.subtype = self.record.get("tumor_histologic_subtype") or "clear_cell_rcc"
         self._fields = [coarse_field(rng, n) for _ in range(3)]
-        self.t_base = {"clear_cell_rcc": 40 + 130 * ph["tumor"], "papillary": 35 + 35 * ph["tumor"],
-                       "chromophobe": 40 + 80 * ph["tumor"], "clear_cell_papillary_rcc": 40 + 90 * ph["tumor"],
-                       "oncocytoma": 40 + 100 * ph["tumor"], "angiomyolipoma": 20 + 40 * ph["tumor"]}.get(
-            self.subtype, 40 + 90 * ph["tumor"])
-        self.t_base += rng.normal(0, 10)
+        base, enhancement = TUMOUR_HU.get(self.subtype, TUMOUR_HU_OTHER)
+        self.t_base = base + enhancement * ph["tumor"] + rng.normal(0, 10)
         self.cortex_mm = rng.uniform(4, 8)
         self.perirenal_mm = rng.uniform(5, 14)
         self.noise_rng = np.random.default_rng(rng.integers(0, 2 ** 63))

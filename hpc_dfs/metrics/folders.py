@@ -13,23 +13,31 @@ __all__ = ["match_predictions", "check_provenance", "fold_figures", "FOLD_KEYS"]
 
 
 def match_predictions(pred_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
-    """Pair ``prediction_XXXXX`` files with ``case_XXXXX`` ground truth.
+    """Pair ``prediction_XXXXX.nii.gz`` (or ``case_XXXXX.nii.gz``) files with ``case_XXXXX`` ground truth.
 
     Returns:
         ``[(case_id, pred_path, gt_path or None)]`` sorted by case id, and the ground-truth case ids
         that have no prediction.
+
+    Raises:
+        EvaluationError: a folder is missing, holds no prediction, or holds one case under both names (which
+            of the two to score cannot be told).
     """
     if not pred_dir.is_dir():
         raise EvaluationError(f"prediction directory {pred_dir} does not exist")
     if not gt_dir.is_dir():
         raise EvaluationError(f"ground-truth directory {gt_dir} does not exist")
-    pairs = []
+    pairs, seen = [], {}
     for p in sorted(pred_dir.iterdir()):
         cid = case_id_of(p.name)
         if cid is not None and p.is_file():
+            if cid in seen:
+                raise EvaluationError(f"{pred_dir} holds {cid} twice, as {seen[cid]} and {p.name}: remove one of "
+                                      "them (which of the two to score cannot be told)", code=EXIT_DATA)
+            seen[cid] = p.name
             pairs.append((cid, p, find_label_file(gt_dir / cid, EVAL_LABEL_FILES)))
     if not pairs:
-        raise EvaluationError(f"{pred_dir} holds no prediction_XXXXX.nii.gz files")
+        raise EvaluationError(f"{pred_dir} holds no prediction_XXXXX.nii.gz (or case_XXXXX.nii.gz) files")
     predicted = {c for c, _, _ in pairs}
     gt_cases = sorted(d.name for d in gt_dir.glob("case_*") if d.is_dir() and find_label_file(d, EVAL_LABEL_FILES))
     return pairs, [c for c in gt_cases if c not in predicted]

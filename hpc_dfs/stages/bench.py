@@ -4,6 +4,7 @@
     hpc-dfs bench --all
     hpc-dfs bench preprocess reader train
     hpc-dfs bench quality --eval-data DIR --out OUT   # also score your own KiTS-layout cases with the cascade
+    hpc-dfs bench quality --quick --work W --out OUT  # the smoke run (hpc-dfs and nnU-Net rows at one budget)
 
 Each benchmark is a script ``bench/bench_<name>.py`` that measures one thing against a floor or a
 peer *in the same run* (ratios, not absolute timings, are the figures to compare across machines)
@@ -45,6 +46,9 @@ def add_arguments(parser) -> None:
                         help="quality only: also predict and score this KiTS-layout folder (images with labels)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="quality only: write quality.json (and eval_data/) here instead of bench/results")
+    parser.add_argument("--work", type=Path, default=None, metavar="DIR",
+                        help="quality only: its working folder (renders, shards, runs; reused by a second run) "
+                             "instead of bench/work_quality")
 
 
 def _print_list(found: dict[str, Path]) -> None:
@@ -96,10 +100,11 @@ def main(args) -> int:
     unknown = [n for n in names if n not in found]
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(found)}")
-    passthrough = [a for flag, v in (("--eval-data", args.eval_data), ("--out", args.out)) if v is not None
-                   for a in (flag, str(v))]
+    passthrough = [a for flag, v in (("--eval-data", args.eval_data), ("--out", args.out), ("--work", args.work))
+                   if v is not None for a in (flag, str(v))]
     if passthrough and names != ["quality"]:
-        raise ConfigError("--eval-data and --out belong to the quality benchmark: run `hpc-dfs bench quality ...`")
+        raise ConfigError("--eval-data, --out and --work belong to the quality benchmark: run "
+                          "`hpc-dfs bench quality ...`")
     if args.eval_data is not None:
         require_path(args.eval_data, "dir", "--eval-data")
     failed, runs, t_all = [], [], time.perf_counter()

@@ -11,6 +11,22 @@ Writes ``DATA/case_XXXXX/imaging.nii.gz`` and ``segmentation.nii.gz`` (CONTRACTS
 drawn first and drives the image) and **from labels** (CT painted around a real KiTS19 or KiTS23 label map,
 whose file is copied byte for byte and whose real record is attached), are described in :mod:`hpc_dfs.data.synth`.
 
+**Tumour contrast that the default look draws** (tumour minus kidney parenchyma, HU, before the per-case
+offset of N(0, 10) HU, the texture of +-25 HU and the scanner noise of SD 6-28 HU; the phase is drawn per case:
+non-contrast 10 %, corticomedullary 35 %, nephrographic 40 %, excretory 15 %)::
+
+    phase              clear cell  papillary  chromophobe  cc-papillary  oncocytoma  angiomyolipoma
+    non-contrast           +10         +5         +10          +10          +10          -10
+    corticomedullary       +25        -75         -25          -15           -5          -85
+    nephrographic          -31       -112         -71          -63          -55         -123
+    excretory              -32        -94         -62          -56          -50         -106
+
+So about one case in ten (non-contrast), and some corticomedullary ones, carry a tumour within the noise of the
+kidney: invisible by construction, as a small tumour on a non-contrast CT is. The generator keeps them (real data
+has them too); ``hpc-dfs evaluate`` measures each tumour's contrast in the image and flags the ones below 1
+kidney SD as *faint*, and the report and ``eval.md`` show each tumour's contrast beside its detection and the
+detection rate of faint and clear tumours apart.
+
 Output is deterministic for a seed (each case has its own seeded generator, so case 7 does not change
 when more cases are asked for). Files are written atomically; a rerun keeps valid existing cases.
 A bad ``--from-labels``, ``--kits-json`` or ``--cases`` is one error line and exit status 2.

@@ -279,3 +279,34 @@ def test_predictions_not_from_the_run_of_summary_json_are_refused(tmp_path, caps
     assert "prediction_00001.nii.gz (case_00001 failed in it)" in capsys.readouterr().err
     summary.write_text(json.dumps({"cases": [{"case_id": "case_00000", "status": "ok"}]}))   # an older predict
     assert main(args) == 0
+
+
+def test_submission_naming_scores_as_prediction_naming_and_both_at_once_is_refused(tmp_path, capsys):
+    """``case_XXXXX.nii.gz`` (the KiTS submission and nnU-Net naming) is scored exactly as ``prediction_XXXXX``."""
+    from hpc_dfs.cli import main
+    aff = np.diag([-0.8, -0.8, 2.5, 1.0])[[2, 1, 0, 3]]
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        g = np.zeros((8, 20, 16), np.uint8)
+        g[2:6, 4:14, 3:9] = 1
+        g[3:5, 5:8, 4:7] = 2
+        _save(tmp_path / "gt" / f"case_{i:05d}" / "segmentation.nii.gz", g, aff)
+        p = g.copy()
+        p[rng.random(g.shape) < 0.05] = 1
+        _save(tmp_path / "ours" / f"prediction_{i:05d}.nii.gz", p, aff)
+        _save(tmp_path / "nnunet" / f"case_{i:05d}.nii.gz", p, aff)
+    res = {}
+    for name in ("ours", "nnunet"):
+        out = tmp_path / f"eval_{name}.json"
+        assert main(["evaluate", "--pred", str(tmp_path / name), "--gt", str(tmp_path / "gt"), "--out", str(out),
+                     "--no-surface-metrics"]) == 0
+        res[name] = json.loads(out.read_text())
+    assert [c["case_id"] for c in res["nnunet"]["cases"]] == ["case_00000", "case_00001"]
+    for a, b in zip(res["ours"]["cases"], res["nnunet"]["cases"]):
+        assert a["kidney_dice"] == b["kidney_dice"] < 1.0 and a["tumor_dice"] == b["tumor_dice"]
+
+    _save(tmp_path / "nnunet" / "prediction_00001.nii.gz", np.zeros((8, 20, 16), np.uint8), aff)
+    assert main(["evaluate", "--pred", str(tmp_path / "nnunet"), "--gt", str(tmp_path / "gt"),
+                 "--out", str(tmp_path / "eval_both.json")]) == 3
+    err = capsys.readouterr().err
+    assert "case_00001 twice" in err and "case_00001.nii.gz" in err and "prediction_00001.nii.gz" in err

@@ -203,3 +203,20 @@ def test_style_is_a_synth_setting(tmp_path):
                           np.asanyarray(nib.load(str(tmp_path / "d" / name)).dataobj))
     img = [np.asanyarray(nib.load(str(tmp_path / d / "case_00000/imaging.nii.gz")).dataobj) for d in ("r", "d")]
     assert not np.array_equal(*img)
+
+
+def test_synth_help_states_the_tumour_contrast_that_the_generator_draws():
+    """The table in ``hpc-dfs synth --help`` is the default look's own arithmetic (it cannot drift from the code)."""
+    import re
+
+    from hpc_dfs.data.synth_looks import PHASES, TUMOUR_HU, tumour_contrast_hu
+    from hpc_dfs.stages import synth as stage
+    doc = stage.__doc__
+    names = {"non-contrast": "noncontrast", "corticomedullary": "corticomedullary", "nephrographic": "nephrographic",
+             "excretory": "excretory"}
+    for shown, phase in names.items():
+        row = re.search(rf"^\s+{shown}\s+((?:[+-]\d+\s*)+)$", doc, re.M)
+        assert row, shown
+        values = [int(v) for v in row.group(1).split()]
+        assert values == [round(tumour_contrast_hu(phase, s)) for s in TUMOUR_HU], (shown, values)
+    assert set(names.values()) == set(PHASES)

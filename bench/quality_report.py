@@ -1,0 +1,167 @@
+"""The report of ``bench quality``: markdown tables and the learning-curve plot, made from ``quality.json`` only.
+
+    quality_report.write(result, out_dir)   # OUT/quality.md and OUT/quality_curve.png
+    quality_report.markdown(result)         # the tables of the README (so that the JSON and README cannot disagree)
+
+A difference between two rows is called only where their 95 % intervals separate (``hpc_dfs.metrics.intervals
+.separable``); otherwise the table says "not separable".
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hpc_dfs.metrics.intervals import separable
+
+METRICS = (("kidney_dice", "kidney Dice"), ("tumor_dice", "tumour Dice"), ("tumor_detection_rate", "tumours hit"))
+PEER = "nnunet"
+
+
+def _iv(fig: dict | None) -> str:
+    if not fig:
+        return "-"
+    lo, hi = fig["ci95"]
+    return f"{fig['mean']:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _hits(fig: dict | None) -> str:
+    if not fig:
+        return "-"
+    lo, hi = fig["ci95"]
+    return f"{fig['hits']}/{fig['total']} = {fig['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _fmt(key: str, fig: dict | None) -> str:
+    return _hits(fig) if key == "tumor_detection_rate" else _iv(fig)
+
+
+def verdict(ours: dict | None, peer: dict | None) -> str:
+    """``ahead`` / ``behind`` where the intervals separate, else ``not separable``."""
+    if not ours or not peer:
+        return "-"
+    if not separable(ours, peer):
+        return "not separable"
+    return "ahead" if ours["mean"] > peer["mean"] else "behind"
+
+
+def selection_score(row: dict) -> float:
+    """Mean kidney and tumour Dice over the renders a row was scored on: how ``--eval-data`` picks its row."""
+    vals = [(block or {}).get(m) for block in (row, row.get("unseen")) if block for m in ("kidney_dice", "tumor_dice")]
+    vals = [v["mean"] for v in vals if v]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def curve_table(result: dict) -> str:
+    rows = [r for r in result["rows"] if r["section"] == "curve"]
+    head = ("| budget | system | train s | kidney Dice [95% CI] | tumour Dice [95% CI] | tumours hit [95% CI] | "
+            "unseen renderer: kidney | unseen: tumour | hpc-dfs vs nnU-Net (kidney / tumour; ours, unseen) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["budget_x"], r["system"] != "hpc-dfs")):
+        u = r.get("unseen") or {}
+        call = ""
+        if r["system"] == "hpc-dfs":
+            peer = next((p for p in rows if p["system"] == PEER and p["budget_x"] == r["budget_x"]), None)
+            if peer:
+                pu = peer.get("unseen") or {}
+                call = (f"{verdict(r['kidney_dice'], peer['kidney_dice'])} / "
+                        f"{verdict(r['tumor_dice'], peer['tumor_dice'])}; "
+                        f"{verdict(u.get('kidney_dice'), pu.get('kidney_dice'))} / "
+                        f"{verdict(u.get('tumor_dice'), pu.get('tumor_dice'))}")
+        lines.append(f"| {r['budget_x']:g}x ({r['budget_s']:.0f} s) | {r['system']} | {r['train_s']:.0f} | "
+                     f"{_iv(r['kidney_dice'])} | {_iv(r['tumor_dice'])} | {_hits(r['tumor_detection_rate'])} | "
+                     f"{_iv(u.get('kidney_dice'))} | {_iv(u.get('tumor_dice'))} | {call} |")
+    return "\n".join(lines)
+
+
+def size_table(result: dict) -> str:
+    rows = [r for r in result["rows"] if r.get("detection_by_size")]
+    classes = list(rows[0]["detection_by_size"]) if rows else []
+    lines = ["| row | budget | " + " | ".join(f"detected, {c}" for c in classes) + " |",
+             "|---|---|" + "---|" * len(classes)]
+    for r in rows:
+        cells = " | ".join(_hits(r["detection_by_size"].get(c)) for c in classes)
+        lines.append(f"| {r['system']}: {r['row']} | {r['budget_x']:g}x | {cells} |")
+    return "\n".join(lines)
+
+
+def ablation_table(result: dict) -> str:
+    rows = [r for r in result["rows"] if r["section"] == "ablation"]
+    base = next((r for r in rows if r["row"].startswith("hpc-dfs cascade, FiLM")), None)
+    lines = ["| row | training cases | train s | kidney Dice [95% CI] | tumour Dice [95% CI] | tumours hit | "
+             "unseen: kidney | unseen: tumour | vs cascade, FiLM (tumour, ours) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        u = r.get("unseen") or {}
+        call = "" if r is base or base is None else verdict(r["tumor_dice"], base["tumor_dice"])
+        lines.append(f"| {r['row']} | {r.get('n_train_cases', '-')} | {r['train_s']:.0f} | {_iv(r['kidney_dice'])} | "
+                     f"{_iv(r['tumor_dice'])} | {_hits(r['tumor_detection_rate'])} | {_iv(u.get('kidney_dice'))} | "
+                     f"{_iv(u.get('tumor_dice'))} | {call} |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The README tables of a ``quality.json``: the curve (hpc-dfs beside nnU-Net), detection by size, ablation."""
+    parts = [curve_table(result), "", size_table(result)]
+    if any(r["section"] == "ablation" for r in result["rows"]):
+        parts += ["", ablation_table(result)]
+    return "\n".join(parts)
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """The learning curve: Dice (95 % interval) against the training budget, per system and renderer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["section"] == "curve"]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    colours = {"hpc-dfs": "tab:blue", PEER: "tab:orange"}
+    for ax, (key, title) in zip(axes, METRICS[:2]):
+        for system in colours:
+            for render, style in (("ours", "-"), ("unseen", "--")):
+                pts = []
+                for r in sorted((r for r in rows if r["system"] == system), key=lambda r: r["budget_s"]):
+                    fig_ = r.get(key) if render == "ours" else (r.get("unseen") or {}).get(key)
+                    if fig_:
+                        pts.append((r["budget_s"], fig_["mean"], fig_["ci95"]))
+                if not pts:
+                    continue
+                x = [p[0] * (1.03 if system == PEER else 1.0) for p in pts]
+                y = [p[1] for p in pts]
+                err = [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]]
+                ax.errorbar(x, y, yerr=err, fmt=style + "o", color=colours[system], capsize=3,
+                            label=f"{'nnU-Net v2' if system == PEER else 'hpc-dfs'}, "
+                                  f"{'our renderer' if render == 'ours' else 'unseen renderer'}")
+        ax.set_xscale("log")
+        xs = [r["budget_s"] for r in rows]
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+        ax.set_xlabel("training budget (s, 2 CPU cores)")
+        ax.set_ylabel(title)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title}, {rows[0]['n_val_cases']} validation cases, 95% CI")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write(result: dict, out_dir: Path) -> None:
+    """``OUT/quality.md`` (settings, tables, plot) and ``OUT/quality_curve.png``."""
+    png = plot(result, out_dir / "quality_curve.png")
+    text = [f"# bench quality{' (--quick: a smoke run, not a result)' if result.get('quick') else ''}", "",
+            f"Machine: {result['machine']}. Base budget {result['base_s']:g} s; budgets "
+            f"{', '.join(f'{b:g}x' for b in result['budgets'])}; the unseen renderer scored at "
+            f"{', '.join(f'{b:g}x' for b in result['unseen_budgets'])}. nnU-Net plan: {result['nnunet_plan']}.", ""]
+    if png:
+        text += [f"![learning curve]({png.name})", ""]
+    text += [markdown(result), ""]
+    tmp = out_dir / ".tmp-quality.md"
+    tmp.write_text("\n".join(text))
+    os.replace(tmp, out_dir / "quality.md")

@@ -1,0 +1,103 @@
+"""``bench quality``: hpc-dfs beside the real nnU-Net v2 at equal budgets, with intervals; its report and plot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "bench"))
+import bench_quality  # noqa: E402
+import quality_report  # noqa: E402
+
+
+def _fig(mean, lo, hi, **kw):
+    return {"mean": mean, "ci95": [lo, hi], "n": 20, **kw}
+
+
+def _result():
+    def row(system, b, kid, tum, unseen=True):
+        r = {"section": "curve", "system": system, "row": system, "budget_x": b, "budget_s": 60.0 * b,
+             "train_s": 60.0 * b + 3, "n_val_cases": 20, "kidney_dice": kid, "tumor_dice": tum,
+             "tumor_detection_rate": _fig(0.5, 0.3, 0.7, hits=10, total=20),
+             "detection_by_size": {"<10 ml": _fig(0.2, 0.0, 0.5, hits=1, total=5), "10-50 ml": None,
+                                   ">50 ml": _fig(1.0, 1.0, 1.0, hits=3, total=3)}}
+        r["unseen"] = {"kidney_dice": kid, "tumor_dice": tum} if unseen else None
+        return r
+    return {"machine": "test", "quick": False, "base_s": 60.0, "budgets": [1, 3], "unseen_budgets": [1, 3],
+            "nnunet_plan": {"batch_size": 2},
+            "rows": [row("hpc-dfs", 1, _fig(0.9, 0.85, 0.95), _fig(0.2, 0.1, 0.3)),
+                     row("nnunet", 1, _fig(0.5, 0.4, 0.6), _fig(0.25, 0.1, 0.4)),
+                     row("hpc-dfs", 3, _fig(0.6, 0.5, 0.7), _fig(0.3, 0.2, 0.4), unseen=False),
+                     row("nnunet", 3, _fig(0.9, 0.8, 0.95), _fig(0.3, 0.2, 0.4), unseen=False)]}
+
+
+def test_verdict_is_called_only_where_the_intervals_separate():
+    assert quality_report.verdict(_fig(0.9, 0.85, 0.95), _fig(0.5, 0.4, 0.6)) == "ahead"
+    assert quality_report.verdict(_fig(0.5, 0.4, 0.6), _fig(0.9, 0.85, 0.95)) == "behind"
+    assert quality_report.verdict(_fig(0.2, 0.1, 0.3), _fig(0.25, 0.1, 0.4)) == "not separable"
+    assert quality_report.verdict(None, _fig(0.2, 0.1, 0.3)) == "-"
+
+
+def test_report_tables_and_learning_curve_come_from_the_json(tmp_path):
+    res = _result()
+    md = quality_report.markdown(res)
+    lines = md.splitlines()
+    one = next(line for line in lines if line.startswith("| 1x (60 s) | hpc-dfs"))
+    assert "0.900 [0.85, 0.95]" in one and "ahead / not separable; ahead / not separable" in one
+    three = next(line for line in lines if line.startswith("| 3x (180 s) | hpc-dfs"))
+    assert "behind / not separable; - / -" in three
+    assert "| detected, <10 ml | detected, 10-50 ml | detected, >50 ml |" in md and "1/5 = 0.20 [0.00, 0.50]" in md
+    quality_report.write(res, tmp_path)
+    png = tmp_path / "quality_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    report = (tmp_path / "quality.md").read_text()
+    assert "![learning curve](quality_curve.png)" in report and one in report
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_budget_steps_fill_the_budget_with_the_recipe_epochs_and_validations():
+    cal = {"step_s": 0.5, "val_s": 2.0}
+    steps = bench_quality.budget_steps(30.0, cal)
+    planned = bench_quality.EPOCHS * steps * cal["step_s"] + bench_quality.VALIDATIONS * cal["val_s"]
+    assert steps == 5 and planned <= 30.0 < planned + bench_quality.EPOCHS * cal["step_s"]
+    assert bench_quality.budget_steps(1.0, cal) == 1      # never below one step
+
+
+def test_train_seconds_is_the_epoch_span_plus_one_median_epoch(tmp_path):
+    rows = [{"epoch": i, "time": 100.0 + t} for i, t in enumerate([0, 10, 21, 30])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_quality.train_seconds(tmp_path) == pytest.approx(30 + 10)
+
+
+@pytest.mark.slow
+def test_quick_runs_end_to_end_with_the_nnunet_row(tmp_path, kits19_dir):
+    """``hpc-dfs bench quality --quick``: both systems trained, predicted and scored with intervals."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    res = subprocess.run([sys.executable, "-m", "hpc_dfs", "bench", "quality", "--quick", "--work", str(work),
+                          "--out", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    q = json.loads((out / "quality.json").read_text())
+    assert q["quick"] is True and {r["system"] for r in q["rows"]} == {"hpc-dfs", "nnunet"}
+    for r in q["rows"]:
+        assert r["budget_x"] == 1 and r["n_val_cases"] == 2 and r["train_s"] > 0
+        for key in ("kidney_dice", "tumor_dice"):
+            lo, hi = r[key]["ci95"]
+            assert 0.0 <= lo <= r[key]["mean"] <= hi <= 1.0
+            assert r["unseen"][key]["n"] == 2
+        assert set(r["detection_by_size"]) == {"<10 ml", "10-50 ml", ">50 ml"}
+    peer = next(r for r in q["rows"] if r["system"] == "nnunet")
+    # the real nnU-Net trainer ran under the budget it was given (its own record; timings are the benchmark's job)
+    assert peer["nnunet"]["budget_s"] == q["base_s"] and peer["nnunet"]["iterations"] >= 1
+    preds = sorted(p.name for p in (work / "quick" / "pred" / "nnunet_x1" / "val").glob("case_*.nii.gz"))
+    assert preds == ["case_00110.nii.gz", "case_00113.nii.gz"]
+    split = json.loads((work / "quick" / "nnunet" / "nnUNet_preprocessed" / "Dataset501_HpcDfsQuality" /
+                        "splits_final.json").read_text())
+    manifest = json.loads((work / "quick" / "shards_train" / "manifest.json").read_text())
+    assert sorted(split[0]["val"]) == sorted(c["case_id"] for c in manifest["cases"] if c["fold"] == 0)
+    assert (out / "quality_curve.png").exists() and "| 1x (10 s) | hpc-dfs" in (out / "quality.md").read_text()
