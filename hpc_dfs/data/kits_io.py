@@ -8,8 +8,9 @@ Layouts understood (see ``hpc_dfs/CONTRACTS.md`` section 1; the names are those 
     DATA/case_XXXXX/aggregated_MAJ_seg.nii.gz          KiTS21 ground truth (majority vote)
     DATA/kits.json | DATA/kits23.json                  clinical records
 
-KiTS19 labels are 0 background, 1 kidney, 2 tumour; KiTS21/23 add 3 cyst. A ``label_map``
-(raw label -> class index) folds them into the classes that the models learn.
+KiTS19 labels are 0 background, 1 kidney, 2 tumour; KiTS21/23 add 3 cyst, kept as a fourth class by default
+(the KiTS23 evaluation scores it in its regions). A ``label_map`` (raw label -> class index) maps them to the
+classes that the models learn; ``--set label_map=0:0,1:1,2:2,3:1`` folds a cyst into kidney.
 
 Every problem with a case raises :class:`CaseError`, whose message starts with the case id
 (``[case_00007] truncated gzip: ...``), so one line tells the user what to fix.
@@ -42,13 +43,13 @@ __all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_FILES", "LAB
            "list_cases", "near_misses", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
            "save_nifti_atomic", "kits_affine", "apply_label_map"]
 
-#: class names by index; a label map with 4 classes (``--set label_map=0:0,1:1,2:2,3:3``) names the fourth "cyst"
+#: class names by index; KiTS21/23 data (4 classes) names the fourth "cyst"
 CLASSES = ["background", "kidney", "tumor", "cyst"]
-#: default raw-label -> class maps per dataset; KiTS21/23 cysts count as kidney tissue
+#: default raw-label -> class maps per dataset; KiTS21/23 keep the cyst (label 3) as its own class
 LABEL_MAPS = {
     "kits19": {0: 0, 1: 1, 2: 2},
-    "kits21": {0: 0, 1: 1, 2: 2, 3: 1},
-    "kits23": {0: 0, 1: 1, 2: 2, 3: 1},
+    "kits21": {0: 0, 1: 1, 2: 2, 3: 3},
+    "kits23": {0: 0, 1: 1, 2: 2, 3: 3},
 }
 _AFFINE_ATOL = 1e-3  # mm; headers written by different tools differ in float rounding only
 
