@@ -12,7 +12,7 @@ import numpy as np
 from hpc_dfs import fsutil
 from hpc_dfs.config.predict import PredictConfig
 from hpc_dfs.contracts import prediction as pred_contract
-from hpc_dfs.contracts.kits import find_label_file
+from hpc_dfs.contracts.kits import IMAGE_NAME, find_label_file
 from hpc_dfs.inference.cases import DUPLICATE, CaseInput
 from hpc_dfs.inference.errors import InferenceError
 from hpc_dfs.inference.nifti import nifti_gz_bytes
@@ -216,7 +216,8 @@ def move_aside(case: CaseInput, out_dir: Path) -> list[Path]:
 def _ground_truth(case: CaseInput, shape: tuple[int, ...]) -> np.ndarray | None:
     """The case's ground truth beside its image, for the overlay (prediction | truth | errors); None if absent."""
     import nibabel as nib
-    path = find_label_file(case.image_path.parent)
+    ref = case.image_path.parent if case.image_path.name == IMAGE_NAME else case.image_path   # KiTS or nnU-Net
+    path = find_label_file(ref)
     if path is None:
         return None
     try:
