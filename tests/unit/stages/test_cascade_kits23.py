@@ -70,3 +70,14 @@ def test_cascade_predicts_kits_labels_and_evaluates_as_kits23(data_and_shards, t
     assert cli(["evaluate", "--pred", str(pred), "--gt", str(data), "--regions", "kits23", "--out", str(out)]) == 0
     rows = (tmp_path / "eval23.csv").read_text().splitlines()
     assert rows[0] == "caseID,Dice_kidney,Dice_masses,Dice_tumor,SD_kidney,SD_masses,SD_tumor" and len(rows) == 4
+    html_path = tmp_path / "report.html"
+    assert cli(["report", str(run), "--pred", str(pred), "--eval", str(out), "--shards", str(shards), "--out",
+                str(html_path)]) == 0
+    html = html_path.read_text()
+    assert "0 background, 1 kidney, 2 tumor, 3 cyst" in html and "Test: KiTS23 mean Dice" in html
+    assert "val masses Dice" in html and "masses Dice (tumour or cyst; 2D slices)" in html
+    if mode == "regions":
+        assert ("kits23 regions, one sigmoid each: kidney_and_masses = {kidney, tumor, cyst}; masses = {tumor, cyst}; "
+                "tumor = {tumor} (BCE + soft Dice); labels written in the order kidney, cyst, tumor") in html
+    else:
+        assert "softmax over the 4 classes (CE + soft Dice)" in html
