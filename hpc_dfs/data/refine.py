@@ -188,7 +188,8 @@ def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, pr
         infer: normalised slices ``(n, H, W)`` -> probabilities ``(C, n, H, W)`` (stage 2's replicas; the
             2.5D context is built inside it).
         regions: ``probs`` are region probabilities (sigmoid, :mod:`hpc_dfs.data.regions`): the kidney is the
-            first region (kidney and masses) ``> 0.5``, not ``1 - p[0]``.
+            first region (kidney and masses) ``> 0.5``, not ``1 - p[0]``, and a window's border outside its
+            slices is 0 in every region, not background.
 
     Returns:
         (native probabilities: stage 2's inside the windows, averaged where windows overlap, stage 1's outside;
@@ -210,7 +211,7 @@ def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, pr
         crop, size = window(box, img_c.shape, sp, plan, fit=True)
         params = _resample_params(preprocessing, size)
         sl, geom = prepare_image(np.asarray(img_c[crop], dtype=np.float32), aff_c, params)
-        total[(slice(None), *crop)] += restore_volume(infer(sl), geom)
+        total[(slice(None), *crop)] += restore_volume(infer(sl), geom, fill=[0.0] * len(probs) if regions else None)
         count[crop] += 1.0
         found.append({**box.to_json(), "window": [[s.start, s.stop] for s in crop], "slice_size": size})
     covered = count > 0

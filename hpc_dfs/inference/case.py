@@ -52,7 +52,7 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
     t["preprocess"] = time.perf_counter()
     probs, risk = infer_slices(reps, slices, clin, cfg.batch_size, cfg.tta, device)
     t["inference"] = time.perf_counter()
-    native = restore_volume(probs, geometry)
+    native = restore_volume(probs, geometry, fill=reps[0].fill)
     del probs
     cascade = None
     if refine:

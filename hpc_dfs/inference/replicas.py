@@ -33,6 +33,11 @@ class Replica:
     regions: dict | None = None   # region training (hpc_dfs.data.regions): one sigmoid output per region
 
     @property
+    def fill(self) -> list[float]:
+        """Probabilities outside the slices' field of view: background (1, 0, ...), or 0 for every region."""
+        return [0.0] * self.n_outputs if self.regions else [1.0] + [0.0] * (self.n_outputs - 1)
+
+    @property
     def n_outputs(self) -> int:
         """The model's output channels: one per class (softmax), or one per region (sigmoid)."""
         return len(self.regions["classes"]) if self.regions else len(self.classes)
