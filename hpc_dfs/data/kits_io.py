@@ -280,7 +280,9 @@ def apply_label_map(raw: np.ndarray, label_map: dict[int, int], case_id: str, na
     allowed = sorted(label_map)
     if lo < 0 or hi > max(allowed):
         bad = lo if lo < 0 else hi
-        raise CaseError(case_id, f"{name} holds label value {bad} outside the label set {allowed}")
+        hint = (" (a KiTS21/23 cyst in data read as KiTS19: pass --dataset kits23, or --label-map "
+                "0:0,1:1,2:2,3:1 to count it as kidney)" if bad == 3 and allowed == [0, 1, 2] else "")
+        raise CaseError(case_id, f"{name} holds label value {bad} outside the label set {allowed}{hint}")
     lut = np.full(hi + 1, 255, dtype=np.uint8)
     for r, c in label_map.items():
         if r <= hi:

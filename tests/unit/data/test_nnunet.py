@@ -74,9 +74,9 @@ def test_plain_labels_map_by_name(exported, tmp_path):
     _, raw = exported
     plain = _with_dataset_json(raw, tmp_path / "Dataset221_plain", labels={
         "background": 0, "kidney": 1, "tumour": 2, "cyst": 3})
-    del_order = json.loads((plain / "dataset.json").read_text())
-    del_order.pop("regions_class_order", None)
-    (plain / "dataset.json").write_text(json.dumps(del_order))
+    doc = json.loads((plain / "dataset.json").read_text())
+    doc.pop("regions_class_order", None)   # plain labels need no order
+    (plain / "dataset.json").write_text(json.dumps(doc))
     ds = read_raw_dataset(plain)
     assert ds.label_map == {0: 0, 1: 1, 2: 2, 3: 3} and ds.dataset == "kits23"
     assert [p.name for p in ds.cases] == ["case_00402_0000.nii.gz", "case_00403_0000.nii.gz"]
