@@ -318,7 +318,8 @@ def curves_figure(rows: list[dict], best_ep: int | None = None, n_val: int | Non
     nv = f" (validation n={n_val})" if n_val else ""
     nr = f" (validation n={n_risk if n_risk is not None else n_val})" if (n_risk or n_val) else ""
     panels = [(f"loss{nv}", [("train_loss", "train"), ("val_loss", "validation")], False),
-              (f"Dice, 2D slices{nv}", [("kidney_dice", "kidney"), ("tumor_dice", "tumour")], False),
+              (f"Dice, 2D slices{nv}", [("kidney_dice", "kidney"), ("masses_dice", "masses"),
+                                         ("tumor_dice", "tumour")], False),
               (f"risk{nr}", [("risk_auc", "AUC"), ("risk_acc", "accuracy")], False),
               ("learning rate (effective)", [("lr", "lr")], True)]
     fig = Figure(figsize=(16, 3.8), dpi=80)

@@ -111,7 +111,8 @@ class PreprocessConfig:
     dataset: Literal["auto", "kits19", "kits21", "kits23"] = field(default="auto", metadata={
         "help": "input layout and label set; auto detects it"})
     label_map: str = field(default="auto", metadata={
-        "help": "raw label -> class, e.g. '0:0,1:1,2:2,3:1' (KiTS21/23 cyst as kidney); auto by dataset"})
+        "help": "raw label -> class: auto by dataset (KiTS19 0:0,1:1,2:2; KiTS21/23 0:0,1:1,2:2,3:3, the "
+                "cyst a 4th class), or e.g. '0:0,1:1,2:2,3:1' (a KiTS21/23 cyst counted as kidney)"})
     clinical: str = field(default="auto", metadata={
         "help": "clinical records: 'auto' (DATA/kits.json or kits23.json), a .json/.csv path, or 'none'"})
     n_folds: int = field(default=5, metadata={"help": "cross-validation folds, assigned by case"})

@@ -248,6 +248,9 @@ class LossConfig:
     dice_weight: float = field(default=1.0, metadata=_h("weight of the batch Dice term"))
     ce_weight: float = field(default=1.0, metadata=_h("weight of the cross-entropy term"))
     risk_weight: float = field(default=0.1, metadata=_h("weight of the risk BCE term"))
+    regions: Literal["none", "kits23"] = field(default="none", metadata=_h(
+        "'none': one softmax over the classes; 'kits23': nnU-Net's KiTS23 regions, one sigmoid each for "
+        "kidney+masses, masses and tumour, trained with BCE + soft Dice (needs the cyst class)"))
 
     def validate(self) -> None:
         if min(self.dice_weight, self.ce_weight, self.risk_weight) < 0:

@@ -43,7 +43,8 @@ from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 from hpc_dfs.fsutil import atomic_path, clean_stale_tmp, write_bytes
 from hpc_dfs.log import get_logger
 
-__all__ = ["Checkpoint", "REQUIRED_KEYS", "INFERENCE_KEYS", "TENSOR_KEYS", "DIGEST_KEY", "CheckpointError",
+__all__ = ["Checkpoint", "REQUIRED_KEYS", "OPTIONAL_KEYS", "INFERENCE_KEYS", "TENSOR_KEYS", "DIGEST_KEY",
+           "CheckpointError",
            "capture_rng", "restore_rng", "save", "load", "read_meta", "copy_atomic", "prune_epoch_checkpoints",
            "epoch_path", "content_sha256", "CHECKPOINT_DIR", "LAST_NAME", "BEST_NAME", "checkpoint_dir",
            "last_path", "best_path"]
@@ -99,10 +100,13 @@ class Checkpoint(TypedDict):
     metrics: dict               # validation metrics of this epoch, best_score, best_epoch
     hpc_dfs_version: str
     world_size: int
+    regions: Optional[dict]     # loss.regions' set (class indices, label per region); None: softmax (optional)
 
 
+#: keys a checkpoint may lack: ``regions`` is absent from those written before region training
+OPTIONAL_KEYS = ("regions",)
 #: keys every checkpoint has (CONTRACTS.md section 3)
-REQUIRED_KEYS = tuple(Checkpoint.__annotations__)
+REQUIRED_KEYS = tuple(k for k in Checkpoint.__annotations__ if k not in OPTIONAL_KEYS)
 #: what predicting needs (predict then checks preprocessing, classes and clinical itself)
 INFERENCE_KEYS = ("model", "model_config")
 #: the large tensor entries; :func:`read_meta` drops them

@@ -8,8 +8,9 @@ Layouts understood (see ``hpc_dfs/CONTRACTS.md`` section 1; the names are those 
     DATA/case_XXXXX/aggregated_MAJ_seg.nii.gz          KiTS21 ground truth (majority vote)
     DATA/kits.json | DATA/kits23.json                  clinical records
 
-KiTS19 labels are 0 background, 1 kidney, 2 tumour; KiTS21/23 add 3 cyst. A ``label_map``
-(raw label -> class index) folds them into the classes that the models learn.
+KiTS19 labels are 0 background, 1 kidney, 2 tumour; KiTS21/23 add 3 cyst, kept as a fourth class by default
+(the KiTS23 evaluation scores it in its regions). A ``label_map`` (raw label -> class index) maps them to the
+classes that the models learn; ``--set label_map=0:0,1:1,2:2,3:1`` folds a cyst into kidney.
 
 Every problem with a case raises :class:`CaseError`, whose message starts with the case id
 (``[case_00007] truncated gzip: ...``), so one line tells the user what to fix.
@@ -33,7 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from hpc_dfs.contracts.kits import (CASE_RE, IMAGE_NAME, KITS21_LABEL_NAME, KITS23_CLINICAL_NAME, LABEL_FILES,
-                                   find_label_file, near_misses)
+                                   case_image, case_name, find_label_file, near_misses)
 from hpc_dfs.data.checks import GeometryProblem, IntensityProblem, check_intensities, checked_spacing
 from hpc_dfs.errors import EXIT_DATA, HpcDfsError
 from hpc_dfs.fsutil import atomic_path
@@ -42,13 +43,13 @@ __all__ = ["CaseError", "KitsCase", "CASE_RE", "IMAGE_NAME", "LABEL_FILES", "LAB
            "list_cases", "near_misses", "detect_dataset", "find_label_file", "read_header", "load_case", "load_nifti",
            "save_nifti_atomic", "kits_affine", "apply_label_map"]
 
-#: class names by index; a label map with 4 classes (``--set label_map=0:0,1:1,2:2,3:3``) names the fourth "cyst"
+#: class names by index; KiTS21/23 data (4 classes) names the fourth "cyst"
 CLASSES = ["background", "kidney", "tumor", "cyst"]
-#: default raw-label -> class maps per dataset; KiTS21/23 cysts count as kidney tissue
+#: default raw-label -> class maps per dataset; KiTS21/23 keep the cyst (label 3) as its own class
 LABEL_MAPS = {
     "kits19": {0: 0, 1: 1, 2: 2},
-    "kits21": {0: 0, 1: 1, 2: 2, 3: 1},
-    "kits23": {0: 0, 1: 1, 2: 2, 3: 1},
+    "kits21": {0: 0, 1: 1, 2: 2, 3: 3},
+    "kits23": {0: 0, 1: 1, 2: 2, 3: 3},
 }
 _AFFINE_ATOL = 1e-3  # mm; headers written by different tools differ in float rounding only
 
@@ -279,7 +280,9 @@ def apply_label_map(raw: np.ndarray, label_map: dict[int, int], case_id: str, na
     allowed = sorted(label_map)
     if lo < 0 or hi > max(allowed):
         bad = lo if lo < 0 else hi
-        raise CaseError(case_id, f"{name} holds label value {bad} outside the label set {allowed}")
+        hint = (" (a KiTS21/23 cyst in data read as KiTS19: pass --dataset kits23, or --label-map "
+                "0:0,1:1,2:2,3:1 to count it as kidney)" if bad == 3 and allowed == [0, 1, 2] else "")
+        raise CaseError(case_id, f"{name} holds label value {bad} outside the label set {allowed}{hint}")
     lut = np.full(hi + 1, 255, dtype=np.uint8)
     for r, c in label_map.items():
         if r <= hi:
@@ -297,13 +300,14 @@ def apply_label_map(raw: np.ndarray, label_map: dict[int, int], case_id: str, na
 
 def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, require_label: bool = False,
               check_finite: bool = True) -> KitsCase:
-    """Load and validate one case folder.
+    """Load and validate one case: a KiTS case folder, or an nnU-Net image file (``imagesTr/NAME_0000.nii.gz``,
+    its ground truth in ``labelsTr``; :func:`hpc_dfs.contracts.kits.case_image`).
 
     Checks: imaging present and decodable (truncated/corrupt gzip), 3-D, finite voxels, the label
     map (if any) has the image's shape and affine and only values of ``label_map``.
 
     Args:
-        case_dir: ``.../case_XXXXX``.
+        case_dir: ``.../case_XXXXX``, or an nnU-Net image file.
         label_map: raw label -> class; default KiTS19 (0, 1, 2).
         require_label: a missing ground truth is an error (else ``label`` is None).
         check_finite: reject voxels that cannot be CT (complex, NaN/inf as float32, beyond +-1e5 HU).
@@ -312,15 +316,15 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
         CaseError: any of the problems above; ``str(err)`` reads ``[case_id] problem``.
     """
     case_dir = Path(case_dir)
-    cid = case_dir.name
+    cid = case_name(case_dir)
     label_map = label_map or LABEL_MAPS["kits19"]
-    img_path = case_dir / IMAGE_NAME
+    img_path = case_image(case_dir)
     image, affine, zooms = load_nifti(img_path, cid)
     if check_finite:  # before the case reaches any statistic: complex, non-finite as float32, not CT
         try:
             check_intensities(image)
         except IntensityProblem as e:
-            raise CaseError(cid, f"{IMAGE_NAME} {e}") from None
+            raise CaseError(cid, f"{img_path.name} {e}") from None
     case = KitsCase(cid, image, affine, image_path=img_path, header_zooms=zooms)
     lab_path = find_label_file(case_dir)
     if lab_path is None:
@@ -329,10 +333,11 @@ def load_case(case_dir: str | Path, label_map: Optional[dict[int, int]] = None, 
         return case
     raw, lab_affine, _ = load_nifti(lab_path, cid)
     if raw.shape != image.shape:
-        raise CaseError(cid, f"image/label shape mismatch: {IMAGE_NAME} {image.shape} vs {lab_path.name} {raw.shape}")
+        raise CaseError(cid, f"image/label shape mismatch: {img_path.name} {image.shape} vs {lab_path.name} "
+                             f"{raw.shape}")
     if not np.allclose(affine, lab_affine, atol=_AFFINE_ATOL):
         diff = float(np.abs(affine - lab_affine).max())
-        raise CaseError(cid, f"affine mismatch between {IMAGE_NAME} and {lab_path.name} (max difference "
+        raise CaseError(cid, f"affine mismatch between {img_path.name} and {lab_path.name} (max difference "
                              f"{diff:.4g} mm): the label map is not on the image grid")
     in_place = raw if raw.dtype == np.uint8 and raw.flags.writeable else None  # ours: just decoded
     case.label = apply_label_map(raw, label_map, cid, lab_path.name, out=in_place)

@@ -24,6 +24,11 @@ when the sigmoid regions are turned back into labels, as the official KiTS23 cod
 gets the plain labels ``{"background": 0, "kidney": 1, "tumor": 2}``. Both use ``NibabelIOWithReorient``,
 as that conversion does.
 
+Reading (:func:`read_raw_dataset`): ``preprocess`` and ``predict`` take such a folder as they take the KiTS
+layout. Its ``dataset.json`` must describe one channel; its labels map to ours by name (``background``,
+``kidney``, ``tumor``/``tumour``, ``cyst``), or are exactly KiTS23's regions above (then the raw values are
+KiTS23's: 0-3). Another name, other regions or a second channel is one error naming ``dataset.json``.
+
 Writing is planned first and done second: :func:`plan_export` reads every label map (values must lie in
 0-3; a case without CT or ground truth is an error naming it) and compares what it would write with what
 ``OUT`` already holds, so a refusal (another dataset there, a file that differs) leaves ``OUT`` untouched.
@@ -41,14 +46,14 @@ from typing import Any, Optional
 import numpy as np
 
 from hpc_dfs import fsutil
-from hpc_dfs.data.kits_io import find_label_file, list_cases, load_nifti
-from hpc_dfs.contracts.kits import IMAGE_NAME
+from hpc_dfs.data.kits_io import CLASSES, find_label_file, list_cases, load_nifti
+from hpc_dfs.contracts.kits import IMAGE_NAME, NNUNET_DATASET_NAME, NNUNET_IMAGE_DIRS, nnunet_images
 from hpc_dfs.contracts.shards import MANIFEST_NAME
 from hpc_dfs.errors import EXIT_DATA, EXIT_USAGE, HpcDfsError
 
 __all__ = ["NnunetExportError", "DATASET_DIR_RE", "FILE_ENDING", "KITS23_LABELS", "KITS23_REGIONS_CLASS_ORDER",
            "KITS19_LABELS", "image_name", "label_name", "parse_dataset_dir", "dataset_json", "splits_from_shards",
-           "ExportPlan", "plan_export", "write_export"]
+           "ExportPlan", "plan_export", "write_export", "NnunetDatasetError", "RawDataset", "read_raw_dataset"]
 
 #: an nnU-Net dataset folder: ``Dataset`` + three digits + ``_`` + a name
 DATASET_DIR_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9][A-Za-z0-9_.\-]*)$")
@@ -202,7 +207,7 @@ def _check_existing(plan: ExportPlan) -> None:
             if not _same_file(p, targets[p]):
                 raise NnunetExportError(f"{p} exists and differs from {targets[p]}: {out} holds another dataset "
                                         "(choose another --out, or remove it)", code=EXIT_USAGE)
-    for name, want in (("dataset.json", plan.dataset), (SPLITS_NAME, plan.splits)):
+    for name, want in ((NNUNET_DATASET_NAME, plan.dataset), (SPLITS_NAME, plan.splits)):
         p = out / name
         if want is not None and p.is_file():
             try:
@@ -271,5 +276,93 @@ def write_export(plan: ExportPlan) -> dict[str, int]:
         copied += 1
     if plan.splits is not None:
         fsutil.write_json(plan.out / SPLITS_NAME, plan.splits)
-    fsutil.write_json(plan.out / "dataset.json", plan.dataset)
+    fsutil.write_json(plan.out / NNUNET_DATASET_NAME, plan.dataset)
     return {"copied": copied, "kept": kept}
+
+
+# ----------------------------------------------------------------------------- reading a raw dataset
+class NnunetDatasetError(HpcDfsError):
+    """An nnU-Net raw dataset that cannot be read as ours: a second channel, an unknown label (exit code 3)."""
+
+    code = EXIT_DATA
+
+
+@dataclass
+class RawDataset:
+    """An nnU-Net raw dataset as preprocess and predict read it."""
+
+    root: Path
+    cases: list[Path]              # per case its channel-0000 image file (a case reference of contracts.kits)
+    label_map: dict[int, int]      # raw label -> our class index (CLASSES)
+    dataset: str                   # "kits23" when a cyst class is among the labels, else "kits19"
+
+
+_NAME_ALIASES = {"tumour": "tumor", "tumors": "tumor", "kidneys": "kidney", "cysts": "cyst"}
+
+
+def _class_of(name: str) -> Optional[str]:
+    key = name.strip().lower()
+    key = _NAME_ALIASES.get(key, key)
+    return key if key in CLASSES else None
+
+
+def _label_map(path: Path, doc: dict) -> dict[int, int]:
+    """Raw label -> class index from ``dataset.json``'s ``labels`` (plain, or KiTS23's regions)."""
+    labels = doc.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise NnunetDatasetError(f"{path}: no 'labels' object")
+    if any(isinstance(v, list) for v in labels.values()):   # region-based: only KiTS23's regions are known
+        norm = {(_class_of(k) or k.strip().lower()): sorted(v) if isinstance(v, list) else [v]
+                for k, v in labels.items()}
+        want = {name: sorted(v) if isinstance(v, list) else [v] for name, v in KITS23_LABELS.items()}
+        if norm != want or doc.get("regions_class_order") != KITS23_REGIONS_CLASS_ORDER:
+            raise NnunetDatasetError(
+                f"{path}: region labels {labels} (regions_class_order {doc.get('regions_class_order')}) are not "
+                f"KiTS23's {KITS23_LABELS} with regions_class_order {KITS23_REGIONS_CLASS_ORDER}, the only regions "
+                "hpc-dfs reads; give plain labels named background, kidney, tumor, cyst")
+        return {0: 0, 1: CLASSES.index("kidney"), 2: CLASSES.index("tumor"), 3: CLASSES.index("cyst")}
+    out: dict[int, int] = {}
+    for name, value in labels.items():
+        cls = _class_of(str(name))
+        if cls is None or isinstance(value, bool) or not isinstance(value, int):
+            raise NnunetDatasetError(f"{path}: label {name!r}: {value!r} is not one of ours (background, kidney, "
+                                     "tumor, cyst, each with an integer value)")
+        out[int(value)] = CLASSES.index(cls)
+    if out.get(0) != 0 or CLASSES.index("kidney") not in out.values():
+        raise NnunetDatasetError(f"{path}: labels {labels} need background 0 and a kidney label")
+    return out
+
+
+def read_raw_dataset(data_dir: str | Path, folder: str = NNUNET_IMAGE_DIRS[0]) -> RawDataset:
+    """The cases of an nnU-Net v2 raw dataset's ``folder`` and its labels mapped to our classes.
+
+    Args:
+        data_dir: ``nnUNet_raw/DatasetNNN_NAME`` (``dataset.json`` beside ``imagesTr/``, ``labelsTr/``).
+        folder: ``imagesTr`` (preprocess) or ``imagesTs`` (predict).
+
+    Raises:
+        NnunetDatasetError: ``dataset.json`` unreadable, more than one channel (in the file or as image files),
+            an unknown label or other regions, or no image in ``folder``; the message names the file.
+    """
+    root = Path(data_dir)
+    path = root / NNUNET_DATASET_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise NnunetDatasetError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict):
+        raise NnunetDatasetError(f"{path}: not a JSON object")
+    channels = doc.get("channel_names", doc.get("modality"))
+    if not isinstance(channels, dict) or len(channels) != 1:
+        raise NnunetDatasetError(f"{path}: channel_names {channels!r}: hpc-dfs reads one channel (CT), this "
+                                 f"dataset has {len(channels) if isinstance(channels, dict) else 'no'} channels")
+    label_map = _label_map(path, doc)
+    images = nnunet_images(root, folder)
+    for cid, files in images.items():
+        if [f.name[len(cid) + 1:len(cid) + 5] for f in files] != ["0000"]:
+            raise NnunetDatasetError(f"{files[-1]}: case {cid} has channel files {[f.name for f in files]}; "
+                                     f"{path} and hpc-dfs expect one channel, {cid}_0000")
+    if not images:
+        raise NnunetDatasetError(f"{root / folder}: no image NAME_0000.nii.gz of an nnU-Net dataset")
+    return RawDataset(root, [files[0] for _, files in sorted(images.items())], label_map,
+                      "kits23" if CLASSES.index("cyst") in label_map.values() else "kits19")

@@ -20,8 +20,9 @@ import numpy as np
 
 from hpc_dfs.data.fingerprint import CasePart
 from hpc_dfs.data.geometry import make_geometry, prepare_label, resample_image
-from hpc_dfs.data.kits_io import (CLASSES, IMAGE_NAME, LABEL_MAPS, CaseError, KitsCase, detect_dataset,
-                                  find_label_file, list_cases, load_case, near_misses, read_header)
+from hpc_dfs.contracts.kits import case_image, case_name, is_nnunet_dataset
+from hpc_dfs.data.kits_io import (CLASSES, LABEL_MAPS, CaseError, KitsCase, detect_dataset, find_label_file,
+                                  list_cases, load_case, near_misses, read_header)
 from hpc_dfs.data.refine import refine_windows
 from hpc_dfs.errors import EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
@@ -75,19 +76,35 @@ def make_plan(data_dir: Path, cfg) -> PreprocessPlan:
     """
     from hpc_dfs.config.data import parse_label_map
 
-    try:
-        case_dirs = list_cases(data_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise PreprocessError(str(e)) from None
-    dataset = detect_dataset(data_dir) if cfg.dataset == "auto" else cfg.dataset
-    label_map = LABEL_MAPS[dataset] if cfg.label_map == "auto" else parse_label_map(cfg.label_map)
+    case_dirs, dataset, auto_map = _find_cases(data_dir)
+    dataset = dataset if cfg.dataset == "auto" else cfg.dataset
+    auto_map = auto_map if auto_map is not None and cfg.dataset == "auto" else LABEL_MAPS[dataset]
+    label_map = auto_map if cfg.label_map == "auto" else parse_label_map(cfg.label_map)
     n_classes = max(label_map.values()) + 1
     classes = CLASSES[:n_classes] if n_classes <= len(CLASSES) else [f"class_{i}" for i in range(n_classes)]
-    plan = PreprocessPlan(data_dir, dataset, label_map, classes, {cd.name: cd for cd in case_dirs}, {})
+    plan = PreprocessPlan(data_dir, dataset, label_map, classes, {case_name(cd): cd for cd in case_dirs}, {})
     plan.errors.update({name: f"[{name!r}] {why}" for name, why in near_misses(data_dir)})  # said, not skipped
     _read_clinical(plan, cfg.clinical)
     _read_headers(plan)
     return plan
+
+
+def _find_cases(data_dir: Path) -> tuple[list[Path], str, Optional[dict[int, int]]]:
+    """(case references, dataset, label map or None for the dataset's default) of a KiTS-layout folder or an
+    nnU-Net raw dataset (its ``imagesTr``; the label map from its ``dataset.json``).
+
+    Raises:
+        PreprocessError: no such folder, or no case in it.
+        hpc_dfs.data.nnunet.NnunetDatasetError: an nnU-Net dataset that cannot be read as ours (names the file).
+    """
+    if is_nnunet_dataset(data_dir):
+        from hpc_dfs.data.nnunet import read_raw_dataset
+        raw = read_raw_dataset(data_dir)
+        return raw.cases, raw.dataset, raw.label_map
+    try:
+        return list_cases(data_dir), detect_dataset(data_dir), None
+    except (FileNotFoundError, ValueError) as e:
+        raise PreprocessError(str(e)) from None
 
 
 def _read_clinical(plan: PreprocessPlan, setting: str) -> None:
@@ -123,11 +140,11 @@ def _read_headers(plan: PreprocessPlan) -> None:
     for cid, cd in plan.case_dirs.items():
         if cid in plan.errors:
             continue
-        if find_label_file(cd) is None and (cd / IMAGE_NAME).exists():
+        if find_label_file(cd) is None and case_image(cd).exists():
             plan.skipped.append(cid)
             continue
         try:
-            shape, _, affine = read_header(cd / IMAGE_NAME, cid)
+            shape, _, affine = read_header(case_image(cd), cid)
             g = make_geometry(shape, affine, {"slice_size": [1, 1]})
             plan.metas[cid] = {"case_id": cid, "shape": g["canonical_shape"], "spacing": g["canonical_spacing"],
                                "n_voxels": int(np.prod(shape))}
@@ -213,7 +230,7 @@ def case_memory_need(case_dir: Path, spatial: dict) -> Optional[tuple[int, str]]
 
     lab_path = find_label_file(case_dir)
     try:
-        img = nib.load(str(case_dir / IMAGE_NAME))
+        img = nib.load(str(case_image(case_dir)))
         shape, dtype = tuple(int(s) for s in img.shape), np.dtype(img.get_data_dtype())
         lab = nib.load(str(lab_path)) if lab_path is not None else None
         geom = make_geometry(shape, img.affine, spatial)
@@ -300,9 +317,9 @@ def check_case_memory(case_dir: Path, spatial: dict, limit_mb: int = 0, ranks_pe
         return
     have, how = available_memory(limit_mb, ranks_per_node)
     if need[0] > have:
-        raise CaseError(case_dir.name, f"needs about {_size(need[0])} to preprocess ({need[1]}) but this rank has "
-                                       f"{_size(have)} available ({how}): use fewer ranks per node "
-                                       "(--ntasks-per-node) or a node with more memory")
+        raise CaseError(case_name(case_dir), f"needs about {_size(need[0])} to preprocess ({need[1]}) but this rank "
+                                             f"has {_size(have)} available ({how}): use fewer ranks per node "
+                                             "(--ntasks-per-node) or a node with more memory")
 
 
 def _size(n_bytes: float) -> str:
@@ -316,10 +333,10 @@ def source_sha(case_dir: Path) -> str:
     Args:
         case_dir: ``DATA/case_XXXXX``.
     """
-    if not (case_dir / IMAGE_NAME).exists():
+    if not case_image(case_dir).exists():
         return ""
     h = hashlib.sha256()
-    for p in (case_dir / IMAGE_NAME, find_label_file(case_dir)):
+    for p in (case_image(case_dir), find_label_file(case_dir)):
         if p is not None and p.exists():
             h.update(p.name.encode())
             h.update(sha256_file(p).encode())

@@ -177,7 +177,7 @@ def refine_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, prepro
 
 
 def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, preprocessing: dict,
-                    infer: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, list[dict]]:
+                    infer: Callable[[np.ndarray], np.ndarray], regions: bool = False) -> tuple[np.ndarray, list[dict]]:
     """Stage 2 inside every kidney box of stage 1's probabilities; returns the new native probabilities.
 
     Args:
@@ -187,6 +187,9 @@ def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, pr
         preprocessing: stage 2's ``preprocessing`` block (with its ``refine`` plan).
         infer: normalised slices ``(n, H, W)`` -> probabilities ``(C, n, H, W)`` (stage 2's replicas; the
             2.5D context is built inside it).
+        regions: ``probs`` are region probabilities (sigmoid, :mod:`hpc_dfs.data.regions`): the kidney is the
+            first region (kidney and masses) ``> 0.5``, not ``1 - p[0]``, and a window's border outside its
+            slices is 0 in every region, not background.
 
     Returns:
         (native probabilities: stage 2's inside the windows, averaged where windows overlap, stage 1's outside;
@@ -197,7 +200,7 @@ def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, pr
     codes = preprocessing.get("orientation", ["I", "P", "L"])
     probs_c = np.stack([_to_canonical(p, affine, codes)[0] for p in probs])
     img_c, sp = _to_canonical(image, affine, codes)
-    boxes = _boxes(probs_c, sp, plan)
+    boxes = _boxes(probs_c[0] if regions else probs_c, sp, plan)
     if not boxes:
         return probs, []
     aff_c = canonical_affine(sp, codes)
@@ -208,7 +211,7 @@ def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, pr
         crop, size = window(box, img_c.shape, sp, plan, fit=True)
         params = _resample_params(preprocessing, size)
         sl, geom = prepare_image(np.asarray(img_c[crop], dtype=np.float32), aff_c, params)
-        total[(slice(None), *crop)] += restore_volume(infer(sl), geom)
+        total[(slice(None), *crop)] += restore_volume(infer(sl), geom, fill=[0.0] * len(probs) if regions else None)
         count[crop] += 1.0
         found.append({**box.to_json(), "window": [[s.start, s.stop] for s in crop], "slice_size": size})
     covered = count > 0

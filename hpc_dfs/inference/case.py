@@ -12,7 +12,7 @@ import numpy as np
 from hpc_dfs import fsutil
 from hpc_dfs.config.predict import PredictConfig
 from hpc_dfs.contracts import prediction as pred_contract
-from hpc_dfs.contracts.kits import find_label_file
+from hpc_dfs.contracts.kits import IMAGE_NAME, find_label_file
 from hpc_dfs.inference.cases import DUPLICATE, CaseInput
 from hpc_dfs.inference.errors import InferenceError
 from hpc_dfs.inference.nifti import nifti_gz_bytes
@@ -52,12 +52,12 @@ def predict_case(case: CaseInput, reps: list[Replica], cfg: PredictConfig, recor
     t["preprocess"] = time.perf_counter()
     probs, risk = infer_slices(reps, slices, clin, cfg.batch_size, cfg.tta, device)
     t["inference"] = time.perf_counter()
-    native = restore_volume(probs, geometry)
+    native = restore_volume(probs, geometry, fill=reps[0].fill)
     del probs
     cascade = None
     if refine:
         native, cascade = _refine(case, image, affine, native, refine, cfg, records, clinical_source, device)
-    label = np.argmax(native, axis=0).astype(np.uint8)
+    label = _labels(native, reps[0])
     if label.shape != image.shape:  # restore_volume guarantees it; this guards the contract
         raise InferenceError(f"restored shape {label.shape} differs from the input's {image.shape}")
     t["restore"] = time.perf_counter()
@@ -92,11 +92,20 @@ def _refine(case: CaseInput, image: np.ndarray, affine: np.ndarray, native: np.n
         return infer_slices(refine, sl, clin, cfg.batch_size, cfg.tta, device)[0]
 
     native, boxes = refine_in_boxes(image.astype(np.float32, copy=False), affine, native, refine[0].preprocessing,
-                                    infer)
+                                    infer, regions=refine[0].regions is not None)
     if not boxes:
         log.warning("%s: stage 1 found no kidney, so there is no box for stage 2; the stage-1 labels are kept",
                     case.case_id)
     return native, {"boxes": boxes, "stage": "refine" if boxes else "locate (no kidney found by stage 1)"}
+
+
+def _labels(native: np.ndarray, rep: Replica) -> np.ndarray:
+    """The class map of the native probabilities: the argmax, or for a region-trained model each region's label
+    over the earlier ones (nnU-Net's ``regions_class_order``, :func:`hpc_dfs.data.regions.region_labels`)."""
+    if rep.regions is None:
+        return np.argmax(native, axis=0).astype(np.uint8)
+    from hpc_dfs.data.regions import region_labels
+    return region_labels(native, rep.regions["labels"])
 
 
 def _read_case(case: CaseInput) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -207,7 +216,8 @@ def move_aside(case: CaseInput, out_dir: Path) -> list[Path]:
 def _ground_truth(case: CaseInput, shape: tuple[int, ...]) -> np.ndarray | None:
     """The case's ground truth beside its image, for the overlay (prediction | truth | errors); None if absent."""
     import nibabel as nib
-    path = find_label_file(case.image_path.parent)
+    ref = case.image_path.parent if case.image_path.name == IMAGE_NAME else case.image_path   # KiTS or nnU-Net
+    path = find_label_file(ref)
     if path is None:
         return None
     try:

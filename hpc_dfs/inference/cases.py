@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from hpc_dfs import config as cfgmod, parallel
-from hpc_dfs.contracts.kits import CASE_RE, IMAGE_NAME, case_suffix, near_misses
+from hpc_dfs.contracts.kits import (CASE_RE, IMAGE_NAME, NNUNET_IMAGE_DIRS, case_name, case_suffix,
+                                   is_nnunet_dataset, near_misses)
 from hpc_dfs.inference.errors import PredictError
 from hpc_dfs.log import get_logger
 
@@ -35,17 +36,24 @@ def discover_inputs(path: str | Path) -> tuple[list[CaseInput], Path]:
     """Cases under ``path`` (sorted by id) and the folder where ``kits.json`` would be.
 
     ``path`` may be one ``imaging.nii.gz`` (or any ``.nii``/``.nii.gz``), a case folder holding
-    ``imaging.nii.gz``, or a folder of ``case_XXXXX`` folders.
+    ``imaging.nii.gz``, a folder of ``case_XXXXX`` folders, or an nnU-Net v2 raw dataset (its ``imagesTs/``
+    when there is one, else its ``imagesTr/``; :func:`hpc_dfs.data.nnunet.read_raw_dataset`).
 
     Raises:
         ConfigError: ``path`` does not exist.
         PredictError: ``path`` is neither a NIfTI image nor a folder holding cases.
+        hpc_dfs.data.nnunet.NnunetDatasetError: an nnU-Net dataset of more than one channel (names the file).
     """
     p = cfgmod.require_path(path, "any", "--input")
+    if p.is_dir() and is_nnunet_dataset(p):
+        from hpc_dfs.data.nnunet import read_raw_dataset
+        folder = NNUNET_IMAGE_DIRS[1] if (p / NNUNET_IMAGE_DIRS[1]).is_dir() else NNUNET_IMAGE_DIRS[0]
+        return [CaseInput(case_name(ref), ref) for ref in read_raw_dataset(p, folder).cases], p
     if p.is_file():
         if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")):
             raise PredictError(f"--input {p} is a file but not a NIfTI image (.nii or .nii.gz)")
-        cid = p.parent.name if CASE_RE.match(p.parent.name) else re.sub(r"\.nii(\.gz)?$", "", p.name)
+        cid = p.parent.name if CASE_RE.match(p.parent.name) else case_name(p) if case_name(p) != p.name else \
+            re.sub(r"\.nii(\.gz)?$", "", p.name)   # an nnU-Net image (imagesTs/NAME_0000.nii.gz) is case NAME
         return [CaseInput(cid, p)], (p.parent.parent if CASE_RE.match(p.parent.name) else p.parent)
     if (p / IMAGE_NAME).exists():
         return [CaseInput(p.name, p / IMAGE_NAME)], p.parent

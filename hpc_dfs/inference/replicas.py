@@ -30,6 +30,17 @@ class Replica:
     model_name: str = ""
     info: dict = field(default_factory=dict)
     context: int = 1              # 2.5D: slices per input (the model's input channels)
+    regions: dict | None = None   # region training (hpc_dfs.data.regions): one sigmoid output per region
+
+    @property
+    def fill(self) -> list[float]:
+        """Probabilities outside the slices' field of view: background (1, 0, ...), or 0 for every region."""
+        return [0.0] * self.n_outputs if self.regions else [1.0] + [0.0] * (self.n_outputs - 1)
+
+    @property
+    def n_outputs(self) -> int:
+        """The model's output channels: one per class (softmax), or one per region (sigmoid)."""
+        return len(self.regions["classes"]) if self.regions else len(self.classes)
 
 
 def _canonical(obj: Any) -> str:
@@ -69,7 +80,7 @@ def load_replica(path: str | Path, weight: float, device) -> Replica:
                   info={"epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics"),
                         "stage": (ckpt.get("config") or {}).get("stage", "locate"),
                         "sha256": fsutil.sha256_file(path)},
-                  context=int(mcfg.get("in_channels", 1)))
+                  context=int(mcfg.get("in_channels", 1)), regions=_regions(ckpt, path, classes))
     if needs:
         from hpc_dfs.data.kits_clinical import ClinicalPipeline
         clin = ckpt.get("clinical") or {}
@@ -82,6 +93,20 @@ def load_replica(path: str | Path, weight: float, device) -> Replica:
             raise PredictError(f"checkpoint {path}: the clinical pipeline gives {rep.n_clinical} features but the "
                                f"model expects {model.n_clinical}")
     return rep
+
+
+def _regions(ckpt: dict, path: Path, classes: list[str]) -> dict | None:
+    """The checkpoint's region set (``loss.regions``), checked against its classes; None for softmax outputs."""
+    regions = ckpt.get("regions")
+    if regions is None:
+        return None
+    ok = isinstance(regions, dict) and isinstance(regions.get("classes"), list) and isinstance(
+        regions.get("labels"), list) and len(regions["classes"]) == len(regions["labels"]) and all(
+        0 <= int(v) < len(classes) for r in regions["classes"] for v in r) and all(
+        0 <= int(v) < len(classes) for v in regions["labels"])
+    if not ok:
+        raise PredictError(f"checkpoint {path}: its 'regions' entry {regions!r} does not fit its classes {classes}")
+    return regions
 
 
 def load_replicas(paths: list[str], weights: list[float], device) -> list[Replica]:
@@ -98,9 +123,9 @@ def load_replicas(paths: list[str], weights: list[float], device) -> list[Replic
                           if _canonical(r.preprocessing.get(k)) != _canonical(ref.preprocessing.get(k)))
             raise PredictError(f"checkpoints {ref.path} and {r.path} were trained with different preprocessing "
                                f"(differing keys: {', '.join(diff)}); their probabilities cannot be averaged")
-        if r.classes != ref.classes:
-            raise PredictError(f"checkpoints {ref.path} and {r.path} have different classes "
-                               f"({ref.classes} vs {r.classes})")
+        if r.classes != ref.classes or r.regions != ref.regions:
+            raise PredictError(f"checkpoints {ref.path} and {r.path} have different classes or regions "
+                               f"({ref.classes}, regions {_name(ref)} vs {r.classes}, regions {_name(r)})")
         if r.context != ref.context:
             raise PredictError(f"checkpoints {ref.path} and {r.path} take {ref.context} and {r.context} slices "
                                "per input; their probabilities cannot be averaged")
@@ -124,10 +149,14 @@ def load_refine_replicas(paths: list[Path], weights: list[float], stage1: list[R
         if "refine" not in r.preprocessing:
             raise PredictError(f"--refine-checkpoint {r.path} has no stage-2 plan (preprocessing.refine): "
                                "train it with --stage refine on shards preprocessed with refine.enabled=true")
-        if r.classes != stage1[0].classes:
-            raise PredictError(f"--refine-checkpoint {r.path} has classes {r.classes}, stage 1 has "
-                               f"{stage1[0].classes}")
+        if r.classes != stage1[0].classes or r.regions != stage1[0].regions:
+            raise PredictError(f"--refine-checkpoint {r.path} has classes {r.classes} (regions {_name(r)}), "
+                               f"stage 1 has {stage1[0].classes} (regions {_name(stage1[0])})")
     return reps
+
+
+def _name(rep: Replica) -> str:
+    return rep.regions.get("name", "?") if rep.regions else "none"
 
 
 def clinical_vector(rep: Replica, case_id: str, record: dict | None) -> np.ndarray:

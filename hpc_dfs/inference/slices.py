@@ -24,7 +24,8 @@ def _forward(rep: Replica, x, clin):
 
 def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndarray | None], batch_size: int,
                  tta: bool, device) -> tuple[np.ndarray, float | None]:
-    """Weighted-average softmax probabilities ``(C, n, H, W)`` of all replicas, and the case risk.
+    """Weighted-average softmax probabilities ``(C, n, H, W)`` of all replicas, and the case risk. Replicas
+    trained on regions give their sigmoid probabilities instead, one channel per region.
 
     Args:
         reps: loaded checkpoints (weights summing to 1).
@@ -37,7 +38,7 @@ def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndar
     """
     import torch
     n = slices.shape[0]
-    c = len(reps[0].classes)
+    c = reps[0].n_outputs
     probs = np.zeros((c, n, *slices.shape[1:]), dtype=np.float32)
     risk_sum, risk_w = 0.0, 0.0
     flips = TTA_FLIPS if tta else TTA_FLIPS[:1]
@@ -57,11 +58,11 @@ def infer_slices(reps: list[Replica], slices: np.ndarray, clinical: list[np.ndar
                     xi = torch.flip(x, dims) if dims else x
                     seg, risk = _forward(rep, xi, clin)
                     if seg.shape[1] != c:
-                        raise InferenceError(f"{rep.path.name} gives {seg.shape[1]} classes, expected {c}")
+                        raise InferenceError(f"{rep.path.name} gives {seg.shape[1]} output channels, expected {c}")
                     if seg.shape[2:] != x.shape[2:]:
                         raise InferenceError(f"{rep.path.name} gives {tuple(seg.shape[2:])} logits for "
                                           f"{tuple(x.shape[2:])} slices")
-                    p = torch.softmax(seg.float(), dim=1)
+                    p = torch.sigmoid(seg.float()) if rep.regions else torch.softmax(seg.float(), dim=1)
                     p = torch.flip(p, dims) if dims else p
                     acc = p if acc is None else acc + p
                     if risk is not None:

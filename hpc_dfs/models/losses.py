@@ -23,10 +23,17 @@ optimizer's gradient averaging (the backward sum over ``N`` identical upstream g
 Without ``reduce_fn`` the result matches
 ``monai.losses.DiceCELoss(softmax=True, to_onehot_y=True, batch=True, include_background=False)``
 (checked in ``tests/unit/models/test_losses.py``).
+
+**Regions** (``regions=[[1, 2, 3], [2, 3], [2]]``, nnU-Net's region training, e.g. KiTS23's hierarchical
+classes): the logits are one channel per region, each a sigmoid; a region's target is "the label is one of
+its classes". The segmentation term is then nnU-Net's ``DC_and_BCE_loss``: the mean binary cross-entropy
+over every region and pixel plus the batch soft Dice of every region (all regions count: none is background).
+The statistics have the same layout (the BCE sum and the count of region-pixels in place of CE's), so the
+rank reduction is the same.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,6 +56,8 @@ class DFSLoss(nn.Module):
             of length ``3 * C' + 4`` (``C'`` = classes in the Dice).
         include_background: include class 0 in the Dice mean.
         smooth_nr, smooth_dr: Dice smoothing added to numerator and denominator (MONAI's defaults).
+        regions: None (softmax over ``n_classes``), or per output channel the class indices of its region
+            (sigmoid outputs, ``len(regions)`` of them; ``n_classes`` is then the number of label classes).
 
     Call: ``loss(outputs, label, risk=None) -> (total, {"dice", "ce", "risk"})`` where ``outputs`` is
     the model's dict (``seg_logits`` ``[B, C, H, W]``, optional ``risk_logit`` ``[B]``) or a bare
@@ -59,17 +68,23 @@ class DFSLoss(nn.Module):
     def __init__(self, n_classes: int = 3, seg_weight: float = 1.0, risk_weight: float = 0.1,
                  dice_weight: float = 1.0, ce_weight: float = 1.0,
                  reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 include_background: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> None:
+                 include_background: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
+                 regions: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"DFSLoss needs n_classes >= 2 (softmax over classes), got {n_classes}")
         self.n_classes = n_classes
+        self.regions = None if regions is None else [sorted(int(c) for c in r) for r in regions]
+        if self.regions is not None and (not self.regions or not all(self.regions)):
+            raise ValueError(f"DFSLoss regions must be non-empty lists of class indices, got {regions}")
+        #: the logits' channels: one per class, or one per region
+        self.n_out = n_classes if self.regions is None else len(self.regions)
         self.seg_weight, self.risk_weight = float(seg_weight), float(risk_weight)
         self.dice_weight, self.ce_weight = float(dice_weight), float(ce_weight)
         self.reduce_fn = reduce_fn
         self.include_background = include_background
         self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
-        self.first_class = 0 if include_background else 1
+        self.first_class = 0 if include_background or self.regions is not None else 1
 
     def _split(self, outputs: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(outputs, torch.Tensor):
@@ -86,8 +101,8 @@ class DFSLoss(nn.Module):
         BCE sum, known-risk count]``. Sums of these over ranks give the global batch's statistics.
         """
         logits, risk_logit = self._split(outputs)
-        if logits.dim() != 4 or logits.shape[1] != self.n_classes:
-            raise ValueError(f"seg_logits must be [B, {self.n_classes}, H, W], got {tuple(logits.shape)}")
+        if logits.dim() != 4 or logits.shape[1] != self.n_out:
+            raise ValueError(f"seg_logits must be [B, {self.n_out}, H, W], got {tuple(logits.shape)}")
         if label.dim() == 4 and label.shape[1] == 1:
             label = label[:, 0]
         if label.shape != (logits.shape[0], *logits.shape[2:]):
@@ -96,15 +111,22 @@ class DFSLoss(nn.Module):
         label = label.long()
         logits = logits.float()  # AMP: reductions in float32
 
-        probs = torch.softmax(logits, dim=1)
-        onehot = F.one_hot(label, self.n_classes).permute(0, 3, 1, 2).to(probs.dtype)
-        probs, onehot = probs[:, self.first_class:], onehot[:, self.first_class:]
+        if self.regions is None:
+            probs = torch.softmax(logits, dim=1)
+            onehot = F.one_hot(label, self.n_classes).permute(0, 3, 1, 2).to(probs.dtype)
+            probs, onehot = probs[:, self.first_class:], onehot[:, self.first_class:]
+            ce_sum = F.cross_entropy(logits, label, reduction="sum")
+        else:   # one sigmoid per region; the target: the label is one of the region's classes
+            probs = torch.sigmoid(logits)
+            members = [torch.tensor(r, device=label.device) for r in self.regions]
+            onehot = torch.stack([torch.isin(label, m) for m in members], 1).to(probs.dtype)
+            ce_sum = F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum")
         dims = (0, 2, 3)
         intersection = (probs * onehot).sum(dims)
         pred_sum = probs.sum(dims)
         gt_sum = onehot.sum(dims)
-        ce_sum = F.cross_entropy(logits, label, reduction="sum")
-        n_pix = torch.tensor(float(label.numel()), device=logits.device)
+        n_pix = torch.tensor(float(label.numel() * (1 if self.regions is None else self.n_out)),
+                             device=logits.device)
 
         if risk_logit is not None and risk is not None:
             risk = risk.to(device=logits.device, dtype=torch.float32).reshape(-1)
@@ -122,7 +144,7 @@ class DFSLoss(nn.Module):
 
     def from_statistics(self, stats: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss from (possibly rank-summed) statistics made by :meth:`statistics`."""
-        k = self.n_classes - self.first_class
+        k = self.n_out - self.first_class
         intersection, pred_sum, gt_sum = stats[:k], stats[k:2 * k], stats[2 * k:3 * k]
         ce_sum, n_pix, bce_sum, n_known = stats[3 * k:3 * k + 4]
         dice = (1.0 - (2.0 * intersection + self.smooth_nr) / (pred_sum + gt_sum + self.smooth_dr)).mean()

@@ -104,6 +104,24 @@ def config_rows(cfg, model_config: dict, world: int | None) -> dict[str, Any]:
     return rows
 
 
+def output_rows(meta: dict) -> dict[str, Any]:
+    """What the network learns: its classes, and softmax over them or the regions it was trained on (sigmoid)."""
+    classes = list(meta.get("classes") or [])
+    regions = meta.get("regions")
+    if not classes:
+        return {}
+    rows: dict[str, Any] = {"classes": ", ".join(f"{i} {c}" for i, c in enumerate(classes))}
+    if isinstance(regions, dict) and regions.get("classes"):
+        sets = ["{" + ", ".join(classes[int(i)] for i in r) + "}" for r in regions["classes"]]
+        order = ", ".join(classes[int(v)] for v in regions.get("labels", []))
+        rows["segmentation output"] = (f"{regions.get('name', '')} regions, one sigmoid each: " + "; ".join(
+            f"{n} = {s}" for n, s in zip(regions.get("names", []), sets)) + f" (BCE + soft Dice); labels written "
+            f"in the order {order}")
+    else:
+        rows["segmentation output"] = f"softmax over the {len(classes)} classes (CE + soft Dice)"
+    return rows
+
+
 def section_run(ctx: dict) -> str:
     """Run facts and the configuration that applies to the run."""
     meta = ctx["last"] or ctx["best"]
@@ -112,6 +130,7 @@ def section_run(ctx: dict) -> str:
                                         "run `hpc-dfs train --out RUN` first")
     out = ["<h2>Run</h2>", kv_table(run_facts(ctx), "facts")]
     rows = config_rows(ctx["cfg"], meta.get("model_config") or {}, meta.get("world_size"))
+    rows.update(output_rows(meta) if rows else {})
     if rows:
         out += ["<h3>Configuration (what applies to this run)</h3>", kv_table(rows)]
     elif (ctx["run"] / run_contract.CONFIG_NAME).is_file():
@@ -185,6 +204,7 @@ def section_data(ctx: dict) -> str:
 
 METRIC_COLUMNS = (("epoch", "epoch", "int"), ("train_loss", "train loss", "loss"), ("val_loss", "val loss", "loss"),
                   ("kidney_dice", "val kidney Dice", "dice"), ("tumor_dice", "val tumour Dice", "dice"),
+                  ("masses_dice", "val masses Dice", "dice"),
                   ("risk_auc", "val risk AUC", "dice"), ("risk_acc", "val risk accuracy", "dice"),
                   ("lr", "lr", "lr"), ("samples_per_s", "samples/s", "s"), ("allreduce_frac", "allreduce share",
                                                                              "dice"))
@@ -230,6 +250,8 @@ def section_validation(ctx: dict, title: str = "Validation metrics") -> str:
     n_risk = f"n={sum(counts)} ({counts[0]} malignant / {counts[1]} benign)" if counts else f"n={n_val}"
     rows = [("kidney Dice (2D slices)", f"n={n_val}", "kidney_dice"), ("tumour Dice (2D slices)", f"n={n_val}",
                                                                        "tumor_dice"),
+            *([("masses Dice (tumour or cyst; 2D slices)", f"n={n_val}", "masses_dice")]
+              if "masses_dice" in last_m or "masses_dice" in best_m else []),
             ("validation loss", f"n={n_val}", "val_loss"), ("risk AUC (malignant)", n_risk, "risk_auc"),
             ("risk accuracy (malignant at P >= 0.5)", n_risk, "risk_acc")]
     out.append(table(["metric", "cases", f"best epoch ({ctx['best_epoch']})", f"last epoch ({ctx['epochs']})"],
@@ -247,7 +269,12 @@ def headline(ctx: dict) -> str:
     parts = []
     ev = ctx["evaluation"] or {}
     m = ev.get("mean_all") if (ev.get("mean_all") or {}).get("n_missing") else ev.get("mean")
-    if m and m.get("kits_score") is not None:
+    if ev.get("regions") == "kits23" and m:
+        parts.append(f"Test: KiTS23 mean Dice <b>{num(m.get('mean_dice'))}</b> (kidney and masses "
+                     f"{num(m.get('Dice_kidney'))}, masses {num(m.get('Dice_masses'))}, tumour "
+                     f"{num(m.get('Dice_tumor'))}), mean surface Dice {num(m.get('mean_sd'))} on "
+                     f"n={esc(m.get('n_cases'))} cases")
+    elif m and m.get("kits_score") is not None:
         det = ""
         if "n_tumors_gt" in m:
             det = (f"; tumours: {m['n_tumors_hit']} of {m['n_tumors_gt']} hit, {m['n_tumors_missed']} missed, "

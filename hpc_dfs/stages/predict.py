@@ -224,7 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="out-of-fold: a cross-validation run (`train --folds`); each fold's validation cases are "
                              "predicted by that fold's model (instead of --checkpoint)")
     parser.add_argument("--input", type=Path, default=None, metavar="PATH",
-                        help="a case folder, a folder of case_XXXXX/ folders, or one imaging.nii.gz")
+                        help="a case folder, a folder of case_XXXXX/ folders, one imaging.nii.gz, or an "
+                             "nnU-Net v2 raw dataset (its imagesTs/, else imagesTr/)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (created)")
     parser.add_argument("--clinical", type=Path, default=None, metavar="JSON",
                         help="clinical records (KiTS schema); default: kits.json beside the cases")

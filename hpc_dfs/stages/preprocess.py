@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hpc_dfs.config import add_arguments as add_cfg
     from hpc_dfs.config.data import PreprocessConfig
 
-    parser.add_argument("--data", required=True, type=Path, help="KiTS-layout input folder (case_XXXXX/, kits.json)")
+    parser.add_argument("--data", required=True, type=Path, help="KiTS-layout input folder (case_XXXXX/, kits.json) "
+                        "or an nnU-Net v2 raw dataset (dataset.json, imagesTr/, labelsTr/)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
     add_progress_argument(parser)
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first bad case (default: do the "

@@ -14,6 +14,10 @@ The same command runs as one process, under ``horovodrun`` (Gloo or MPI), under 
     hpc-dfs train --shards data/shards --out runs/r1 --set optim.lr=1e-3 --set schedule.val_every=5
     mpirun -np 4 hpc-dfs train --shards data/shards --out runs/cv --folds all     # every fold: runs/cv/fold_K
     hpc-dfs train --shards data/shards --out runs/cv --folds 0,2 --auto-resume  # some folds; finished ones skipped
+    hpc-dfs train --shards kits23/shards --out runs/k23 --stage both --set loss.regions=kits23  # KiTS23 regions
+
+KiTS23 shards hold 4 classes (background, kidney, tumour, cyst); the default learns them with one softmax,
+``loss.regions=kits23`` learns nnU-Net's KiTS23 regions instead (:mod:`hpc_dfs.data.regions`).
 
 Small settings for a laptop or CI (2 ranks on 2 cores; on 64x64 phantom shards of 8 cases this
 reaches kidney Dice ~0.85 in about 75 s)::

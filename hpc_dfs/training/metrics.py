@@ -7,8 +7,10 @@ gathered to every rank and :func:`summarise` turns them into the run's metrics.
 
 Dice conventions:
 
-- **kidney** is the composite "kidney + tumour" region (``label > 0``), as in KiTS19's first score;
-  **tumour** is ``label == 2``.
+- **kidney** is the composite "kidney + tumour [+ cyst]" region (``label > 0``), as in KiTS19's first score
+  and KiTS23's "kidney and masses"; **tumour** is ``label == 2``; with a cyst class (KiTS23 data) **masses**
+  is tumour or cyst, KiTS23's second region. A region-trained run (``loss.regions``) is scored on the labels
+  its regions give (:func:`predicted_labels`), so its figures compare with a softmax run's.
 - Per case ``2|P.G| / (|P| + |G|)``; a case whose ground truth lacks the structure counts 0 if the
   prediction has it and is left out (NaN) if neither has it. The run's figure is the mean over cases.
 - **risk** per case is the mean of ``sigmoid(risk_logit)`` over its slices; AUC (scikit-learn) over
@@ -26,28 +28,40 @@ import torch
 
 from hpc_dfs.fsutil import write_text
 
-__all__ = ["CaseAccumulator", "summarise", "MetricsLog", "score", "clean", "epoch_line"]
+__all__ = ["CaseAccumulator", "predicted_labels", "summarise", "MetricsLog", "score", "clean", "epoch_line"]
 
 
 class CaseAccumulator:
-    """Per-case Dice statistics and risk predictions of the validation slices seen by this rank."""
+    """Per-case Dice statistics and risk predictions of the validation slices seen by this rank.
 
-    def __init__(self) -> None:
+    Args:
+        classes: the shards' class names; with a ``cyst`` class the KiTS23 region ``masses`` (tumour or cyst)
+            is counted too.
+        regions: the run's region set (:func:`hpc_dfs.data.regions.resolve_regions`), or None for softmax outputs.
+    """
+
+    def __init__(self, classes: list[str] | None = None, regions: dict | None = None) -> None:
         self.cases: dict[str, dict] = {}
+        self.regions = regions
+        self.masses = [i for i, c in enumerate(classes) if c in ("tumor", "cyst")] if "cyst" in (classes or []) \
+            else None
 
     @torch.no_grad()
     def update(self, seg_logits: torch.Tensor, label: torch.Tensor, risk_logit: torch.Tensor | None,
                risk: torch.Tensor, case_ids: Iterable[str]) -> None:
-        pred = seg_logits.argmax(1)
+        pred = predicted_labels(seg_logits, self.regions)
         label = label.to(pred.device)
         regions = {"kidney": (pred > 0, label > 0), "tumor": (pred == 2, label == 2)}
+        if self.masses is not None:
+            m = torch.tensor(self.masses, device=pred.device)
+            regions["masses"] = (torch.isin(pred, m), torch.isin(label, m))
         sums = {}
         for name, (p, g) in regions.items():
             sums[name] = torch.stack([(p & g).sum((1, 2)), p.sum((1, 2)), g.sum((1, 2))], 1).cpu().double()
         prob = torch.sigmoid(risk_logit.float()).cpu().double() if risk_logit is not None else None
         risk = risk.cpu().double()
         for i, cid in enumerate(case_ids):
-            c = self.cases.setdefault(cid, {"case_id": cid, "kidney": [0.0, 0.0, 0.0], "tumor": [0.0, 0.0, 0.0],
+            c = self.cases.setdefault(cid, {"case_id": cid, **{name: [0.0, 0.0, 0.0] for name in regions},
                                             "risk_sum": 0.0, "n_slices": 0, "risk_label": float(risk[i])})
             for name in regions:
                 c[name] = [a + float(b) for a, b in zip(c[name], sums[name][i])]
@@ -57,6 +71,22 @@ class CaseAccumulator:
 
     def records(self) -> list[dict]:
         return list(self.cases.values())
+
+
+def predicted_labels(seg_logits: torch.Tensor, regions: dict | None = None) -> torch.Tensor:
+    """Class indices ``[B, H, W]`` of logits ``[B, C, H, W]``: the argmax, or with ``regions`` each region's label
+    where its sigmoid exceeds 0.5 (logit > 0), in the set's order (:mod:`hpc_dfs.data.regions`).
+
+    Args:
+        seg_logits: the model's segmentation logits.
+        regions: the run's region set, or None for softmax outputs.
+    """
+    if regions is None:
+        return seg_logits.argmax(1)
+    pred = torch.zeros(seg_logits.shape[:1] + seg_logits.shape[2:], dtype=torch.long, device=seg_logits.device)
+    for i, lab in enumerate(regions["labels"]):
+        pred[seg_logits[:, i] > 0] = int(lab)
+    return pred
 
 
 def _dice(inter: float, p: float, g: float) -> float:
@@ -78,6 +108,7 @@ def summarise(records: list[dict]) -> dict:
         raise RuntimeError(f"validation counted cases {dup} more than once (each case must go to one rank)")
     kidney = [_dice(*r["kidney"]) for r in records]
     tumor = [_dice(*r["tumor"]) for r in records]
+    masses = [_dice(*r["masses"]) for r in records if "masses" in r]
     known = [r for r in records if r["risk_label"] >= 0 and r["n_slices"] > 0]
     probs = np.array([r["risk_sum"] / r["n_slices"] for r in known])
     labels = np.array([int(round(r["risk_label"])) for r in known])
@@ -87,14 +118,21 @@ def summarise(records: list[dict]) -> dict:
         if len(set(labels.tolist())) == 2:
             from sklearn.metrics import roc_auc_score
             auc = float(roc_auc_score(labels, probs))
-    return {"kidney_dice": _nanmean(kidney), "tumor_dice": _nanmean(tumor), "risk_auc": auc, "risk_acc": acc,
-            "n_val_cases": len(records), "per_case": {r["case_id"]: {"kidney_dice": k, "tumor_dice": t}
-                                                       for r, k, t in zip(records, kidney, tumor)}}
+    per_case = {r["case_id"]: {"kidney_dice": k, "tumor_dice": t} for r, k, t in zip(records, kidney, tumor)}
+    out = {"kidney_dice": _nanmean(kidney), "tumor_dice": _nanmean(tumor), "risk_auc": auc, "risk_acc": acc,
+           "n_val_cases": len(records), "per_case": per_case}
+    if records and len(masses) == len(records):   # 4 classes (cyst) or KiTS23 regions: the masses region too
+        out["masses_dice"] = _nanmean(masses)
+        for r, m in zip(records, masses):
+            per_case[r["case_id"]]["masses_dice"] = m
+    return out
 
 
 def score(metrics: dict) -> float:
-    """The validation score that picks ``best.pt``: mean of kidney and tumour Dice (NaNs ignored)."""
-    s = _nanmean([metrics.get("kidney_dice", float("nan")), metrics.get("tumor_dice", float("nan"))])
+    """The validation score that picks ``best.pt``: mean of kidney and tumour Dice, and of masses Dice where the
+    classes hold a cyst (KiTS23's three regions); NaNs ignored."""
+    keys = ("kidney_dice", "tumor_dice") + (("masses_dice",) if "masses_dice" in metrics else ())
+    s = _nanmean([metrics.get(k, float("nan")) if metrics.get(k) is not None else float("nan") for k in keys])
     return -math.inf if math.isnan(s) else s
 
 
@@ -151,11 +189,12 @@ def epoch_line(row: dict, epoch: int, epochs: int, world: int, completed: bool, 
         train_time: seconds this rank trained in the epoch.
     """
     step = row["step"]
-    return ("epoch %d/%d step %s | train loss %s | val loss %s, kidney Dice %s, tumour Dice %s, "
+    masses = f", masses Dice {_fmt(row['masses_dice'])}" if "masses_dice" in row else ""
+    return ("epoch %d/%d step %s | train loss %s | val loss %s, kidney Dice %s, tumour Dice %s%s, "
             "risk AUC %s acc %s | %.1f samples/s (%.1f per rank, slowest %.1f) | allreduce %.1f%% of "
             "step time | lr %.3g | %.1f s%s") % (
         epoch + 1, epochs, f"{step}" if completed else f"{step} (stopped by max_steps mid-epoch)",
         _fmt(row["train_loss"], ".4f"), _fmt(row["val_loss"], ".4f"), _fmt(row["kidney_dice"]),
-        _fmt(row["tumor_dice"]), _fmt(row["risk_auc"]), _fmt(row["risk_acc"]), row["samples_per_s"],
+        _fmt(row["tumor_dice"]), masses, _fmt(row["risk_auc"]), _fmt(row["risk_acc"]), row["samples_per_s"],
         row["samples_per_s"] / world, min(row["samples_per_s_per_rank"]), 100 * row["allreduce_frac"], row["lr"],
         train_time, " (best)" if is_best else "")

@@ -18,6 +18,7 @@ from hpc_dfs import parallel
 from hpc_dfs.config import ConfigError, to_dict
 from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.data.reader import ShardError, ShardSet
+from hpc_dfs.data.regions import resolve_regions
 from hpc_dfs.errors import EXIT_ENV, EXIT_USAGE, HpcDfsError
 from hpc_dfs.fsutil import sha256_file
 from hpc_dfs.contracts import checkpoint as ckpt, shards as shards_contract
@@ -216,11 +217,17 @@ def prepare(cfg: TrainConfig, shards_dir: Path, out: Path, resume: bool) -> Trai
 def model_kwargs(cfg: TrainConfig, manifest: dict) -> dict:
     """``build_model`` kwargs: the model settings plus the data's classes and clinical feature count.
 
+    With ``loss.regions`` set, ``n_classes`` is the number of regions (the model's sigmoid outputs).
+
     Raises:
-        ConfigError: ``model.n_clinical`` contradicts the shards, or a clinical fusion has no clinical features.
+        ConfigError: ``model.n_clinical`` contradicts the shards, a clinical fusion has no clinical features, or
+            ``loss.regions`` needs a class the shards lack.
     """
     kw = to_dict(cfg.model)
     kw["n_classes"] = len(manifest["preprocessing"]["classes"])
+    regions = resolve_regions(cfg.loss.regions, manifest["preprocessing"]["classes"])
+    if regions is not None:   # one sigmoid output per region
+        kw["n_classes"] = len(regions["classes"])
     if cfg.stage == "refine" and "refine" not in manifest["preprocessing"]:
         raise ConfigError("--stage refine: the shards have no stage-2 windows (manifest preprocessing.refine); "
                           "preprocess again with refine.enabled=true (the default)")

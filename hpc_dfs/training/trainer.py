@@ -7,7 +7,6 @@ step does, and why 2 ranks give the 1-rank gradients, is in :mod:`hpc_dfs.stages
 """
 from __future__ import annotations
 
-
 import contextlib
 import dataclasses
 import math
@@ -25,6 +24,7 @@ from hpc_dfs.config.train import TrainConfig
 from hpc_dfs.errors import EXIT_PREEMPTED
 from hpc_dfs.data.augment import SliceAugmenter, derive_seed
 from hpc_dfs.data.reader import GlobalBatchSampler, SliceDataset, partition_balanced
+from hpc_dfs.data.regions import resolve_regions
 from hpc_dfs.log import get_logger
 from hpc_dfs.models.dropout import per_sample_dropout
 from hpc_dfs.contracts import checkpoint as ckpt, run as run_contract
@@ -77,8 +77,7 @@ class Trainer:
     def train(self) -> int:
         """Train to ``schedule.epochs`` (or ``max_steps``); returns 0, or 75 after a preemption checkpoint."""
         cfg, st = self.cfg, self.state
-        preempt = Preemption().install()
-        stop = None
+        preempt, stop = Preemption().install(), None
         try:
             for epoch in range(st.epoch, cfg.schedule.epochs):
                 stop = self.train_epoch(epoch, preempt)
@@ -114,8 +113,7 @@ class Trainer:
         for step_in_epoch in range(done, self.steps_per_epoch):
             out = self.train_step([next(batches) for _ in range(self.k)])
             guards.check_loss(out["loss"], self.state.step, epoch)
-            stats.loss_sum += out["loss"]
-            stats.n_steps += 1
+            stats.loss_sum, stats.n_steps = stats.loss_sum + out["loss"], stats.n_steps + 1
             self._log_step(bar, epoch, step_in_epoch, out)
             if preempt is not None and preempt.agreed(lambda v: parallel.allreduce_scalar(v, op="max")):
                 stop = "preempted"
@@ -184,14 +182,13 @@ class Trainer:
         :mod:`hpc_dfs.training.metrics`.
         """
         self.model.eval()
-        acc = CaseAccumulator()
+        acc = CaseAccumulator(self.classes, self.regions)
         case_stats: dict[str, torch.Tensor] = {}
         for batch in self._val_loader():
             image, label, clinical, risk = self._to_device(batch)
             with self.autocast():
                 out = self._forward(image, clinical)
-            logits = out["seg_logits"].float()
-            risk_logit = out.get("risk_logit")
+            logits, risk_logit = out["seg_logits"].float(), out.get("risk_logit")
             acc.update(logits, label, risk_logit, risk, batch["case_id"])
             for i, cid in enumerate(batch["case_id"]):
                 o = {"seg_logits": logits[i:i + 1]}
@@ -220,7 +217,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": state.epoch, "step": state.step, "rng": rng_all, "config": clean(to_dict(self.cfg)),
             "model_config": self.plan.model_kwargs, "preprocessing": m["preprocessing"],
-            "clinical": self._clinical_info(), "classes": list(m["preprocessing"]["classes"]),
+            "clinical": self._clinical_info(), "classes": list(m["preprocessing"]["classes"]), "regions": self.regions,
             "manifest_sha256": self.plan.manifest_sha, "metrics": state.checkpoint_metrics(),
             "hpc_dfs_version": __version__, "world_size": self.world}
         ckpt.save(full, ckpt.last_path(self.out))
@@ -321,8 +318,10 @@ class Trainer:
             def reduce_fn(t):
                 with self.ar_timer:
                     return parallel.allreduce(t, op="sum")
-        loss_kw = dict(n_classes=kw["n_classes"], dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
-                       risk_weight=cfg.loss.risk_weight)
+        self.classes = list(self.plan.manifest["preprocessing"]["classes"])
+        self.regions = resolve_regions(cfg.loss.regions, self.classes)   # None: softmax over the classes
+        loss_kw = dict(n_classes=len(self.classes), dice_weight=cfg.loss.dice_weight, ce_weight=cfg.loss.ce_weight,
+                       risk_weight=cfg.loss.risk_weight, regions=self.regions and self.regions["classes"])
         self.loss_fn = DFSLoss(reduce_fn=reduce_fn, **loss_kw)
         self.val_loss_fn = DFSLoss(**loss_kw)   # per case, no reduction: cases are split over ranks
 
@@ -465,6 +464,7 @@ class Trainer:
         m = st.metrics
         return {"epoch": st.epoch, "partial_epoch": not completed, "step": st.step, "train_loss": train_loss,
                 "val_loss": m.get("val_loss"), "kidney_dice": m.get("kidney_dice"), "tumor_dice": m.get("tumor_dice"),
+                **({"masses_dice": m["masses_dice"]} if "masses_dice" in m else {}),
                 "risk_auc": m.get("risk_auc"), "risk_acc": m.get("risk_acc"),
                 "samples_per_s": es.n_steps * gb / max(t_max, 1e-9), "samples_per_s_per_rank": rank_rates,
                 "allreduce_frac": float(np.mean(comm)),
@@ -475,7 +475,7 @@ class Trainer:
     def _write_row(self, row: dict) -> None:
         self.mlog.append(row)
         if self.tb is not None:
-            for key in ("train_loss", "val_loss", "kidney_dice", "tumor_dice", "risk_auc", "risk_acc",
+            for key in ("train_loss", "val_loss", "kidney_dice", "tumor_dice", "masses_dice", "risk_auc", "risk_acc",
                         "samples_per_s", "allreduce_frac", "lr"):
                 if row.get(key) is not None and math.isfinite(row[key]):
                     self.tb.add_scalar(key, row[key], row["epoch"])

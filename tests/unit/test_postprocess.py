@@ -104,3 +104,18 @@ def test_empty_map():
     lab = np.zeros((5, 6, 7), np.uint8)
     out, _ = postprocess(lab, kits_affine(lab.shape), PostprocessConfig())
     assert not out.any()
+
+
+def test_cysts_are_masses_like_tumours():
+    """With 4 classes (KiTS23), a cyst inside a kidney stays, a cyst away from any kidney goes, and every step
+    leaves a clean 4-class map as it is."""
+    classes = ["background", "kidney", "tumor", "cyst"]
+    lab = two_kidneys()
+    lab[6:9, 20:25, 44:48] = 3      # a cyst in the left kidney
+    out, _ = postprocess(lab, kits_affine(lab.shape), PostprocessConfig(), classes)
+    np.testing.assert_array_equal(out, lab)
+    stray = lab.copy()
+    stray[16:19, 33:37, 28:32] = 3  # a "cyst" between the kidneys, touching neither
+    out, info = postprocess(stray, kits_affine(lab.shape), cfg(remove_mass_outside_kidney=True), classes)
+    np.testing.assert_array_equal(out, lab)
+    assert info["masses_outside_kidney_voxels"] == 3 * 4 * 4

@@ -36,7 +36,7 @@ def good(tmp_path):
 
 
 def test_schema_keys_are_the_typed_dict():
-    assert ckpt.REQUIRED_KEYS == tuple(ckpt.Checkpoint.__annotations__)
+    assert ckpt.REQUIRED_KEYS + ckpt.OPTIONAL_KEYS == tuple(ckpt.Checkpoint.__annotations__)
     assert set(ckpt.INFERENCE_KEYS) <= set(ckpt.REQUIRED_KEYS) and issubclass(ckpt.CheckpointError, HpcDfsError)
 
 

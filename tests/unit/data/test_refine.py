@@ -87,3 +87,46 @@ def test_canonical_affine_has_the_asked_orientation():
     aff = refine.canonical_affine((3.0, 0.8, 0.7), ("I", "P", "L"))
     assert nib.aff2axcodes(aff) == ("I", "P", "L")
     assert np.allclose(np.sqrt((aff[:3, :3] ** 2).sum(0)), [3.0, 0.8, 0.7])
+
+
+def _region_model(sl: np.ndarray) -> np.ndarray:
+    c = np.clip(np.round(sl + 0.5), 0, 2).astype(int)   # as _threshold_model; regions kidney+masses, masses, tumour
+    return np.stack([c >= 1, c >= 2, c == 2]).astype(np.float32)
+
+
+@pytest.mark.parametrize("orient", [False, True])
+def test_region_probabilities_give_the_boxes_and_paste_back(orient):
+    """KiTS23 regions (sigmoid, no background channel): the boxes come from the first region (kidney and masses)
+    and stage 2's regions come back in the native frame, so their labels (order kidney, cyst, tumour) match."""
+    from hpc_dfs.data.regions import region_labels
+    img, lab, aff = _case(orient)
+    stage1 = np.stack([lab > 0, np.zeros_like(lab), np.zeros_like(lab)]).astype(np.float32)   # kidney only
+    probs, boxes = refine.refine_in_boxes(img, aff, stage1, _pp(), _region_model, regions=True)
+    assert probs.shape == stage1.shape and len(boxes) == 2
+    pred = region_labels(probs, [1, 3, 2])
+    for c in (1, 2):
+        inter = np.count_nonzero((pred == c) & (lab == c))
+        assert 2 * inter / (np.count_nonzero(pred == c) + np.count_nonzero(lab == c)) > 0.97
+
+
+def test_outside_the_slices_field_of_view_is_background_for_classes_and_nothing_for_regions():
+    """A case wider than the slices: restored probabilities outside the window are the replica's fill, which
+    for a region model is 0 in every region (a background one-hot there would read as kidney everywhere)."""
+    from hpc_dfs.data.geometry import prepare_image, restore_volume
+    from hpc_dfs.data.regions import region_labels
+    from hpc_dfs.inference.replicas import Replica
+    img = np.zeros((4, 120, 120), np.float32)
+    params = {"slice_size": [32, 32], "target_spacing": [None, 1.0, 1.0], "orientation": ["I", "P", "L"],
+              "intensity": {"scheme": "ct", "clip": [-100.0, 100.0], "mean": 0.0, "std": 100.0}}
+    slices, geom = prepare_image(img, kits_affine((3.0, 1.0, 1.0)), params)
+    assert slices.shape == (4, 32, 32)   # 120 mm at 1 mm cut to 32 pixels: most of the case lies outside
+    classes = ["background", "kidney", "tumor", "cyst"]
+    softmax = Replica("a.pt", 1.0, None, params, classes, False, False)
+    sigmoid = Replica("b.pt", 1.0, None, params, classes, False, False,
+                      regions={"classes": [[1, 2, 3], [2, 3], [2]], "labels": [1, 3, 2]})
+    assert softmax.fill == [1.0, 0.0, 0.0, 0.0] and sigmoid.fill == [0.0, 0.0, 0.0]
+    inside = np.full((3, 4, 32, 32), 0.9, np.float32)   # every region inside the window
+    native = restore_volume(inside, geom, fill=sigmoid.fill)
+    labels = region_labels(native, sigmoid.regions["labels"])
+    assert native.shape == (3, 4, 120, 120) and 0 < np.count_nonzero(labels) < labels.size // 4
+    assert set(np.unique(labels).tolist()) == {0, 2}

@@ -93,11 +93,12 @@ def test_kits23_layout_is_recognised_by_preprocess(cropped_label, tmp_path):
     assert not (data / "kits.json").exists() and detect_dataset(data) == "kits23"
     assert [r["case_id"] for r in json.loads((data / "kits23.json").read_text())] == ["case_00402"]
     base = PreprocessConfig(slice_size=[32, 32], n_folds=1, fg_samples_per_case=200)
-    assert run_preprocess(data, tmp_path / "folded", base) == 0  # default: a cyst counts as kidney
-    assert json.loads((tmp_path / "folded" / "manifest.json").read_text())["preprocessing"]["classes"] == [
-        "background", "kidney", "tumor"]
-    import dataclasses
-    assert run_preprocess(data, tmp_path / "kept", dataclasses.replace(base, label_map="0:0,1:1,2:2,3:3")) == 0
+    assert run_preprocess(data, tmp_path / "kept", base) == 0  # default: the cyst is a 4th class
     m = json.loads((tmp_path / "kept" / "manifest.json").read_text())
     assert m["preprocessing"]["classes"] == ["background", "kidney", "tumor", "cyst"]
+    assert m["preprocessing"]["label_map"] == {"0": 0, "1": 1, "2": 2, "3": 3}
     assert m["cases"][0]["slices_with"]["cyst"] > 0
+    import dataclasses
+    assert run_preprocess(data, tmp_path / "folded", dataclasses.replace(base, label_map="0:0,1:1,2:2,3:1")) == 0
+    folded = json.loads((tmp_path / "folded" / "manifest.json").read_text())
+    assert folded["preprocessing"]["classes"] == ["background", "kidney", "tumor"]  # cyst counted as kidney

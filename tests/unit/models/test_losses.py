@@ -136,3 +136,54 @@ def test_bad_shapes_give_one_clear_error():
         DFSLoss(n_classes=1)
     # a [B, 1, H, W] label is accepted
     assert torch.isfinite(DFSLoss(n_classes=3)(logits, label[:, None])[0])
+
+
+KITS23_REGIONS = [[1, 2, 3], [2, 3], [2]]   # kidney and masses, masses, tumour (hpc_dfs.data.regions)
+
+
+def _kits23_batch(b=6, h=12, w=10, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g), torch.randint(0, 4, (b, h, w), generator=g)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.7, 1.3)])
+def test_regions_are_bce_plus_sigmoid_batch_dice_of_each_region(weights):
+    """nnU-Net's DC_and_BCE_loss: BCE over every region and pixel plus the soft Dice of each region (MONAI's
+    sigmoid DiceLoss with batch=True as the reference), the targets built from the label by region membership."""
+    from monai.losses import DiceLoss
+    logits, label = _kits23_batch()
+    dice_w, ce_w = weights
+    ours, parts = DFSLoss(n_classes=4, dice_weight=dice_w, ce_weight=ce_w, regions=KITS23_REGIONS)(logits, label)
+    target = torch.stack([(label >= 1), (label >= 2), (label == 2)], 1).float()
+    dice = DiceLoss(sigmoid=True, batch=True, include_background=True, smooth_nr=1e-5, smooth_dr=1e-5)(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    assert parts["dice"].item() == pytest.approx(dice.item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(bce.item(), rel=1e-6)
+    assert ours.item() == pytest.approx(dice_w * dice.item() + ce_w * bce.item(), rel=1e-5)
+
+
+def test_regions_split_batch_with_a_summing_reduce_fn_equals_the_whole_batch():
+    """The rank-invariance construction holds for regions: two halves whose statistics are summed give the
+    loss and the gradients of the concatenated batch."""
+    logits, label = _kits23_batch(b=7, seed=4)
+    full_logits = logits.clone().requires_grad_(True)
+    loss_fn = DFSLoss(n_classes=4, regions=KITS23_REGIONS)
+    full, _ = loss_fn(full_logits, label)
+    full.backward()
+    halves = [slice(0, 3), slice(3, 7)]
+    stats = [loss_fn.statistics(logits[s], label[s]).detach() for s in halves]
+    for rank, s in enumerate(halves):
+        part = logits[s].clone().requires_grad_(True)
+        loss, _ = DFSLoss(n_classes=4, regions=KITS23_REGIONS, reduce_fn=lambda t, o=stats[1 - rank]: t + o)(
+            part, label[s])
+        assert loss.item() == pytest.approx(full.item(), rel=1e-6)
+        loss.backward()
+        assert torch.allclose(part.grad, full_logits.grad[s], rtol=1e-5, atol=1e-9)
+
+
+def test_regions_need_one_logit_channel_per_region():
+    logits, label = _kits23_batch()
+    with pytest.raises(ValueError, match=r"seg_logits must be \[B, 3, H, W\], got \(6, 4, 12, 10\)"):
+        DFSLoss(n_classes=4, regions=KITS23_REGIONS)(torch.randn(6, 4, 12, 10), label)
+    with pytest.raises(ValueError, match="non-empty lists of class indices"):
+        DFSLoss(n_classes=4, regions=[[1], []])

@@ -37,8 +37,9 @@ def kits19_like(root: Path, n: int = 4, seed: int = 2) -> Path:
     return root
 
 
-def kits23_like(root: Path, cases=("case_00402", "case_00403")) -> Path:
-    """CT rendered around real KiTS23 labels with cysts, cut to the cysts' slices and the kidneys in-plane."""
+def kits23_like(root: Path, cases=("case_00402", "case_00403"), kits_json: Path | None = None) -> Path:
+    """CT rendered around real KiTS23 labels with cysts, cut to the cysts' slices and the kidneys in-plane; with
+    ``kits_json`` (the real kits23.json) the cases' records are attached and the layout is KiTS23's."""
     import nibabel as nib
 
     labels = root.parent / (root.name + "_labels")
@@ -58,7 +59,8 @@ def kits23_like(root: Path, cases=("case_00402", "case_00403")) -> Path:
         out = labels / cid / "segmentation.nii.gz"
         out.parent.mkdir(parents=True)
         nib.save(nib.Nifti1Image(lab[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy(), affine), str(out))
-    cfg = SynthConfig(cases=",".join(cases), seed=1, from_labels=str(labels))
+    cfg = SynthConfig(cases=",".join(cases), seed=1, from_labels=str(labels),
+                      kits_json=str(kits_json) if kits_json else None)
     assert run_synth(root, cfg) == 0
     return root
 
