@@ -86,7 +86,8 @@ EPOCHS, VALIDATIONS = 10, 2
 CALIBRATION = {"epochs": 2, "steps": 10}
 BASE_SECONDS, BUDGETS, ABLATION_X = 60.0, (1, 3, 9), 3
 #: the smoke run: the fewest slices (38-64 training, 34 and 43 validation), so that nnU-Net's 2d inference is short
-QUICK = {"train": ["case_00004", "case_00007", "case_00010", "case_00021"], "val": ["case_00110", "case_00113"], "train_x4": TRAIN_X4[:8], "base_s": 10.0, "budgets": (1,),
+QUICK = {"train": ["case_00004", "case_00007", "case_00010", "case_00021"], "val": ["case_00110", "case_00113"],
+         "train_x4": TRAIN_X4[:8], "base_s": 10.0, "budgets": (1,),
          "calibration": {"epochs": 2, "steps": 2}, "nnunet_iters": 2}
 DR_AUG = "--set augmentation.domain_random_prob=0.5"
 FILM = "--set model.fusion=film"
