@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pstats
 import re
 import shutil
@@ -40,11 +41,11 @@ NNUNET_CMD = NNUNET_VENV / "bin" / "nnUNetv2_plan_and_preprocess"
 
 
 def ensure_nnunet() -> str:
-    """Create ``bench/.venv-nnunet`` with nnunetv2 (pinned) unless it is there; its version."""
-    if not NNUNET_CMD.exists():
-        print(f"creating {NNUNET_VENV} (pip install nnunetv2=={NNUNET_VERSION}, a few minutes)", flush=True)
-        subprocess.run(["python3", "-m", "venv", str(NNUNET_VENV)], check=True)
-        subprocess.run([str(NNUNET_VENV / "bin" / "pip"), "install", "-q", f"nnunetv2=={NNUNET_VERSION}"], check=True)
+    """``bench/.venv-nnunet`` through ``bench/nnunet_venv.sh`` (the one recipe: pinned nnunetv2 on .venv's CPU torch,
+    where a bare ``pip install nnunetv2`` would pull a CUDA torch of several GB); its version."""
+    subprocess.run(["bash", str(Path(__file__).resolve().parent / "nnunet_venv.sh")], check=True,
+                   env=dict(os.environ, BASE_PY=sys.executable, NNUNET_VENV=str(NNUNET_VENV),
+                            NNUNET_VERSION=NNUNET_VERSION))
     res = subprocess.run([str(NNUNET_VENV / "bin" / "python"), "-c",
                           "import importlib.metadata as m; print(m.version('nnunetv2'))"],
                          check=True, capture_output=True, text=True)

@@ -85,8 +85,11 @@ def size_table(result: dict) -> str:
 
 
 def ablation_table(result: dict) -> str:
-    rows = [r for r in result["rows"] if r["section"] == "ablation"]
-    base = next((r for r in rows if r["row"].startswith("hpc-dfs cascade, FiLM")), None)
+    x = result.get("ablation_x")
+    # the FiLM cascade at the ablation's budget is the curve's row when the curve has that budget (trained once)
+    base = next((r for r in result["rows"] if r["system"] == "hpc-dfs" and r["budget_x"] == x
+                 and r["row"].startswith("hpc-dfs cascade, FiLM")), None)
+    rows = ([base] if base else []) + [r for r in result["rows"] if r["section"] == "ablation" and r is not base]
     lines = ["| row | training cases | train s | kidney Dice [95% CI] | tumour Dice [95% CI] | tumours hit | "
              "unseen: kidney | unseen: tumour | vs cascade, FiLM (tumour, ours) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -103,7 +106,8 @@ def markdown(result: dict) -> str:
     """The README tables of a ``quality.json``: the curve (hpc-dfs beside nnU-Net), detection by size, ablation."""
     parts = [curve_table(result), "", size_table(result)]
     if any(r["section"] == "ablation" for r in result["rows"]):
-        parts += ["", ablation_table(result)]
+        parts += ["", f"Ablation, every row at {result.get('ablation_x')}x the base budget:", "",
+                  ablation_table(result)]
     return "\n".join(parts)
 
 
