@@ -224,8 +224,9 @@ def evaluate_dirs(pred_dir: Path, gt_dir: Path, cfg: EvaluateConfig | None = Non
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The folders (``type=Path``) and the :class:`EvaluateConfig` settings as flags."""
-    parser.add_argument("--pred", type=Path, required=True, help="directory with prediction_XXXXX.nii.gz (or case_XXXXX.nii.gz: the KiTS "
-                        "submission and nnU-Net naming)")
+    parser.add_argument("--pred", type=Path, required=True,
+                        help="directory with prediction_XXXXX.nii.gz (or case_XXXXX.nii.gz: the KiTS submission and "
+                             "nnU-Net naming)")
     parser.add_argument("--gt", type=Path, required=True,
                         help="KiTS-layout directory with case_XXXXX/segmentation.nii.gz")
     parser.add_argument("--out", type=Path, required=True, help="output JSON (CSV and markdown are written beside it)")

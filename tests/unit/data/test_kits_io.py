@@ -68,8 +68,8 @@ def test_uint16_labels_and_kits21_label_map(tmp_path):
     case = load_case(d21, label_map=LABEL_MAPS["kits21"])
     assert case.label[0, 0, 0] == 3  # the cyst is its own class by default
     assert load_case(d21, label_map={0: 0, 1: 1, 2: 2, 3: 1}).label[0, 0, 0] == 1  # folded on request
-    with pytest.raises(CaseError, match=r"\[case_00003\].*label value 3 outside the label set \[0, 1, 2\] \(a KiTS21/23 "
-                                        r"cyst in data read as KiTS19: pass --dataset kits23"):
+    with pytest.raises(CaseError, match=r"\[case_00003\].*label value 3 outside the label set \[0, 1, 2\] "
+                                        r"\(a KiTS21/23 cyst in data read as KiTS19: pass --dataset kits23"):
         load_case(d21, label_map=LABEL_MAPS["kits19"])
 
 
