@@ -279,11 +279,11 @@ def nnunet_row(ctx: dict, budget_x: float) -> dict:
 
 
 CASCADE = ("hpc-dfs cascade, FiLM", "cascade", "train", FILM)
-ABLATION = [  # name, stage(s), training data, refine-stage settings
-    ("single stage", "locate", "train", ""),
+ABLATION = [  # name, stage(s), training data, refine-stage settings; the fusion ablation first
     ("cascade, image only", "cascade", "train", "--set model.fusion=image"),
     ("cascade, late fusion", "cascade", "train", "--set model.fusion=late"),
     ("cascade, FiLM, clinical shuffled (control)", "cascade", "train", f"{FILM} --set data.shuffle_clinical=true"),
+    ("single stage", "locate", "train", ""),
     ("single stage, domain randomised", "locate", "train_dr", ""),
     ("cascade, FiLM, domain randomised", "cascade", "train_dr", FILM),
     ("cascade, FiLM, 48 training cases", "cascade", "train_x4", FILM),
@@ -358,7 +358,8 @@ def main() -> None:
     ap.add_argument("--unseen-budgets", default=None,
                     help="the budgets also scored on the unseen renderer (default: every budget)")
     ap.add_argument("--eval-data", type=Path, default=None, help="also predict and score this KiTS-layout folder")
-    ap.add_argument("--max-rows", type=int, default=None, metavar="K", help="only the first K ablation rows")
+    ap.add_argument("--max-rows", type=int, default=None, metavar="K",
+                    help="only the first K ablation rows (the fusion ablation is the first 3)")
     ap.add_argument("--table", action="store_true", help="print the markdown tables of OUT/quality.json and exit")
     a = ap.parse_args()
     if a.table:
