@@ -77,10 +77,16 @@ def test_train_seconds_is_the_epoch_span_plus_one_median_epoch(tmp_path):
 @pytest.mark.slow
 def test_quick_runs_end_to_end_with_the_nnunet_row(tmp_path, kits19_dir):
     """``hpc-dfs bench quality --quick``: both systems trained, predicted and scored with intervals."""
-    out, work = tmp_path / "out", tmp_path / "work"
+    out, work, hidden = tmp_path / "out", tmp_path / "work", tmp_path / "hidden"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    # a case the benchmark never sees, in the held-out renderer's style: --eval-data scores it with both systems
+    res = subprocess.run([sys.executable, "-m", "hpc_dfs", "synth", "--out", str(hidden), "--from-labels",
+                          str(kits19_dir / "labels"), "--kits-json", str(kits19_dir / "kits.json"), "--cases",
+                          "case_00122", "--set", "style=streak"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
     res = subprocess.run([sys.executable, "-m", "hpc_dfs", "bench", "quality", "--quick", "--work", str(work),
-                          "--out", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+                          "--out", str(out), "--eval-data", str(hidden)], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=1800)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     q = json.loads((out / "quality.json").read_text())
     assert q["quick"] is True and {r["system"] for r in q["rows"]} == {"hpc-dfs", "nnunet"}
@@ -101,3 +107,7 @@ def test_quick_runs_end_to_end_with_the_nnunet_row(tmp_path, kits19_dir):
     manifest = json.loads((work / "quick" / "shards_train" / "manifest.json").read_text())
     assert sorted(split[0]["val"]) == sorted(c["case_id"] for c in manifest["cases"] if c["fold"] == 0)
     assert (out / "quality_curve.png").exists() and "| 1x (10 s) | hpc-dfs" in (out / "quality.md").read_text()
+    ev = q["eval_data"]
+    assert ev["path"] == str(hidden) and ev["hpc-dfs"]["n_val_cases"] == 1 and ev["nnunet"]["n_val_cases"] == 1
+    assert (out / "eval_data" / "prediction_00122.nii.gz").exists()
+    assert (out / "eval_data_nnunet" / "case_00122.nii.gz").exists()
