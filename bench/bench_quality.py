@@ -26,8 +26,9 @@ Sections (``--sections``):
 
 **How hpc-dfs keeps to a budget.** Each training configuration is first run for 3 short epochs (a
 calibration, not counted), which gives its wall seconds per step and per validation. A budgeted run then keeps
-the rows' recipe (10 epochs, validation every 5, batch 8 per rank, lr 0.002) and sets the steps per epoch
-so that 10 epochs and 2 validations fill the stage's half of the budget. ``train_s`` is the time measured
+the rows' recipe (10 epochs, 2 validations, batch 8 per rank, lr 0.002) and sets the steps per epoch so that
+the epochs and validations fill the stage's half of the budget; an epoch stays within one pass over the
+training slices, so a long budget trains more epochs instead. ``train_s`` is the time measured
 (the epochs' span in ``metrics.jsonl``), not the plan. nnU-Net's ``train_s`` is its trainer's own measure
 (``budget.json``). Neither counts process start-up, data loading before the first step, or prediction.
 
@@ -46,6 +47,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -193,23 +195,35 @@ def calibrate(work: Path, shards: Path, stage: str, extra: str, cal: dict) -> di
     _train_run(run, shards, stage, args, cal["epochs"])
     t = [r["time"] for r in _epoch_times(run)]
     step_s = (t[1] - t[0]) / cal["steps"]
-    return {"step_s": step_s, "val_s": max(0.0, t[2] - t[1] - cal["steps"] * step_s), "run": str(run)}
+    slices = re.search(r"(\d+) training slices", (run / "train.log").read_text())
+    per_step = 2 * int(RECIPE["train"].split("--batch-size ")[1].split()[0])    # 2 ranks x the batch per rank
+    return {"step_s": step_s, "val_s": max(0.0, t[2] - t[1] - cal["steps"] * step_s), "run": str(run),
+            "max_steps": int(slices.group(1)) // per_step if slices else 10**6}
 
 
-def budget_steps(stage_s: float, cal: dict) -> int:
-    """Steps per epoch that fill ``stage_s`` seconds with :data:`EPOCHS` epochs and :data:`VALIDATIONS` validations."""
-    return max(1, int((stage_s - VALIDATIONS * cal["val_s"]) / (EPOCHS * cal["step_s"])))
+def budget_plan(stage_s: float, cal: dict) -> tuple[int, int]:
+    """(steps per epoch, epochs) that fill ``stage_s`` seconds with the steps and :data:`VALIDATIONS` validations.
+
+    :data:`EPOCHS` epochs of as many steps as fit, while an epoch stays within one pass over the training slices
+    (``cal["max_steps"]``); past that, more epochs of one pass each (a longer budget trains longer, as it would).
+    """
+    total = max(EPOCHS, int((stage_s - VALIDATIONS * cal["val_s"]) / cal["step_s"]))
+    steps = min(max(1, total // EPOCHS), cal["max_steps"])
+    return steps, max(EPOCHS, round(total / steps))
 
 
 def train_budgeted(ctx: dict, name: str, stage: str, data_key: str, extra: str, budget_s: float) -> tuple[Path, dict]:
     """Train one stage of an hpc-dfs row within ``budget_s`` seconds; returns its best checkpoint and facts."""
     shards = ctx["data"].shards(data_key)
     cal = calibrate(ctx["work"], shards, stage, extra, ctx["calibration"])
-    steps = budget_steps(budget_s, cal)
+    steps, epochs = budget_plan(budget_s, cal)
     run = ctx["work"] / "runs" / name
-    args = RECIPE["train"].split() + RECIPE["model"].split() + extra.split() + ["--steps-per-epoch", str(steps)]
-    _train_run(run, shards, stage, args, EPOCHS)
-    return run / "checkpoints" / "best.pt", {"stage": stage, "steps_per_epoch": steps, "calibration": cal,
+    args = (RECIPE["train"].split() + RECIPE["model"].split() + extra.split()
+            + ["--steps-per-epoch", str(steps), "--set", f"schedule.val_every={max(1, epochs // VALIDATIONS)}"])
+    args[args.index("--epochs") + 1] = str(epochs)
+    _train_run(run, shards, stage, args, epochs)
+    return run / "checkpoints" / "best.pt", {"stage": stage, "steps_per_epoch": steps, "epochs": epochs,
+                                             "calibration": cal,
                                              "train_s": round(train_seconds(run), 1), "budget_s": budget_s}
 
 

@@ -60,12 +60,15 @@ def test_report_tables_and_learning_curve_come_from_the_json(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_budget_steps_fill_the_budget_with_the_recipe_epochs_and_validations():
-    cal = {"step_s": 0.5, "val_s": 2.0}
-    steps = bench_quality.budget_steps(30.0, cal)
-    planned = bench_quality.EPOCHS * steps * cal["step_s"] + bench_quality.VALIDATIONS * cal["val_s"]
-    assert steps == 5 and planned <= 30.0 < planned + bench_quality.EPOCHS * cal["step_s"]
-    assert bench_quality.budget_steps(1.0, cal) == 1      # never below one step
+def test_budget_plan_fills_the_budget_with_the_recipe_epochs_and_validations():
+    cal = {"step_s": 0.5, "val_s": 2.0, "max_steps": 40}
+    steps, epochs = bench_quality.budget_plan(30.0, cal)
+    planned = epochs * steps * cal["step_s"] + bench_quality.VALIDATIONS * cal["val_s"]
+    assert (steps, epochs) == (5, 10) and planned <= 30.0 < planned + bench_quality.EPOCHS * cal["step_s"]
+    assert bench_quality.budget_plan(1.0, cal) == (1, 10)            # never below one step per epoch
+    # a long budget: epochs of one pass over the training slices (40 batches), as many as fit
+    steps, epochs = bench_quality.budget_plan(1004.0, cal)
+    assert steps == 40 and epochs == 50
 
 
 def test_train_seconds_is_the_epoch_span_plus_one_median_epoch(tmp_path):
