@@ -260,8 +260,20 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _proc_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (field 3 of /proc/PID/stat), None when it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _holder_alive(holder: dict) -> bool:
-    """True unless the holder is certainly gone (same host, and its pid is dead or now another process)."""
+    """True unless the holder is certainly gone (same host, and its pid is dead, a zombie, or now another process).
+
+    A killed process whose parent has not reaped it (a rank orphaned by a killed launcher, in a container whose
+    PID 1 reaps nothing) still answers ``kill(pid, 0)``; its state ``Z`` says it is gone.
+    """
     import socket
     if holder.get("host") != socket.gethostname():
         return True   # another node: its processes cannot be seen from here
@@ -274,6 +286,8 @@ def _holder_alive(holder: dict) -> bool:
         return False
     except PermissionError:
         pass
+    if _proc_state(pid) in ("Z", "X"):
+        return False
     started = _start_time(pid)
     return started is None or holder.get("start") in (None, started)
 

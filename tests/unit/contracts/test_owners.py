@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -52,3 +53,26 @@ def test_a_folder_is_held_by_one_live_run(tmp_path):
     assert fsutil.lock_folder(tmp_path / "run", "test") == lock
     fsutil.unlock_folder(lock)
     assert not lock.exists()
+
+
+def test_a_lock_held_by_a_zombie_is_stale(tmp_path):
+    """A killed holder that nobody reaped (state Z) still answers kill(pid, 0); its lock is taken over."""
+    from hpc_dfs import fsutil
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        for _ in range(500):   # the child ends; unreaped, it stays a zombie
+            if fsutil._proc_state(pid) == "Z":
+                break
+            time.sleep(0.01)
+        assert fsutil._proc_state(pid) == "Z"
+        lock = tmp_path / "run" / fsutil.LOCK_NAME
+        lock.parent.mkdir()
+        lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": fsutil._start_time(pid),
+                                    "what": "hpc-dfs predict"}))
+        assert fsutil.lock_folder(tmp_path / "run", "test") == lock
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        fsutil.unlock_folder(lock)
+    finally:
+        os.waitpid(pid, 0)
