@@ -54,6 +54,9 @@ class PredictConfig:
                                                    "(default: equal)"})
     refine_weights: list[float] = field(default_factory=list, metadata={
         "help": "cascade: one weight per --refine-checkpoint for the average of stage-2 probabilities"})
+    refine_blend: float = field(default=0.0, metadata={
+        "help": "cascade: weight of stage 1's probabilities inside stage 2's windows (0 = stage 2 alone; 0.5 = the "
+                "mean of both stages)"})
     batch_size: int = field(default=32, metadata={"help": "slices per forward pass"})
     tta: bool = field(default=False, metadata={"help": "flip test-time augmentation (H, W and both flips)"})
     save_probabilities: bool = field(default=False, metadata={"help": "also write probabilities_XXXXX.nii.gz "
@@ -73,6 +76,8 @@ class PredictConfig:
         for name, ws in (("--weights", self.weights), ("--refine-weights", self.refine_weights)):
             if any(w < 0 for w in ws) or (ws and sum(ws) <= 0):
                 raise ConfigError(f"{name} must be >= 0 with a positive sum, got {ws}")
+        if not 0.0 <= self.refine_blend <= 1.0:
+            raise ConfigError(f"refine_blend must be in [0, 1], got {self.refine_blend}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 1 <= self.compress_level <= 9:

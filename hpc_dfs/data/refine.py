@@ -177,7 +177,8 @@ def refine_case(image: np.ndarray, label: np.ndarray, affine: np.ndarray, prepro
 
 
 def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, preprocessing: dict,
-                    infer: Callable[[np.ndarray], np.ndarray], regions: bool = False) -> tuple[np.ndarray, list[dict]]:
+                    infer: Callable[[np.ndarray], np.ndarray], regions: bool = False,
+                    blend: float = 0.0) -> tuple[np.ndarray, list[dict]]:
     """Stage 2 inside every kidney box of stage 1's probabilities; returns the new native probabilities.
 
     Args:
@@ -216,5 +217,5 @@ def refine_in_boxes(image: np.ndarray, affine: np.ndarray, probs: np.ndarray, pr
         found.append({**box.to_json(), "window": [[s.start, s.stop] for s in crop], "slice_size": size})
     covered = count > 0
     probs_c = probs_c.copy()
-    probs_c[:, covered] = total[:, covered] / count[covered]
+    probs_c[:, covered] = (1.0 - blend) * (total[:, covered] / count[covered]) + blend * probs_c[:, covered]
     return np.stack([_from_canonical(p, affine, codes) for p in probs_c]), found

@@ -92,7 +92,7 @@ def _refine(case: CaseInput, image: np.ndarray, affine: np.ndarray, native: np.n
         return infer_slices(refine, sl, clin, cfg.batch_size, cfg.tta, device)[0]
 
     native, boxes = refine_in_boxes(image.astype(np.float32, copy=False), affine, native, refine[0].preprocessing,
-                                    infer, regions=refine[0].regions is not None)
+                                    infer, regions=refine[0].regions is not None, blend=cfg.refine_blend)
     if not boxes:
         log.warning("%s: stage 1 found no kidney, so there is no box for stage 2; the stage-1 labels are kept",
                     case.case_id)

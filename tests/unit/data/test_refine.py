@@ -65,6 +65,22 @@ def test_predict_windows_paste_back_exactly_in_the_native_frame(orient):
     assert all(b["slice_size"][0] % 16 == 0 and b["slice_size"][1] % 16 == 0 for b in boxes)
 
 
+@pytest.mark.parametrize("orient", [False, True])
+def test_blend_mixes_stage_one_into_the_windows_only(orient):
+    img, lab, aff = _case(orient)
+    stage1 = np.stack([lab == c for c in range(3)]).astype(np.float32)
+    stage1[2] = 0.0
+    stage1[1] = (lab > 0)
+    alone, boxes = refine.refine_in_boxes(img, aff, stage1, _pp(), _threshold_model)
+    mixed, boxes_mixed = refine.refine_in_boxes(img, aff, stage1, _pp(), _threshold_model, blend=0.25)
+    assert boxes_mixed == boxes
+    inside = np.any(alone != stage1, axis=0)       # where stage 2 changed something, the window is there
+    np.testing.assert_allclose(mixed, 0.75 * alone + 0.25 * stage1, atol=1e-6)
+    assert inside.any() and np.allclose(mixed.sum(0), 1.0, atol=1e-5)   # still a distribution
+    same, _ = refine.refine_in_boxes(img, aff, stage1, _pp(), _threshold_model, blend=1.0)
+    np.testing.assert_allclose(same, stage1, atol=1e-6)   # all stage 1
+
+
 def test_no_kidney_keeps_stage_one_and_says_so():
     img, lab, aff = _case(False)
     empty = np.zeros((3, *lab.shape), np.float32)
