@@ -228,12 +228,33 @@ def train_budgeted(ctx: dict, name: str, stage: str, data_key: str, extra: str, 
 
 
 # -------------------------------------------------------------------------------------------- scoring
+PER_CASE = ("kidney_dice", "tumor_dice")
+
+
 def _figures(ev: Path) -> dict:
+    """A row's figures from its ``eval.json``; ``per_case`` (each case's Dice) lets two rows be compared paired."""
     m = json.loads(ev.read_text())
     iv = m.get("intervals") or {}
     return {"n_val_cases": len(m["cases"]), "kidney_dice": iv.get("kidney_dice"), "tumor_dice": iv.get("tumor_dice"),
             "tumor_detection_rate": iv.get("tumor_detection_rate"), "detection_by_size": iv.get("detection_by_size"),
-            "missing_predictions": m.get("missing_predictions", [])}
+            "missing_predictions": m.get("missing_predictions", []),
+            "per_case": {k: {c["case_id"]: c.get(k) for c in m["cases"]} for k in PER_CASE}}
+
+
+def row_tag(system: str, name: str, budget_x: float) -> str:
+    """The folder name of a row's predictions under ``WORK/pred``."""
+    if system == "nnunet":
+        return f"nnunet_x{budget_x:g}"
+    return f"{name}_x{budget_x:g}".replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
+
+
+def backfill_per_case(work: Path, rows: list[dict]) -> None:
+    """Give rows of an earlier run that predate ``per_case`` their per-case Dice, from their ``eval`` files."""
+    for r in rows:
+        for block, key in ((r, "val"), (r.get("unseen"), "val_unseen")):
+            ev = work / "pred" / row_tag(r["system"], r["row"], r["budget_x"]) / f"eval_{key}.json"
+            if block is not None and "per_case" not in block and ev.is_file():
+                block["per_case"] = _figures(ev)["per_case"]
 
 
 def evaluate(pred: Path, gt: Path, ev: Path) -> dict:
@@ -265,7 +286,7 @@ def hpc_row(ctx: dict, section: str, name: str, kind: str, data_key: str, extra:
     """Train (both stages of a cascade, half the budget each) and score one hpc-dfs row."""
     aug = DR_AUG if data_key in ("train_dr", "train_aug") else ""
     budget = budget_x * ctx["base_s"]
-    tag = f"{name}_x{budget_x:g}".replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
+    tag = row_tag("hpc-dfs", name, budget_x)
     stage_s = budget if kind == "locate" else budget / 2
     suffix = "" if data_key == "train" else f"_{data_key}"
     locate, f1 = train_budgeted(ctx, f"locate{suffix}_x{budget_x:g}_{'single' if kind == 'locate' else 'cascade'}",
@@ -403,6 +424,7 @@ def main() -> None:
               "nnunet_plan": CPU_PLAN, "domain_randomisation": f"training CT in synth style 'random' + {DR_AUG}",
               "unseen_renderer": "synth style 'streak' (never trained on)",
               "rows": prior.get("rows", []) if same else [], "load_avg_start": os.getloadavg()}
+    backfill_per_case(work, result["rows"])
     run_sections(ctx, result, sections, a.max_rows)
     if a.eval_data is not None:
         eval_data(ctx, result, a.eval_data)

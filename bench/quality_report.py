@@ -3,15 +3,17 @@
     quality_report.write(result, out_dir)   # OUT/quality.md and OUT/quality_curve.png
     quality_report.markdown(result)         # the tables of the README (so that the JSON and README cannot disagree)
 
-A difference between two rows is called only where their 95 % intervals separate (``hpc_dfs.metrics.intervals
-.separable``); otherwise the table says "not separable".
+A difference between two rows is called only where its 95 % interval excludes 0: the paired bootstrap of the
+per-case differences (``hpc_dfs.metrics.intervals.paired_difference``; both rows are scored on the same cases),
+or, for rows of an earlier run without per-case figures, where the two rows' own intervals separate
+(``separable``). Otherwise the table says "not separable".
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from hpc_dfs.metrics.intervals import separable
+from hpc_dfs.metrics.intervals import paired_difference, separable
 
 METRICS = (("kidney_dice", "kidney Dice"), ("tumor_dice", "tumour Dice"), ("tumor_detection_rate", "tumours hit"))
 PEER = "nnunet"
@@ -35,13 +37,33 @@ def _fmt(key: str, fig: dict | None) -> str:
     return _hits(fig) if key == "tumor_detection_rate" else _iv(fig)
 
 
-def verdict(ours: dict | None, peer: dict | None) -> str:
-    """``ahead`` / ``behind`` where the intervals separate, else ``not separable``."""
-    if not ours or not peer:
+def difference(ours: dict | None, peer: dict | None, metric: str) -> dict | None:
+    """The paired difference ``ours - peer`` of ``metric`` over their common cases (blocks with ``per_case``)."""
+    a, b = ((blk or {}).get("per_case", {}).get(metric) for blk in (ours, peer))
+    return paired_difference(a, b) if a and b else None
+
+
+def verdict(ours: dict | None, peer: dict | None, metric: str) -> str:
+    """``ahead`` / ``behind`` where the paired difference's interval excludes 0 (or, without per-case figures,
+    where the two intervals separate), else ``not separable``; ``ours``/``peer`` are a row or its ``unseen``."""
+    a, b = (ours or {}).get(metric), (peer or {}).get(metric)
+    if not a or not b:
         return "-"
-    if not separable(ours, peer):
+    d = difference(ours, peer, metric)
+    if d is not None:
+        lo, hi = d["ci95"]
+        return "not separable" if lo <= 0 <= hi else ("ahead" if d["mean"] > 0 else "behind")
+    if not separable(a, b):
         return "not separable"
-    return "ahead" if ours["mean"] > peer["mean"] else "behind"
+    return "ahead" if a["mean"] > b["mean"] else "behind"
+
+
+def _diff(ours: dict | None, peer: dict | None, metric: str) -> str:
+    d = difference(ours, peer, metric)
+    if d is None:
+        return "-"
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.3f} [{lo:+.2f}, {hi:+.2f}] {verdict(ours, peer, metric)}"
 
 
 def selection_score(row: dict) -> float:
@@ -63,13 +85,26 @@ def curve_table(result: dict) -> str:
             peer = next((p for p in rows if p["system"] == PEER and p["budget_x"] == r["budget_x"]), None)
             if peer:
                 pu = peer.get("unseen") or {}
-                call = (f"{verdict(r['kidney_dice'], peer['kidney_dice'])} / "
-                        f"{verdict(r['tumor_dice'], peer['tumor_dice'])}; "
-                        f"{verdict(u.get('kidney_dice'), pu.get('kidney_dice'))} / "
-                        f"{verdict(u.get('tumor_dice'), pu.get('tumor_dice'))}")
+                call = (f"{verdict(r, peer, 'kidney_dice')} / {verdict(r, peer, 'tumor_dice')}; "
+                        f"{verdict(u, pu, 'kidney_dice')} / {verdict(u, pu, 'tumor_dice')}")
         lines.append(f"| {r['budget_x']:g}x ({r['budget_s']:.0f} s) | {r['system']} | {r['train_s']:.0f} | "
                      f"{_iv(r['kidney_dice'])} | {_iv(r['tumor_dice'])} | {_hits(r['tumor_detection_rate'])} | "
                      f"{_iv(u.get('kidney_dice'))} | {_iv(u.get('tumor_dice'))} | {call} |")
+    return "\n".join(lines)
+
+
+def difference_table(result: dict) -> str:
+    """hpc-dfs minus nnU-Net per budget: the mean per-case difference with its paired 95 % interval."""
+    rows = [r for r in result["rows"] if r["section"] == "curve"]
+    lines = ["| budget | kidney Dice, ours | tumour Dice, ours | kidney Dice, unseen | tumour Dice, unseen |",
+             "|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["system"] == "hpc-dfs"), key=lambda r: r["budget_x"]):
+        peer = next((p for p in rows if p["system"] == PEER and p["budget_x"] == r["budget_x"]), None)
+        if peer is None:
+            continue
+        u, pu = r.get("unseen"), peer.get("unseen")
+        lines.append(f"| {r['budget_x']:g}x | {_diff(r, peer, 'kidney_dice')} | {_diff(r, peer, 'tumor_dice')} | "
+                     f"{_diff(u, pu, 'kidney_dice')} | {_diff(u, pu, 'tumor_dice')} |")
     return "\n".join(lines)
 
 
@@ -91,11 +126,13 @@ def ablation_table(result: dict) -> str:
                  and r["row"].startswith("hpc-dfs cascade, FiLM")), None)
     rows = ([base] if base else []) + [r for r in result["rows"] if r["section"] == "ablation" and r is not base]
     lines = ["| row | training cases | train s | kidney Dice [95% CI] | tumour Dice [95% CI] | tumours hit | "
-             "unseen: kidney | unseen: tumour | vs cascade, FiLM (tumour, ours) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "unseen: kidney | unseen: tumour | minus cascade, FiLM: kidney (ours) | minus cascade, FiLM: tumour "
+             "(ours) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         u = r.get("unseen") or {}
-        call = "" if r is base or base is None else verdict(r["tumor_dice"], base["tumor_dice"])
+        call = (" | " if r is base or base is None
+                else f"{_diff(r, base, 'kidney_dice')} | {_diff(r, base, 'tumor_dice')}")
         lines.append(f"| {r['row']} | {r.get('n_train_cases', '-')} | {r['train_s']:.0f} | {_iv(r['kidney_dice'])} | "
                      f"{_iv(r['tumor_dice'])} | {_hits(r['tumor_detection_rate'])} | {_iv(u.get('kidney_dice'))} | "
                      f"{_iv(u.get('tumor_dice'))} | {call} |")
@@ -104,7 +141,8 @@ def ablation_table(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     """The README tables of a ``quality.json``: the curve (hpc-dfs beside nnU-Net), detection by size, ablation."""
-    parts = [curve_table(result), "", size_table(result)]
+    parts = [curve_table(result), "", "hpc-dfs minus nnU-Net, per case (mean difference [paired 95% CI]):", "",
+             difference_table(result), "", size_table(result)]
     if any(r["section"] == "ablation" for r in result["rows"]):
         parts += ["", f"Ablation, every row at {result.get('ablation_x')}x the base budget:", "",
                   ablation_table(result)]

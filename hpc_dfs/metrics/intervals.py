@@ -16,8 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["N_BOOT", "SIZE_CLASSES", "mean_interval", "rate_interval", "size_class", "by_size_class", "separable",
-           "case_intervals"]
+__all__ = ["N_BOOT", "SIZE_CLASSES", "mean_interval", "paired_difference", "rate_interval", "size_class",
+           "by_size_class", "separable", "case_intervals"]
 
 #: resamples per interval: the percentile interval's Monte-Carlo error is then below ~0.01 of a Dice
 N_BOOT = 2000
@@ -47,6 +47,29 @@ def mean_interval(values: Iterable, n_boot: int = N_BOOT, seed: int = 0) -> dict
         return None
     lo, hi = _percentile_bootstrap((v,), lambda x, axis=-1: x.mean(axis=axis), n_boot, seed)
     return {"mean": float(v.mean()), "ci95": [lo, hi], "n": int(v.size)}
+
+
+def paired_difference(a: dict[str, float | None], b: dict[str, float | None], n_boot: int = N_BOOT,
+                      seed: int = 0) -> dict[str, Any] | None:
+    """The mean over cases of ``a - b`` (two systems scored on the same cases) with its 95 % bootstrap interval.
+
+    Resampling the per-case differences keeps each case's pair together, so the case-to-case spread that both
+    systems share cancels: two rows whose own intervals overlap may still differ, and where this interval
+    excludes 0 the difference is called.
+
+    Args:
+        a: per case id, the first system's value (None or non-finite: that case is left out).
+        b: per case id, the second system's value.
+        n_boot: bootstrap resamples.
+        seed: the resampling seed.
+
+    Returns:
+        ``{"mean", "ci95": [lo, hi], "n"}`` over the cases both score, or None when they share none.
+    """
+    common = [k for k in a if k in b]
+    diffs = [float(a[k]) - float(b[k]) for k in common
+             if a[k] is not None and b[k] is not None and math.isfinite(float(a[k])) and math.isfinite(float(b[k]))]
+    return mean_interval(diffs, n_boot, seed)
 
 
 def _percentile_bootstrap(data: tuple, statistic, n_boot: int, seed: int) -> tuple[float, float]:

@@ -36,11 +36,29 @@ def _result():
                      row("nnunet", 3, _fig(0.9, 0.8, 0.95), _fig(0.3, 0.2, 0.4), unseen=False)]}
 
 
-def test_verdict_is_called_only_where_the_intervals_separate():
-    assert quality_report.verdict(_fig(0.9, 0.85, 0.95), _fig(0.5, 0.4, 0.6)) == "ahead"
-    assert quality_report.verdict(_fig(0.5, 0.4, 0.6), _fig(0.9, 0.85, 0.95)) == "behind"
-    assert quality_report.verdict(_fig(0.2, 0.1, 0.3), _fig(0.25, 0.1, 0.4)) == "not separable"
-    assert quality_report.verdict(None, _fig(0.2, 0.1, 0.3)) == "-"
+def test_verdict_without_per_case_figures_is_called_only_where_the_intervals_separate():
+    def v(a, b):
+        return quality_report.verdict({"tumor_dice": a}, {"tumor_dice": b}, "tumor_dice")
+    assert v(_fig(0.9, 0.85, 0.95), _fig(0.5, 0.4, 0.6)) == "ahead"
+    assert v(_fig(0.5, 0.4, 0.6), _fig(0.9, 0.85, 0.95)) == "behind"
+    assert v(_fig(0.2, 0.1, 0.3), _fig(0.25, 0.1, 0.4)) == "not separable"
+    assert v(None, _fig(0.2, 0.1, 0.3)) == "-"
+
+
+def test_verdict_with_per_case_figures_is_the_paired_difference():
+    """Overlapping intervals, yet one row is ahead on every case: the paired interval calls it; a tie is not."""
+    base = [0.2, 0.5, 0.9, 0.3, 0.7, 0.4, 0.8, 0.6]
+    cases = [f"case_{i:05d}" for i in range(len(base))]
+
+    def block(vals):
+        return {"kidney_dice": _fig(sum(vals) / len(vals), min(vals), max(vals)),
+                "per_case": {"kidney_dice": dict(zip(cases, vals))}}
+    lo, hi = block(base), block([v + 0.02 for v in base])
+    assert quality_report.verdict(hi, lo, "kidney_dice") == "ahead"
+    assert quality_report.verdict(lo, hi, "kidney_dice") == "behind"
+    mixed = block([v + (0.05 if i % 2 else -0.05) for i, v in enumerate(base)])
+    assert quality_report.verdict(mixed, lo, "kidney_dice") == "not separable"
+    assert quality_report._diff(hi, lo, "kidney_dice").startswith("+0.020 [+0.02, +0.02] ahead")
 
 
 def test_report_tables_and_learning_curve_come_from_the_json(tmp_path):
@@ -99,6 +117,7 @@ def test_quick_runs_end_to_end_with_the_nnunet_row(tmp_path, kits19_dir):
             lo, hi = r[key]["ci95"]
             assert 0.0 <= lo <= r[key]["mean"] <= hi <= 1.0
             assert r["unseen"][key]["n"] == 2
+        assert len(r["per_case"]["kidney_dice"]) == 2 and len(r["unseen"]["per_case"]["tumor_dice"]) == 2
         assert set(r["detection_by_size"]) == {"<10 ml", "10-50 ml", ">50 ml"}
     peer = next(r for r in q["rows"] if r["system"] == "nnunet")
     # the real nnU-Net trainer ran under the budget it was given (its own record; timings are the benchmark's job)
@@ -114,3 +133,17 @@ def test_quick_runs_end_to_end_with_the_nnunet_row(tmp_path, kits19_dir):
     assert ev["path"] == str(hidden) and ev["hpc-dfs"]["n_val_cases"] == 1 and ev["nnunet"]["n_val_cases"] == 1
     assert (out / "eval_data" / "prediction_00122.nii.gz").exists()
     assert (out / "eval_data_nnunet" / "case_00122.nii.gz").exists()
+
+
+def test_rows_of_an_earlier_run_get_their_per_case_figures_from_the_eval_files(tmp_path):
+    ev = {"cases": [{"case_id": "case_00001", "kidney_dice": 0.9, "tumor_dice": 0.1},
+                    {"case_id": "case_00002", "kidney_dice": 0.8, "tumor_dice": None}], "intervals": {}}
+    rows = [{"system": "hpc-dfs", "row": "cascade, late fusion", "budget_x": 3, "unseen": None},
+            {"system": "nnunet", "row": "nnU-Net v2 2d (CPU-fitted plan)", "budget_x": 9, "unseen": {}}]
+    for tag, key in (("cascade_late-fusion_x3", "val"), ("nnunet_x9", "val"), ("nnunet_x9", "val_unseen")):
+        (tmp_path / "pred" / tag).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pred" / tag / f"eval_{key}.json").write_text(json.dumps(ev))
+    bench_quality.backfill_per_case(tmp_path, rows)
+    assert rows[0]["per_case"] == {"kidney_dice": {"case_00001": 0.9, "case_00002": 0.8},
+                                   "tumor_dice": {"case_00001": 0.1, "case_00002": None}}
+    assert rows[0]["unseen"] is None and rows[1]["unseen"]["per_case"] == rows[1]["per_case"]

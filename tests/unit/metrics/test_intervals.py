@@ -80,3 +80,19 @@ def test_tumour_contrast_in_kidney_sds_and_the_faint_flag():
     assert iv["detection_by_contrast"]["faint"]["hits"] == 0 and iv["detection_by_contrast"]["clear"]["hits"] == 1
     assert iv["tumor_detection_rate"]["total"] == 2 and iv["kidney_dice"]["mean"] == 0.9
     assert "contrast_sd" not in tumour_detection(pred, gt, np.eye(4), 0.001)["tumors"][0]
+
+
+def test_paired_difference_calls_what_overlapping_intervals_cannot():
+    """Two systems with a large shared case-to-case spread and a small steady gap: each interval overlaps the
+    other, the paired difference's interval excludes 0."""
+    from hpc_dfs.metrics.intervals import paired_difference
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.2, 0.9, 20)
+    a = {f"case_{i:05d}": float(v + 0.03 + rng.normal(0, 0.005)) for i, v in enumerate(base)}
+    b = {f"case_{i:05d}": float(v) for i, v in enumerate(base)}
+    assert not separable(mean_interval(a.values()), mean_interval(b.values()))
+    d = paired_difference(a, b)
+    assert d["n"] == 20 and abs(d["mean"] - 0.03) < 0.005 and d["ci95"][0] > 0
+    b["case_00000"], b["extra"] = None, 0.5          # a case one side lacks or cannot score is left out
+    assert paired_difference(a, b)["n"] == 19
+    assert paired_difference({"x": 1.0}, {"y": 1.0}) is None
