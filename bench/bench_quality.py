@@ -22,7 +22,10 @@ Sections (``--sections``):
   ``nnUNetv2_predict``). The learning curve goes to ``quality_curve.png``.
 - ``ablation``: the rest of the design at 3x the base budget (``ABLATION_X``): single stage, the fusion
   ablation (image only, late, FiLM with the clinical records shuffled as a control), domain randomisation,
-  4x the training cases, 2.5D context 1 and 5, randomisation as augmentation only.
+  4x the training cases, 2.5D context 1 and 5, randomisation as augmentation only. A cascade row of the
+  ablation trains exactly the steps and epochs of its reference (the FiLM cascade at 3x), so that it differs
+  from it in one thing only, not also in what the calibration under the load of the moment planned; a
+  single-stage row trains within the whole budget.
 
 **How hpc-dfs keeps to a budget.** Each training configuration is first run for 3 short epochs (a
 calibration, not counted), which gives its wall seconds per step and per validation. A budgeted run then keeps
@@ -212,18 +215,23 @@ def budget_plan(stage_s: float, cal: dict) -> tuple[int, int]:
     return steps, max(EPOCHS, round(total / steps))
 
 
-def train_budgeted(ctx: dict, name: str, stage: str, data_key: str, extra: str, budget_s: float) -> tuple[Path, dict]:
-    """Train one stage of an hpc-dfs row within ``budget_s`` seconds; returns its best checkpoint and facts."""
+def train_budgeted(ctx: dict, name: str, stage: str, data_key: str, extra: str, budget_s: float,
+                   plan: tuple[int, int] | None = None) -> tuple[Path, dict]:
+    """Train one stage of an hpc-dfs row within ``budget_s`` seconds; returns its best checkpoint and facts.
+
+    With ``plan`` (steps per epoch, epochs) the stage trains exactly that, not a calibrated plan: the ablation's
+    rows train the steps of their reference, so that a row differs from it in one thing only.
+    """
     shards = ctx["data"].shards(data_key)
-    cal = calibrate(ctx["work"], shards, stage, extra, ctx["calibration"])
-    steps, epochs = budget_plan(budget_s, cal)
+    cal = None if plan else calibrate(ctx["work"], shards, stage, extra, ctx["calibration"])
+    steps, epochs = plan or budget_plan(budget_s, cal)
     run = ctx["work"] / "runs" / name
     args = (RECIPE["train"].split() + RECIPE["model"].split() + extra.split()
             + ["--steps-per-epoch", str(steps), "--set", f"schedule.val_every={max(1, epochs // VALIDATIONS)}"])
     args[args.index("--epochs") + 1] = str(epochs)
     _train_run(run, shards, stage, args, epochs)
     return run / "checkpoints" / "best.pt", {"stage": stage, "steps_per_epoch": steps, "epochs": epochs,
-                                             "calibration": cal,
+                                             "calibration": cal, "plan": "the reference's" if plan else "budget",
                                              "train_s": round(train_seconds(run), 1), "budget_s": budget_s}
 
 
@@ -282,18 +290,24 @@ def _row(section: str, system: str, name: str, budget_x: float, ctx: dict, train
 
 
 # ----------------------------------------------------------------------------------------------- rows
-def hpc_row(ctx: dict, section: str, name: str, kind: str, data_key: str, extra: str, budget_x: float) -> dict:
-    """Train (both stages of a cascade, half the budget each) and score one hpc-dfs row."""
+def hpc_row(ctx: dict, section: str, name: str, kind: str, data_key: str, extra: str, budget_x: float,
+            plans: dict | None = None) -> dict:
+    """Train (both stages of a cascade, half the budget each) and score one hpc-dfs row.
+
+    ``plans`` (stage -> (steps per epoch, epochs)) replaces the budget's plan for those stages of a cascade.
+    """
+    plans = plans if kind == "cascade" and plans else {}
     aug = DR_AUG if data_key in ("train_dr", "train_aug") else ""
     budget = budget_x * ctx["base_s"]
     tag = row_tag("hpc-dfs", name, budget_x)
     stage_s = budget if kind == "locate" else budget / 2
     suffix = "" if data_key == "train" else f"_{data_key}"
     locate, f1 = train_budgeted(ctx, f"locate{suffix}_x{budget_x:g}_{'single' if kind == 'locate' else 'cascade'}",
-                                "locate", data_key, aug, stage_s)
+                                "locate", data_key, aug, stage_s, plans.get("locate"))
     ckpts, stages = ["--checkpoint", str(locate)], [f1]
     if kind == "cascade":
-        refine, f2 = train_budgeted(ctx, f"refine_{tag}", "refine", data_key, f"{aug} {extra}", stage_s)
+        refine, f2 = train_budgeted(ctx, f"refine_{tag}", "refine", data_key, f"{aug} {extra}", stage_s,
+                                    plans.get("refine"))
         ckpts += ["--refine-checkpoint", str(refine)]
         stages.append(f2)
     unseen = score_hpc(ctx, tag, ckpts, "val_unseen") if budget_x in ctx["unseen_budgets"] else None
@@ -354,8 +368,10 @@ def run_sections(ctx: dict, result: dict, sections: list[str], max_rows: int | N
         chosen = ABLATION[:max_rows] if max_rows else ABLATION
         result["ablation_rows_not_run"] = [r[0] for r in ABLATION[len(chosen):]]
         add(lambda: hpc_row(ctx, "ablation", *CASCADE, ABLATION_X), (CASCADE[0], ABLATION_X))
-        for name, kind, key, extra in chosen:
-            add(lambda r=(name, kind, key, extra): hpc_row(ctx, "ablation", *r, ABLATION_X), (name, ABLATION_X))
+        ref = next(r for r in rows if r["row"] == CASCADE[0] and r["budget_x"] == ABLATION_X)
+        plans = {s["stage"]: (s["steps_per_epoch"], s["epochs"]) for s in ref["stage_runs"]}
+        for name, kind, key, extra in chosen:   # a cascade row trains its reference's steps; a single stage, its budget
+            add(lambda r=(name, kind, key, extra): hpc_row(ctx, "ablation", *r, ABLATION_X, plans), (name, ABLATION_X))
 
 
 def eval_data(ctx: dict, result: dict, data: Path) -> None:
