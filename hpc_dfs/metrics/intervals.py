@@ -1,11 +1,13 @@
 """95 % bootstrap intervals over cases, and tumour detection by size class, for tables with few cases.
 
 A mean Dice over 4 or 12 cases, or a detection rate over a dozen tumours, is noise unless it carries its
-interval: two rows differ only where their intervals separate. Cases are the unit of resampling (a case's
-tumours stay together: scipy's paired bootstrap, i.e. the cluster bootstrap of a pooled rate), the percentile
-interval is used, and the seed is fixed so that the same inputs give the same interval.
+interval: two rows differ only where their intervals separate, or, when both are scored on the same cases, where
+the interval of their per-case differences (:func:`paired_difference`) excludes 0. Cases are the unit of
+resampling (a case's tumours stay together: scipy's paired bootstrap, i.e. the cluster bootstrap of a pooled
+rate), the percentile interval is used, and the seed is fixed so that the same inputs give the same interval.
 
     mean_interval([0.9, 0.8, 0.95])                    -> {"mean": 0.883, "ci95": [0.8, 0.95], "n": 3}
+    paired_difference({"a": 0.9, "b": 0.7}, {"a": 0.8, "b": 0.65})  -> {"mean": 0.075, "ci95": [...], "n": 2}
     rate_interval(hits=[1, 0, 2], totals=[1, 1, 2])    -> {"mean": 0.75, "ci95": [...], "n": 3, "hits": 3, "total": 4}
     by_size_class(tumours)                              -> {"<10 ml": {...}, "10-50 ml": {...}, ">50 ml": {...}}
 """
