@@ -41,7 +41,9 @@ Every row of ``quality.json`` carries ``system`` (``hpc-dfs`` or ``nnunet``), ``
 with the same figures on the unseen renderer (None where ``--unseen-budgets`` left it out).
 ``--eval-data DIR --out OUT`` also predicts every case of a KiTS-layout folder (images with labels) with the
 hpc-dfs cascade row that scored best on the validation renders, and with nnU-Net at the largest budget, and
-puts ``eval_data`` into ``OUT/quality.json``. A second run reuses the finished steps in ``--work``.
+puts ``eval_data`` into ``OUT/quality.json``. A second run reuses the finished steps in ``--work``; a finished curve
+row that was not scored on the unseen renderer is scored there when a later run's ``--unseen-budgets`` has its
+budget.
 """
 from __future__ import annotations
 
@@ -249,9 +251,12 @@ def _figures(ev: Path) -> dict:
             "per_case": {k: {c["case_id"]: c.get(k) for c in m["cases"]} for k in PER_CASE}}
 
 
+PEER_SYSTEM = "nnunet"
+
+
 def row_tag(system: str, name: str, budget_x: float) -> str:
     """The folder name of a row's predictions under ``WORK/pred``."""
-    if system == "nnunet":
+    if system == PEER_SYSTEM:
         return f"nnunet_x{budget_x:g}"
     return f"{name}_x{budget_x:g}".replace(", ", "_").replace(" ", "-").replace("(", "").replace(")", "")
 
@@ -281,6 +286,15 @@ def score_nnunet(ctx: dict, tag: str, data_key: str) -> dict:
     gt = ctx["data"].render(data_key)
     pred = ctx["peer"].predict(tag, gt, ctx["work"] / "pred" / f"nnunet_{tag}" / data_key)
     return evaluate(pred, gt, pred.parent / f"eval_{data_key}.json")
+
+
+def score_unseen(ctx: dict, row: dict) -> dict:
+    """The unseen renderer's figures for a finished row (its checkpoints, or nnU-Net's model of that budget)."""
+    tag = row_tag(row["system"], row["row"], row["budget_x"])
+    if row["system"] == PEER_SYSTEM:
+        return score_nnunet(ctx, f"x{row['budget_x']:g}", "val_unseen")
+    flags = ["--checkpoint", "--refine-checkpoint"]
+    return score_hpc(ctx, tag, [x for pair in zip(flags, row["checkpoints"]) for x in pair], "val_unseen")
 
 
 def _row(section: str, system: str, name: str, budget_x: float, ctx: dict, train_s: float, ours: dict,
@@ -364,6 +378,12 @@ def run_sections(ctx: dict, result: dict, sections: list[str], max_rows: int | N
         for b in ctx["budgets"]:
             add(lambda b=b: hpc_row(ctx, "curve", *CASCADE, b), (CASCADE[0], b))
             add(lambda b=b: nnunet_row(ctx, b), ("nnU-Net v2 2d (CPU-fitted plan)", b))
+        for r in rows:   # a row of an earlier run that skipped the unseen renderer at a budget now asked for
+            if r["section"] == "curve" and r.get("unseen") is None and r["budget_x"] in ctx["unseen_budgets"]:
+                r["unseen"] = score_unseen(ctx, r)
+                print(f"[quality] {r['system']} x{r['budget_x']:g} on the unseen renderer: kidney "
+                      f"{(r['unseen']['kidney_dice'] or {}).get('mean')}", flush=True)
+                _save(result, ctx["out"])
     if "ablation" in sections:
         chosen = ABLATION[:max_rows] if max_rows else ABLATION
         result["ablation_rows_not_run"] = [r[0] for r in ABLATION[len(chosen):]]
