@@ -27,6 +27,10 @@ Sections (``--sections``):
   from it in one thing only, not also in what the calibration under the load of the moment planned; a
   single-stage row trains within the whole budget.
 
+- ``robustness`` (not in the default sections): rows aimed at the unseen renderer, trained at the curve's largest
+  budget and scored on both renders: the FiLM cascade trained on every training case twice, in the default look
+  and in synth's randomised look (``train_mix``).
+
 **How hpc-dfs keeps to a budget.** Each training configuration is first run for 3 short epochs (a
 calibration, not counted), which gives its wall seconds per step and per validation. A budgeted run then keeps
 the rows' recipe (10 epochs, 2 validations, batch 8 per rank, lr 0.002) and sets the steps per epoch so that
@@ -97,6 +101,7 @@ QUICK = {"train": ["case_00004", "case_00007", "case_00010", "case_00021"], "val
          "train_x4": TRAIN_X4[:8], "base_s": 10.0, "budgets": (1,),
          "calibration": {"epochs": 3, "steps": 2}, "nnunet_iters": 2}
 DR_AUG = "--set augmentation.domain_random_prob=0.5"
+MIX_ID_SHIFT = 90000   # the randomised copies of the training cases in ``train_mix``
 FILM = "--set model.fusion=film"
 
 
@@ -146,11 +151,36 @@ class Data:
         self.work, self.cases = work, cases
 
     def render(self, name: str) -> Path:
+        if name == "train_mix":
+            return self._mix()
         ids, style = self.STYLES[name]
         d = self.work / name
         _once(d / "kits.json", ["synth", "--out", str(d), "--from-labels", str(LABELS / "labels"), "--kits-json",
                                 str(LABELS / "kits.json"), "--cases", ",".join(self.cases[ids]),
                                 "--set", f"style={style}"], 2)
+        return d
+
+    def _mix(self) -> Path:
+        """Every training case twice, in the default look and in the randomised one (its case id + 90000).
+
+        The folder links the two renders' case folders and holds both sets of records: domain randomisation
+        as half the training data (SynthSeg trains on synthetic images only; the row ``train_dr`` does that).
+        """
+        d = self.work / "train_mix"
+        if (d / "kits.json").exists():
+            return d
+        tmp = d.with_name(f".tmp-{d.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        records = []
+        for src, shift in ((self.render("train"), 0), (self.render("train_dr"), MIX_ID_SHIFT)):
+            for rec in json.loads((src / "kits.json").read_text()):
+                new = f"case_{int(rec['case_id'][5:]) + shift:05d}"
+                (tmp / new).symlink_to((src / rec["case_id"]).resolve(), target_is_directory=True)
+                records.append({**rec, "case_id": new})
+        (tmp / "kits.json").write_text(json.dumps(records, indent=1) + "\n")
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
         return d
 
     def shards(self, name: str) -> Path:
@@ -356,6 +386,11 @@ ABLATION = [  # name, stage(s), training data, refine-stage settings; the fusion
 ]
 
 
+ROBUSTNESS = [  # rows for the unseen renderer, at the curve's largest budget, scored on both renders
+    ("cascade, FiLM, default + randomised renders", "cascade", "train_mix", FILM),
+]
+
+
 def _save(result: dict, out_dir: Path) -> None:
     """``quality.json`` (atomically, after every row: an interrupted run keeps what it finished) and its report."""
     _write_json(out_dir / "quality.json", result)
@@ -384,6 +419,11 @@ def run_sections(ctx: dict, result: dict, sections: list[str], max_rows: int | N
                 print(f"[quality] {r['system']} x{r['budget_x']:g} on the unseen renderer: kidney "
                       f"{(r['unseen']['kidney_dice'] or {}).get('mean')}", flush=True)
                 _save(result, ctx["out"])
+    if "robustness" in sections:
+        top = max(ctx["budgets"])
+        ctx["unseen_budgets"] = tuple(sorted({*ctx["unseen_budgets"], top}))
+        for name, kind, key, extra in ROBUSTNESS:
+            add(lambda r=(name, kind, key, extra): hpc_row(ctx, "robustness", *r, top), (name, top))
     if "ablation" in sections:
         chosen = ABLATION[:max_rows] if max_rows else ABLATION
         result["ablation_rows_not_run"] = [r[0] for r in ABLATION[len(chosen):]]
@@ -423,7 +463,8 @@ def main() -> None:
                                                          "the curve only: a smoke run, not a result")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work_quality", help="working folder (reused)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where quality.json goes")
-    ap.add_argument("--sections", default=None, help="curve,ablation (default both; --quick: curve)")
+    ap.add_argument("--sections", default=None,
+                    help="curve,ablation,robustness (default curve,ablation; --quick: curve)")
     ap.add_argument("--base-seconds", type=float, default=None, help=f"the 1x budget (default {BASE_SECONDS:g} s)")
     ap.add_argument("--budgets", default=None, help="budget multiples of the curve (default 1,3,9)")
     ap.add_argument("--unseen-budgets", default=None,

@@ -139,6 +139,24 @@ def ablation_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def robustness_table(result: dict) -> str:
+    """Rows aimed at the unseen renderer beside the curve's FiLM cascade and nnU-Net at the same budget."""
+    rows = [r for r in result["rows"] if r["section"] == "robustness"]
+    lines = ["| row | budget | train s | kidney Dice, ours | tumour Dice, ours | kidney Dice, unseen | "
+             "tumour Dice, unseen | unseen kidney minus cascade, FiLM | unseen kidney minus nnU-Net |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next((c for c in result["rows"] if c["section"] == "curve" and c["system"] == "hpc-dfs"
+                    and c["budget_x"] == r["budget_x"]), None)
+        peer = next((c for c in result["rows"] if c["system"] == PEER and c["budget_x"] == r["budget_x"]), None)
+        u = r.get("unseen") or {}
+        lines.append(f"| {r['row']} | {r['budget_x']:g}x | {r['train_s']:.0f} | {_iv(r['kidney_dice'])} | "
+                     f"{_iv(r['tumor_dice'])} | {_iv(u.get('kidney_dice'))} | {_iv(u.get('tumor_dice'))} | "
+                     f"{_diff(u, (ref or {}).get('unseen'), 'kidney_dice')} | "
+                     f"{_diff(u, (peer or {}).get('unseen'), 'kidney_dice')} |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     """The README tables of a ``quality.json``: the curve (hpc-dfs beside nnU-Net), detection by size, ablation."""
     parts = [curve_table(result), "", "hpc-dfs minus nnU-Net, per case (mean difference [paired 95% CI]):", "",
@@ -146,6 +164,8 @@ def markdown(result: dict) -> str:
     if any(r["section"] == "ablation" for r in result["rows"]):
         parts += ["", f"Ablation, every row at {result.get('ablation_x')}x the base budget:", "",
                   ablation_table(result)]
+    if any(r["section"] == "robustness" for r in result["rows"]):
+        parts += ["", "Rows aimed at the unseen renderer:", "", robustness_table(result)]
     return "\n".join(parts)
 
 

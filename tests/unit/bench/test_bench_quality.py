@@ -147,3 +147,36 @@ def test_rows_of_an_earlier_run_get_their_per_case_figures_from_the_eval_files(t
     assert rows[0]["per_case"] == {"kidney_dice": {"case_00001": 0.9, "case_00002": 0.8},
                                    "tumor_dice": {"case_00001": 0.1, "case_00002": None}}
     assert rows[0]["unseen"] is None and rows[1]["unseen"]["per_case"] == rows[1]["per_case"]
+
+
+def test_mixed_renders_hold_every_training_case_in_both_looks(tmp_path):
+    """``train_mix`` links the default and the randomised render of each case, the latter under id + 90000."""
+    for name in ("train", "train_dr"):   # renders as synth leaves them (their kits.json marks them finished)
+        for cid in ("case_00004", "case_00007"):
+            (tmp_path / name / cid).mkdir(parents=True)
+            (tmp_path / name / cid / "imaging.nii.gz").write_text(name)
+        (tmp_path / name / "kits.json").write_text(json.dumps([{"case_id": "case_00004", "age_at_nephrectomy": 60},
+                                                               {"case_id": "case_00007", "age_at_nephrectomy": 50}]))
+    data = bench_quality.Data(tmp_path, {"train": ["case_00004", "case_00007"]})
+    mix = data.render("train_mix")
+    recs = json.loads((mix / "kits.json").read_text())
+    assert [r["case_id"] for r in recs] == ["case_00004", "case_00007", "case_90004", "case_90007"]
+    assert recs[3]["age_at_nephrectomy"] == 50
+    assert (mix / "case_00007" / "imaging.nii.gz").read_text() == "train"
+    assert (mix / "case_90007" / "imaging.nii.gz").read_text() == "train_dr"
+    assert data.render("train_mix") == mix and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_robustness_rows_are_set_beside_the_cascade_and_nnunet_on_the_unseen_renderer():
+    res = _result()
+    cases = [f"case_{i:05d}" for i in range(4)]
+
+    def blk(vals):
+        return {"kidney_dice": _fig(sum(vals) / 4, min(vals), max(vals)), "tumor_dice": _fig(0.1, 0.0, 0.2),
+                "per_case": {"kidney_dice": dict(zip(cases, vals))}}
+    res["rows"][0]["unseen"], res["rows"][1]["unseen"] = blk([0.5, 0.6, 0.7, 0.4]), blk([0.6, 0.7, 0.8, 0.5])
+    res["rows"].append({"section": "robustness", "system": "hpc-dfs", "row": "mixed", "budget_x": 1, "train_s": 60.0,
+                        **blk([0.7, 0.8, 0.9, 0.6]), "unseen": blk([0.7, 0.8, 0.9, 0.6])})
+    md = quality_report.markdown(res)
+    line = next(x for x in md.splitlines() if x.startswith("| mixed | 1x"))
+    assert "+0.200 [+0.20, +0.20] ahead" in line and "+0.100 [+0.10, +0.10] ahead" in line
