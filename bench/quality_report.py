@@ -51,11 +51,16 @@ def verdict(ours: dict | None, peer: dict | None, metric: str) -> str:
         return "-"
     d = difference(ours, peer, metric)
     if d is not None:
-        lo, hi = d["ci95"]
-        return "not separable" if lo <= 0 <= hi else ("ahead" if d["mean"] > 0 else "behind")
+        return _paired_call(d)
     if not separable(a, b):
         return "not separable"
     return "ahead" if a["mean"] > b["mean"] else "behind"
+
+
+def _paired_call(d: dict) -> str:
+    """The verdict of a paired difference: called only where its interval excludes 0."""
+    lo, hi = d["ci95"]
+    return "not separable" if lo <= 0 <= hi else ("ahead" if d["mean"] > 0 else "behind")
 
 
 def _diff(ours: dict | None, peer: dict | None, metric: str) -> str:
@@ -63,7 +68,8 @@ def _diff(ours: dict | None, peer: dict | None, metric: str) -> str:
     if d is None:
         return "-"
     lo, hi = d["ci95"]
-    return f"{d['mean']:+.3f} [{lo:+.2f}, {hi:+.2f}] {verdict(ours, peer, metric)}"
+    call = _paired_call(d) if (ours or {}).get(metric) and (peer or {}).get(metric) else "-"
+    return f"{d['mean']:+.3f} [{lo:+.2f}, {hi:+.2f}] {call}"
 
 
 def selection_score(row: dict) -> float:

@@ -252,20 +252,22 @@ class LockedError(HpcDfsError):
     code = EXIT_USAGE
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): tells a live holder from a reused pid."""
+def _stat_field(pid: int, index: int) -> str | None:
+    """Field ``index + 3`` of /proc/PID/stat (the fields after the command name), None when it cannot be read."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[index]
     except (OSError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): tells a live holder from a reused pid."""
+    return _stat_field(pid, 19)
 
 
 def _proc_state(pid: int) -> str | None:
     """The state letter of ``pid`` (field 3 of /proc/PID/stat), None when it cannot be read."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    return _stat_field(pid, 0)
 
 
 def _holder_alive(holder: dict) -> bool:

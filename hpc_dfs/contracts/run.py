@@ -119,6 +119,16 @@ def read_metrics(run: str | Path) -> list[MetricsRow]:
     return rows
 
 
+def _read_json(path: Path):
+    """The JSON in ``path``, or None when there is no such file; raises RunFolderError when it is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path} cannot be read as JSON: {e}") from None
+
+
 def write_run_info(run: str | Path, info: RunInfo) -> Path:
     """Write ``RUN/run.json`` atomically; returns its path.
 
@@ -144,12 +154,7 @@ def read_run_info(run: str | Path) -> Optional[RunInfo]:
         RunFolderError: the file is there but is not JSON.
     """
     path = Path(run) / RUN_INFO_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunFolderError(f"{path} cannot be read as JSON: {e}") from None
+    return _read_json(path)
 
 
 def write_config_toml(run: str | Path, config: dict) -> Path:
@@ -354,10 +359,7 @@ def read_fold_info(fold_run: str | Path) -> Optional[FoldInfo]:
     path = Path(fold_run) / FOLD_INFO_NAME
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunFolderError(f"{path} cannot be read as JSON: {e}") from None
+    info = _read_json(path)
     if not isinstance(info, dict) or any(k not in info for k in ("fold", "n_folds", "val_cases")):
         raise RunFolderError(f"{path} is not a fold record of `hpc-dfs train --folds` (fold, n_folds, val_cases)")
     return info
@@ -440,12 +442,7 @@ def read_cv_summary(run: str | Path) -> Optional[CvSummary]:
         RunFolderError: the file is there but is not JSON.
     """
     path = Path(run) / CV_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunFolderError(f"{path} cannot be read as JSON: {e}") from None
+    return _read_json(path)
 
 
 def fold_checkpoints(run: str | Path) -> list[FoldCheckpoints]:
